@@ -447,10 +447,9 @@ def merged_model_dir(spec: ModelSpec, adapter_dir: Path, torch_dtype) -> Path:
     log(f"merging the adapter in full precision into {out} (once; later runs reuse it)")
     model = load_base_model(spec.base_model_path, {"": "cpu"}, torch_dtype, load_in_4bit=False)
     model = apply_adapter(model, adapter_dir).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(dir=root if root.exists() else None, prefix="merging-"))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix="merging-"))  # same filesystem, so the rename is atomic
     model.save_pretrained(tmp)
-    load_processor(spec.base_model_path).save_pretrained(tmp)
-    out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     return out
 

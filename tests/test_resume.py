@@ -1,0 +1,99 @@
+"""Crash safety: a killed or interrupted run resumes with no row lost or doubled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REAL_IMAGES, ROOT, read_csv, run_script
+
+import common
+
+
+def base_args(tiny_model: Path, out: Path) -> list[str]:
+    # batch 1 and longer answers make the run slow enough to be stopped half-way
+    return ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
+            "--adapter_repo", "none", "--max_new_tokens", "48", "--batch_size", "1", "--num_workers", "1"]
+
+
+def journal_records(path: Path) -> int:
+    return max(0, path.read_bytes().count(b"\n") - 1) if path.exists() else 0
+
+
+def start_and_stop_midway(args: list[str], journal: Path, sig: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate_captions.py"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while journal_records(journal) < 5 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def test_resume_after_sigkill_gives_the_same_csv_as_an_uninterrupted_run(tiny_model, tmp_path):
+    full = tmp_path / "full" / "captions.csv"
+    assert run_script("generate_captions.py", *base_args(tiny_model, full)).returncode == 0
+
+    out = tmp_path / "killed" / "captions.csv"
+    journal = out.with_name("captions.journal.jsonl")
+    proc = start_and_stop_midway(base_args(tiny_model, out), journal, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    done = journal_records(journal)
+    assert 5 <= done < 18, "the run should have been killed half-way"
+    assert not out.exists()
+
+    resumed = run_script("generate_captions.py", *base_args(tiny_model, out), "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"generated now: {18 - done}" in resumed.stderr
+    assert read_csv(out) == read_csv(full)
+
+
+def test_ctrl_c_stops_after_the_batch_with_exit_130_and_a_resume_hint(tiny_model, tmp_path):
+    out = tmp_path / "captions.csv"
+    journal = out.with_name("captions.journal.jsonl")
+    proc = start_and_stop_midway(base_args(tiny_model, out), journal, signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert "--resume_from_checkpoint auto" in stderr and "Traceback" not in stderr
+    assert not out.exists()
+    done = journal_records(journal)
+    lines = journal.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # every line complete: the batch was finished
+    resumed = run_script("generate_captions.py", *base_args(tiny_model, out), "--resume_from_checkpoint",
+                         str(journal))
+    assert resumed.returncode == 0
+    assert f"generated now: {18 - done}" in resumed.stderr
+    assert len(read_csv(out)) == 19
+
+
+def test_a_torn_last_journal_line_is_dropped_and_redone(tiny_model, tmp_path):
+    out = tmp_path / "captions.csv"
+    args = base_args(tiny_model, out)[:-6] + ["--max_new_tokens", "8", "--num_workers", "0", "--limit", "4"]
+    assert common.run_cli(__import__("generate_captions").main, args) == 0
+    first = read_csv(out)
+    journal = out.with_name("captions.journal.jsonl")
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:-2]) + lines[-2][:15])  # the kill hit in the middle of a write
+    out.unlink()
+    assert common.run_cli(__import__("generate_captions").main, args + ["--resume_from_checkpoint", "auto"]) == 0
+    assert read_csv(out) == first
+    records = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert sorted(r["id"] for r in records) == [r[0] for r in first[1:]]  # no ID twice, none lost
+
+
+def test_a_damaged_journal_in_the_middle_is_refused(tmp_path):
+    journal = tmp_path / "c.journal.jsonl"
+    journal.write_text('{"journal": "jj-vmed", "version": 1, "settings": {}}\n{"id": "a", "te\n{"id": "b"}\n')
+    try:
+        common.read_journal(journal)
+    except common.UserError as e:
+        assert "damaged at line 2" in str(e)
+    else:
+        raise AssertionError("a damaged journal was accepted")
