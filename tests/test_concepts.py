@@ -1,0 +1,84 @@
+"""generate_concepts.py end to end: model mode on the tiny LLaVA, and --from_natural_csv."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from conftest import REAL_IMAGES, ROOT, SHARED_DATA, read_csv
+
+import common
+import generate_concepts
+
+ROCOV2 = SHARED_DATA / "rocov2" / "cui_mapping.csv"
+
+
+def concepts(*argv: str) -> int:
+    return common.run_cli(generate_concepts.main, list(argv))
+
+
+def model_args(tiny_model: Path, tmp_path: Path, image_dir: Path = REAL_IMAGES) -> list[str]:
+    return ["--image_dir", str(image_dir), "--output_csv", str(tmp_path / "concepts.csv"),
+            "--output_csv_natural", str(tmp_path / "natural.csv"), "--base_model_path", str(tiny_model),
+            "--adapter_repo", "none", "--max_new_tokens", "16", "--num_workers", "0", "--batch_size", "6"]
+
+
+def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(REAL_IMAGES, images)
+    (images / "broken.png").write_bytes(b"not a png")
+    args = model_args(tiny_model, tmp_path, images) + ["--prompt_template", "vicuna"]
+    assert concepts(*args, "--cui_mapping_file", str(ROCOV2)) == 0
+    expected = sorted([p.stem for p in REAL_IMAGES.glob("*.png")] + ["broken"], key=common.id_sort_key)
+    natural = read_csv(tmp_path / "natural.csv")
+    cuis = read_csv(tmp_path / "concepts.csv")
+    assert natural[0] == ["ID", "Concepts"] and cuis[0] == ["ID", "CUIs"]
+    assert [r[0] for r in natural[1:]] == expected == [r[0] for r in cuis[1:]]
+    assert dict(map(tuple, cuis[1:]))["broken"] == ""
+    known = {r[0] for r in read_csv(ROCOV2)[1:]}
+    for _, field in cuis[1:]:
+        codes = field.split(";") if field else []
+        assert len(codes) == len(set(codes)) <= 100 and set(codes) <= known
+    # The concept prompt is the adapter's: Spanish instruction, answer opening prefilled.
+    header = json.loads((tmp_path / "concepts.journal.jsonl").read_text().splitlines()[0])
+    assert header["settings"]["prompt"].endswith("ASSISTANT: Los conceptos médicos clave son:")
+    assert header["settings"]["generation"]["max_new_tokens"] == 16
+
+
+def test_remapping_a_natural_csv_needs_no_model_and_reports_unmapped_phrases(tmp_path):
+    natural = tmp_path / "natural.csv"
+    natural.write_text(
+        "ID,Concepts\n"
+        "img_1,X-Ray Computed Tomography;Chest;Foramen Ovale, Patent\n"
+        "img_2,\n"
+        "img_3,tórax;resonancia magnética;flux capacitor;Chest\n"
+        'img_4,"Foramen Ovale, Patent;image"\n', encoding="utf-8")
+    out = tmp_path / "cuis.csv"
+    assert concepts("--from_natural_csv", str(natural), "--output_csv", str(out),
+                    "--cui_mapping_file", str(ROCOV2), "--base_model_path", "/nonexistent") == 0
+    assert read_csv(out) == [["ID", "CUIs"], ["img_1", "C0040405;C0817096;C0016522"], ["img_2", ""],
+                             ["img_3", "C0817096;C0024485"], ["img_4", "C0016522"]]
+    assert read_csv(tmp_path / "cuis.unmapped.csv") == [["Phrase", "Count"], ["flux capacitor", "1"]]
+
+
+def test_no_auto_map_writes_only_the_natural_format(tiny_model, tmp_path):
+    args = model_args(tiny_model, tmp_path) + ["--limit", "3", "--no-auto_map_cuis"]
+    assert concepts(*args) == 0
+    assert len(read_csv(tmp_path / "natural.csv")) == 4
+    assert not (tmp_path / "concepts.csv").exists()
+
+
+def test_a_bad_mapping_file_fails_before_the_model_loads(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("code,label\nC1,x\n")
+    code = concepts("--image_dir", str(REAL_IMAGES), "--cui_mapping_file", str(bad), "--base_model_path",
+                    "/no/such/model", "--output_csv", str(tmp_path / "c.csv"))
+    assert code == 2
+    assert "needs a CUI column and a name column" in capsys.readouterr().err
+
+
+def test_the_default_mapping_file_is_the_shipped_one():
+    args = generate_concepts.build_parser().parse_args([])
+    assert Path(args.cui_mapping_file) == ROOT / "data" / "cui_names.csv"
+    assert args.max_new_tokens == 150 and args.language == "es"
