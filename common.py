@@ -941,8 +941,17 @@ def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Pat
     return write_csv_atomic(path, ["ID", "Error"], ([i, e] for i, e in failures))
 
 
-def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path]) -> int:
-    """Errors file, summary, exit code (130 after Ctrl-C, with the command to resume)."""
+def check_submission(task: str, path: str | Path, ids: list[str]) -> bool:
+    """Run the official-rule checks of evaluate.py on a file this run wrote; log what they say."""
+    import evaluate
+
+    report = evaluate.validate_file(task, path, ids)
+    evaluate.log_report(report, str(path), limit=10)
+    return report.accepted
+
+
+def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path], rejected: bool = False) -> int:
+    """Errors file, summary, exit code (130 after Ctrl-C with the command to resume, 1 if a check failed)."""
     failures = result.failures
     errors_file = write_errors(output_csv, failures)
     rate = result.generated / result.seconds if result.seconds > 0 and result.generated else 0.0
@@ -958,7 +967,7 @@ def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path]) -
     else:
         lines += [f"wrote: {p}" for p in outputs]
     log("\n".join(lines))
-    return 130 if result.interrupted else 0
+    return 130 if result.interrupted else 1 if rejected else 0
 
 
 def log(message: str) -> None:

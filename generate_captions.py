@@ -45,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = common.build_config(args, task="caption")
     result = common.run_generation(cfg)
     outputs = []
+    accepted = True
     if not result.interrupted:
         rows = common.iter_rows(result.ids, result.records, clean_caption)
         outputs.append(common.write_csv_atomic(args.output_csv, ["ID", "Caption"], rows))
-    return common.finish_run(result, args.output_csv, outputs)
+        accepted = common.check_submission("captions", args.output_csv, result.ids)
+    return common.finish_run(result, args.output_csv, outputs, rejected=not accepted)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ def remap_natural(args: argparse.Namespace) -> int:
     mapper = load_mapper(args.cui_mapping_file)
     rows = read_natural_csv(args.from_natural_csv)
     written = write_cuis(rows, mapper, args.output_csv)
+    accepted = common.check_submission("concepts", args.output_csv, [i for i, _ in rows])
     common.log(f"images: {len(rows)}\ntime: {time.perf_counter() - start:.1f} s\n"
                + "\n".join(f"wrote: {p}" for p in written))
-    return 0
+    return 0 if accepted else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = common.build_config(args, task="concepts")
     result = common.run_generation(cfg)
     outputs: list[Path] = []
+    accepted = True
     if not result.interrupted:
         rows = []
         for image_id in result.ids:
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         outputs.append(common.write_csv_atomic(args.output_csv_natural, ["ID", "Concepts"], natural))
         if args.auto_map_cuis:
             outputs += write_cuis(rows, mapper, args.output_csv)
-    return common.finish_run(result, args.output_csv, outputs)
+            accepted = common.check_submission("concepts", args.output_csv, result.ids)
+    return common.finish_run(result, args.output_csv, outputs, rejected=not accepted)
 
 
 if __name__ == "__main__":

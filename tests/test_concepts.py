@@ -24,12 +24,13 @@ def model_args(tiny_model: Path, tmp_path: Path, image_dir: Path = REAL_IMAGES) 
             "--adapter_repo", "none", "--max_new_tokens", "16", "--num_workers", "0", "--batch_size", "6"]
 
 
-def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_path):
+def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_path, capsys):
     images = tmp_path / "images"
     shutil.copytree(REAL_IMAGES, images)
     (images / "broken.png").write_bytes(b"not a png")
     args = model_args(tiny_model, tmp_path, images) + ["--prompt_template", "vicuna"]
     assert concepts(*args, "--cui_mapping_file", str(ROCOV2)) == 0
+    assert "the official checks say accepted" in capsys.readouterr().err
     expected = sorted([p.stem for p in REAL_IMAGES.glob("*.png")] + ["broken"], key=common.id_sort_key)
     natural = read_csv(tmp_path / "natural.csv")
     cuis = read_csv(tmp_path / "concepts.csv")

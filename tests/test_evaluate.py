@@ -1,0 +1,187 @@
+"""evaluate.py: official concept F1 (exact), caption metrics, and the submission checks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import SHARED_DATA, run_script
+
+import common
+import evaluate
+
+ROCO = SHARED_DATA / "roco_v1"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def pairs(text: str, tmp_path: Path, name: str) -> dict:
+    return evaluate.concept_pairs(evaluate.read_rows(write(tmp_path / name, text)))
+
+
+def official_f1(gt_pairs: dict, candidate_pairs: dict) -> float:
+    """The official evaluator's loop, as FACTS.md 5 describes it, with sklearn's binary F1."""
+    from sklearn.metrics import f1_score
+
+    total, count = 0.0, 0
+    for image_key, gt_concepts in gt_pairs.items():
+        if len(gt_concepts) == 0:
+            continue
+        candidate = [c.upper() for c in candidate_pairs.get(image_key, ())]
+        gt = [c.upper() for c in gt_concepts]
+        all_concepts = sorted(set(gt) | set(candidate))
+        y_true = [int(c in gt) for c in all_concepts]
+        y_pred = [int(c in candidate) for c in all_concepts]
+        total += f1_score(y_true, y_pred, average="binary", zero_division=0)
+        count += 1
+    return total / count
+
+
+def test_hand_computed_f1_values_and_the_official_readers_edge_cases(tmp_path):
+    gt = pairs("ID,CUIs\na,C1;C2;C3\nb,C1\nc,\nd,\ne\nf,C7\n", tmp_path, "gt.csv")
+    pred = pairs("ID,CUIs\na,C1;c4\nb,c1;\nc,\nd\ne,C9\nf,C7;C7\n", tmp_path, "pred.csv")
+    assert gt["c"] == ("",) and gt["e"] == () and pred["d"] == () and pred["b"] == ("c1", "")
+    summary, rows = evaluate.concept_scores(gt, pred)
+    per = {r["ID"]: r["f1"] for r in rows}
+    assert per["a"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))  # TP C1, FP C4, FN C2 C3 -> 0.4
+    assert per["b"] == pytest.approx(2 / 3)  # the trailing ';' predicts '' -> a false positive
+    assert per["c"] == 1.0  # 'ID,' against 'ID,': the empty concept matches
+    assert per["d"] == 0.0  # 'ID,' against a bare 'ID': nothing predicted
+    assert "e" not in per  # ground truth with no second field is not counted
+    assert per["f"] == 1.0
+    assert summary["images_scored"] == 5
+    assert summary["f1"] == pytest.approx((0.4 + 2 / 3 + 1 + 0 + 1) / 5)
+
+
+def test_primary_f1_equals_the_official_definition_on_real_ground_truth_with_perturbed_predictions():
+    gt = evaluate.concept_pairs(evaluate.read_rows(ROCO / "validation_concepts.csv"))
+    vocabulary = sorted({c for cs in gt.values() for c in cs if c})
+    rng = random.Random(7)
+    pred = {}
+    for image_id, concepts in gt.items():
+        kept = [c for c in concepts if rng.random() < 0.6]
+        kept += rng.sample(vocabulary, rng.randrange(0, 4))
+        kept = [c.lower() if rng.random() < 0.1 else c for c in kept]
+        if rng.random() < 0.05:
+            kept.append("")  # a stray ';'
+        if rng.random() < 0.05:
+            continue  # image missing from the predictions
+        pred[image_id] = tuple(kept)
+    summary, _ = evaluate.concept_scores(gt, pred)
+    assert summary["images_scored"] == 8180
+    assert summary["f1"] == pytest.approx(official_f1(gt, pred), abs=1e-12)
+    assert 0.3 < summary["f1"] < 0.9
+
+
+def test_secondary_f1_filters_to_the_allowed_list_and_skips_images_left_empty(tmp_path):
+    manual = pairs("ID,CUIs\na,C0040405;C0817096\nb,\nc,C9999999\nd,C0024485\n", tmp_path, "manual.csv")
+    pred = pairs("ID,CUIs\na,C0040405;C1234567\nb,C0040405\nc,C0040405\nd,c0024485\n", tmp_path, "pred.csv")
+    summary, _ = evaluate.concept_scores(manual, pred, manual=manual)
+    # a: filtered gt {CT, Chest}, pred {CT} -> 2/3; b, c skipped (nothing allowed in gt); d: 1
+    assert summary["images_scored_secondary"] == 2
+    assert summary["f1_secondary"] == pytest.approx((2 / 3 + 1) / 2)
+    summary, _ = evaluate.concept_scores(manual, pred, manual=manual, allowed=("C0817096",))
+    assert summary["images_scored_secondary"] == 1 and summary["f1_secondary"] == 0.0
+
+
+def test_validation_reports_every_violation_with_its_line_and_rejects(tmp_path):
+    many = ";".join(f"C{i:07d}" for i in range(101))
+    pred = write(tmp_path / "pred.csv", "ID,CUIs\na,C0000001\nb,C0000001;C0000001\na,C0000002\n"
+                 f"c,{many}\nzzz,C0000003\nd,C1,C2\n\ne,c0000005;C0000005;\n")
+    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"])
+    text = "\n".join(report.errors)
+    assert "line 3: concept repeated for 'b': C0000001" in text
+    assert "line 4: duplicate image ID 'a' (first on line 2)" in text
+    assert "line 5: 101 concepts" in text
+    assert "line 6: unknown image ID 'zzz'" in text
+    assert "line 7: 3 fields" in text
+    assert "line 8: blank line" in text
+    assert "1 missing (f)" in text
+    assert any("line 9" in w and "letter cases" in w for w in report.warnings)
+    assert any("line 9" in w and "stray ';'" in w for w in report.warnings)
+    result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--ids",
+                        str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
+    assert result.returncode == 1 and "REJECTED" in result.stderr
+
+
+def test_a_valid_submission_against_an_image_folder_is_accepted(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("x_1.jpg", "x_2.png"):
+        (images / name).write_bytes(b"")
+    pred = write(tmp_path / "pred.csv", "ID,CUIs\nx_1,C0040405;C0817096\nx_2,\n")
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(pred), "--ids", str(images)]) == 0
+
+
+def test_ids_containing_ID_are_flagged_because_the_evaluator_skips_them(tmp_path):
+    pred = write(tmp_path / "pred.csv", "ID,CUIs\nimg_ID_1,C0040405\n")
+    report = evaluate.validate_file("concepts", pred, ["img_ID_1"])
+    assert any("contain 'ID'" in e for e in report.errors)
+
+
+def test_caption_preprocessing_is_the_official_one():
+    assert evaluate.preprocess_caption("CT, 12 mm (arrow); T2-weighted.") == "ct number mm arrow tnumberweighted"
+
+
+def test_caption_scores_handle_empty_pairs_and_hand_computed_rouge(tmp_path):
+    gt = {"a": "Chest x-ray.", "b": "", "c": "axial ct of the brain", "d": "mri"}
+    pred = {"a": "chest x ray", "b": "", "c": "axial ct", "d": ""}
+    summary, rows = evaluate.caption_scores(gt, pred)
+    per = {r["ID"]: r["rouge1"] for r in rows}
+    # "chest xray" (punctuation removed) vs "chest x ray": P=1/3, R=1/2 -> F=0.4
+    assert per["a"] == pytest.approx(0.4)
+    assert per["b"] == 1.0 and per["d"] == 0.0
+    # "axial ct" vs "axial ct of the brain": P=1, R=2/5 -> F = 2*1*0.4/1.4
+    assert per["c"] == pytest.approx(2 * 0.4 / 1.4)
+    assert "bertscore_f1" not in summary and any("bertscore" in s for s in summary["skipped"])
+
+
+def test_captions_command_scores_real_captions_and_checks_the_file(tmp_path):
+    gt = ROCO / "validation_captions.csv"
+    rows = evaluate.read_rows(gt)[:51]
+    pred = tmp_path / "pred.csv"
+    common.write_csv_atomic(pred, ["ID", "Caption"], ([f[0], f[1].upper()] for _, f in rows[1:]))
+    gt_small = tmp_path / "gt.csv"
+    common.write_csv_atomic(gt_small, ["ID", "Caption"], (f for _, f in rows[1:]))
+    per_image = tmp_path / "per_image.csv"
+    result = run_script("evaluate.py", "captions", "--gt", str(gt_small), "--pred", str(pred), "--json",
+                        "--per_image", str(per_image))
+    out = json.loads(result.stdout)
+    assert out["accepted"] and out["rouge1"] == 1.0 and out["bleu4"] == pytest.approx(1.0)
+    assert len(evaluate.read_rows(per_image)) == 51
+
+
+def test_a_caption_file_without_header_or_with_blank_lines_is_rejected(tmp_path):
+    pred = write(tmp_path / "pred.csv", "a,CT of the chest\n\nb,\"MRI, axial\"\n")
+    report = evaluate.validate_file("captions", pred, ["a", "b"])
+    assert "line 1: the header row must be ID,Caption" in report.errors
+    assert "line 2: blank line" in report.errors
+
+
+def test_bertscore_runs_from_a_local_model_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(["axial ct of the brain chest x ray mass number"] * 5,
+                            trainers.WordPieceTrainer(vocab_size=100, special_tokens=specials))
+    folder = tmp_path / "tiny-bert"
+    hf = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                           sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
+    hf.save_pretrained(folder)
+    BertModel(BertConfig(vocab_size=len(hf), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(folder)
+    gt = {"a": "axial ct of the brain", "b": "chest x ray", "c": ""}
+    pred = {"a": "axial ct of the brain", "b": "mass", "c": ""}
+    summary, rows = evaluate.caption_scores(gt, pred, str(folder), bertscore_layers=2)
+    per = {r["ID"]: r["bertscore_f1"] for r in rows}
+    assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
+    with pytest.raises(common.UserError, match="--bertscore_layers"):
+        evaluate.caption_scores(gt, pred, str(folder))
