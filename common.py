@@ -150,6 +150,13 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str, max_new_tok
                      help='extra generate() settings merged over the greedy defaults, e.g. '
                      '\'{"num_beams": 3, "repetition_penalty": 1.1}\'')
     gen.add_argument("--seed", type=int, default=0, help="random seed, for sampling (default: %(default)s)")
+    scale = parser.add_argument_group("scale-out (see README: several GPUs and machines)")
+    scale.add_argument("--num_shards", type=int, default=None,
+                       help="without a launcher (job arrays): split the sorted images into N shards ...")
+    scale.add_argument("--shard_index", type=int, default=None, help="... and process shard i (0-based)")
+    scale.add_argument("--merge_shards", action="store_true",
+                       help="build the final CSVs from all shards' journals (no model needed); refuses if a shard "
+                       "is missing or incomplete")
     gen.add_argument("--num_workers", type=int, default=None,
                      help="processes decoding images while the model generates; 0 decodes in the main process "
                      "(default: 4 with a GPU, half the cores on CPU, where the model gets the other half)")
@@ -764,6 +771,40 @@ def open_journal(path: Path, settings: dict, resume: str | None, force_resume: b
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shard:
+    """One share of the sorted image IDs: every `count`-th image from `index` on."""
+
+    index: int
+    count: int
+    distributed: bool = False  # started by torchrun/accelerate: coordinated through torch.distributed
+
+    @property
+    def suffix(self) -> str:
+        return f".shard-{self.index:05d}-of-{self.count:05d}"
+
+    def take(self, items: list) -> list:
+        return items[self.index::self.count]
+
+
+def shard_from(num_shards: int | None, shard_index: int | None, merge: bool = False) -> Shard | None:
+    """The launcher's RANK/WORLD_SIZE if there is one, else --num_shards/--shard_index, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if num_shards is not None or merge:
+            raise UserError("under torchrun the processes are the shards: drop --num_shards/--merge_shards")
+        return Shard(int(os.environ["RANK"]), world, distributed=True)
+    if merge:
+        return None
+    if num_shards is None:
+        if shard_index is not None:
+            raise UserError("--shard_index needs --num_shards")
+        return None
+    if num_shards < 1 or shard_index is None or not 0 <= shard_index < num_shards:
+        raise UserError(f"--num_shards {num_shards} needs --shard_index between 0 and {max(num_shards, 1) - 1}")
+    return Shard(shard_index, num_shards)
+
+
 @dataclass
 class RunConfig:
     task: str  # caption | concepts
@@ -783,6 +824,7 @@ class RunConfig:
     overwrite: bool = False
     journal_path: Path | None = None  # set from resume/checkpoint_dir when None
     settings_extra: dict = field(default_factory=dict)
+    shard: Shard | None = None
 
     def settings(self) -> dict:
         """What decides the generated text; a resume with different settings is refused."""
@@ -800,6 +842,7 @@ class RunResult:
     seconds: float
     generated: int  # images generated in this invocation
     interrupted: bool = False
+    writer: bool = True  # False for a shard that only fills its journal (the merge writes the CSVs)
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -824,15 +867,18 @@ def build_config(args: argparse.Namespace, task: str, extra_settings: dict | Non
     spec = ModelSpec(args.base_model_path, adapter, args.lora_subfolder, args.merge_adapters, args.load_in_4bit,
                      args.device, args.dtype, args.merged_cache_dir)
     resume = args.resume_from_checkpoint
-    journal = default_journal_path(args.output_csv, args.checkpoint_dir)
+    shard = shard_from(args.num_shards, args.shard_index, args.merge_shards)
+    journal = default_journal_path(args.output_csv, args.checkpoint_dir, shard.suffix if shard else "")
     if resume not in (None, "auto"):
+        if shard:
+            raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
         journal = Path(resume)
     return RunConfig(task=task, image_dir=args.image_dir, output_csv=args.output_csv, model=spec,
                      prompt=build_prompt(template, instruction, prefill), gen_kwargs=gen_kwargs,
                      batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, limit=args.limit,
                      checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval, resume=resume,
                      force_resume=args.force_resume, overwrite=args.overwrite, journal_path=journal,
-                     settings_extra=extra_settings or {})
+                     settings_extra=extra_settings or {}, shard=shard)
 
 
 def cpu_split(device_type: str, num_workers: int | None) -> int:
@@ -880,6 +926,11 @@ def run_generation(cfg: RunConfig, model_bundle=None) -> RunResult:
     items = list_images(cfg.image_dir)
     if cfg.limit:
         items = items[: cfg.limit]
+    all_ids = [i for i, _ in items]
+    if cfg.shard:
+        items = cfg.shard.take(items)
+        if cfg.shard.distributed:
+            cfg.model.device = init_distributed(cfg.model.device)
     ids = [i for i, _ in items]
     journal = open_journal(cfg.journal_path, cfg.settings(), cfg.resume, cfg.force_resume, cfg.overwrite,
                            cfg.checkpoint_interval, explicit=cfg.resume not in (None, "auto"))
@@ -929,7 +980,91 @@ def run_generation(cfg: RunConfig, model_bundle=None) -> RunResult:
             torch.set_num_threads(threads_before)
     finally:
         journal.close()
-    return RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated, interrupted)
+    result = RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated, interrupted,
+                       writer=cfg.shard is None)
+    if cfg.shard and cfg.shard.distributed:
+        return gather_shards(result, all_ids)
+    return result
+
+
+def init_distributed(device: str) -> str:
+    """Join the launcher's process group; each process takes the GPU of its LOCAL_RANK."""
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        # Shards finish at different times; the group must wait for the slowest one, for hours.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=72))
+    return f"cuda:{local_rank}" if cuda else ("cpu" if device == "auto" else device)
+
+
+def gather_shards(result: RunResult, all_ids: list[str]) -> RunResult:
+    """Collect every process's records on rank 0, which then writes the CSVs for all images."""
+    import torch.distributed as dist
+
+    mine = {"records": {i: result.records[i] for i in result.ids if i in result.records},
+            "generated": result.generated, "interrupted": result.interrupted, "seconds": result.seconds}
+    everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine, everything, dst=0)
+    rank = dist.get_rank()
+    dist.destroy_process_group()
+    if rank != 0:
+        result.writer = False
+        return result
+    records: dict[str, dict] = {}
+    for part in everything:
+        records.update(part["records"])
+    return RunResult(all_ids, records, result.journal_path, max(p["seconds"] for p in everything),
+                     sum(p["generated"] for p in everything), any(p["interrupted"] for p in everything))
+
+
+def merge_shards(cfg: RunConfig) -> RunResult:
+    """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
+    items = list_images(cfg.image_dir)
+    if cfg.limit:
+        items = items[: cfg.limit]
+    all_ids = [i for i, _ in items]
+    base = default_journal_path(cfg.output_csv, cfg.checkpoint_dir)
+    found = sorted(base.parent.glob(f"{base.name.removesuffix('.journal.jsonl')}.shard-*-of-*.journal.jsonl"))
+    if not found:
+        raise UserError(f"no shard journals like {base.with_suffix('').with_suffix('')}.shard-*-of-*.journal.jsonl")
+    counts = {int(re.search(r"-of-(\d+)\.journal", p.name).group(1)) for p in found}
+    if len(counts) != 1:
+        raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
+    count = counts.pop()
+    records: dict[str, dict] = {}
+    first_settings = None
+    problems = []
+    for index in range(count):
+        shard = Shard(index, count)
+        path = default_journal_path(cfg.output_csv, cfg.checkpoint_dir, shard.suffix)
+        if not path.exists():
+            problems.append(f"shard {index} of {count} is missing ({path.name})")
+            continue
+        header, shard_records, _ = read_journal(path)
+        if first_settings is None:
+            first_settings = header.get("settings", {})
+        elif settings_differences(first_settings, header.get("settings", {})):
+            diffs = "; ".join(settings_differences(first_settings, header.get("settings", {})))
+            problems.append(f"shard {index} was run with other settings ({diffs})")
+        missing = [i for i in shard.take(all_ids) if i not in shard_records]
+        if missing:
+            problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of "
+                            f"{len(shard.take(all_ids))} images missing (rerun it with --num_shards {count} "
+                            f"--shard_index {index} --resume_from_checkpoint auto)")
+        records.update(shard_records)
+    if first_settings is not None and first_settings.get("task") != cfg.task:
+        problems.append(f"the shards are from a {first_settings.get('task')} run, not {cfg.task}")
+    if problems:
+        raise UserError("cannot merge: " + "; ".join(problems))
+    log(f"merged {count} shards: {len(all_ids)} images")
+    return RunResult(all_ids, records, base.parent, 0.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -994,6 +1129,10 @@ def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path], r
     ]
     if result.interrupted:
         lines.append("interrupted: rerun the same command with --resume_from_checkpoint auto to continue")
+    elif not result.writer:
+        lines.append("this shard is done; when every shard is, build the CSVs with the same command, "
+                     "--merge_shards instead of --num_shards/--shard_index"
+                     if not os.environ.get("WORLD_SIZE") else "this process's share is done; rank 0 writes the CSVs")
     else:
         lines += [f"wrote: {p}" for p in outputs]
     log("\n".join(lines))

@@ -43,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = common.build_config(args, task="caption")
-    result = common.run_generation(cfg)
+    result = common.merge_shards(cfg) if args.merge_shards else common.run_generation(cfg)
     outputs = []
     accepted = True
-    if not result.interrupted:
+    if result.writer and not result.interrupted:
         rows = common.iter_rows(result.ids, result.records, clean_caption)
         outputs.append(common.write_csv_atomic(args.output_csv, ["ID", "Caption"], rows))
         accepted = common.check_submission("captions", args.output_csv, result.ids)

@@ -123,10 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     mapper = load_mapper(args.cui_mapping_file) if args.auto_map_cuis or Path(args.cui_mapping_file).is_file() \
         else None
     cfg = common.build_config(args, task="concepts")
-    result = common.run_generation(cfg)
+    result = common.merge_shards(cfg) if args.merge_shards else common.run_generation(cfg)
     outputs: list[Path] = []
     accepted = True
-    if not result.interrupted:
+    if result.writer and not result.interrupted:
         rows = []
         for image_id in result.ids:
             record = result.records.get(image_id) or {}
