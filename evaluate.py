@@ -19,6 +19,7 @@ import json
 import re
 import string
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,14 +125,18 @@ def check_ids(rows: list[tuple[int, list[str]]], expected: list[str] | None, rep
                              f"({shown})")
 
 
-def validate_concepts(rows: list[tuple[int, list[str]]], expected: list[str] | None) -> Report:
-    report = Report()
+def data_rows(rows: list[tuple[int, list[str]]], report: Report) -> Iterator[tuple[int, list[str]]]:
+    """The rows the evaluator reads as data: blank lines are reported, header-like rows skipped."""
     for line, fields in rows:
         if not fields:
             report.errors.append(f"line {line}: blank line")
-            continue
-        if is_header(fields):
-            continue
+        elif not is_header(fields):
+            yield line, fields
+
+
+def validate_concepts(rows: list[tuple[int, list[str]]], expected: list[str] | None) -> Report:
+    report = Report()
+    for line, fields in data_rows(rows, report):
         if len(fields) > 2:
             report.errors.append(f"line {line}: {len(fields)} fields; a row is ID or ID,CUI;CUI;... "
                                  "(separate CUIs with ';', not ',')")
@@ -161,12 +166,7 @@ def validate_captions(rows: list[tuple[int, list[str]]], expected: list[str] | N
     report = Report()
     if not rows or [f.strip() for f in rows[0][1]] != ["ID", "Caption"]:
         report.errors.append("line 1: the header row must be ID,Caption")
-    for line, fields in rows:
-        if not fields:
-            report.errors.append(f"line {line}: blank line")
-            continue
-        if is_header(fields):
-            continue
+    for line, fields in data_rows(rows, report):
         if len(fields) < 2:
             report.errors.append(f"line {line}: no caption field for {fields[0]!r}")
         elif len(fields) > 2:

@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py                      # CPU, tiny test model (built offline)
     python benchmarks/throughput.py --full_size          # GPU, LLaVA-LLaMA-3-8B-shaped, random bf16 weights
-    python benchmarks/throughput.py --memory --resume    # also: RSS at 200 vs 2000 images, resume cost
+    python benchmarks/throughput.py --memory --resume    # also: memory at 200 vs 2000 images, resume cost
 
 Every configuration runs on the same images with greedy decoding forced to a fixed length
 (min_new_tokens == max_new_tokens), and its answers are compared with the baseline's, so a
@@ -32,8 +32,12 @@ import common  # noqa: E402
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "real_images"
 
 
-class PeakRSS:
-    """Samples the resident memory of this process and its children (DataLoader workers)."""
+class PeakMemory:
+    """Samples the memory of this process and its children (DataLoader workers).
+
+    Uses PSS (proportional set size): forked workers share the parent's pages copy-on-write, and
+    summing plain RSS would count the model once per worker.
+    """
 
     def __init__(self, every: float = 0.01):
         self.every = every
@@ -43,10 +47,13 @@ class PeakRSS:
     @staticmethod
     def rss(pid: int) -> int:
         try:
-            with open(f"/proc/{pid}/statm") as fh:
-                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{pid}/smaps_rollup") as fh:
+                for line in fh:
+                    if line.startswith("Pss:"):
+                        return int(line.split()[1]) * 1024
         except OSError:
-            return 0
+            pass
+        return 0
 
     @staticmethod
     def children(pid: int) -> list[int]:
@@ -137,7 +144,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def engine_run(bundle, image_dir: Path, prompt: str, gen_kwargs: dict, batch_size: int, workers: int,
+def engine_run(bundle, image_dir: Path, prompt: str, gen_kwargs: dict, batch_size: int, workers: int | None,
                work: Path) -> tuple[dict[str, str], float]:
     out = work / f"engine_b{batch_size}_w{workers}.csv"
     cfg = common.RunConfig(task="caption", image_dir=str(image_dir), output_csv=str(out), model=common.ModelSpec(),
@@ -205,7 +212,7 @@ def throughput(args) -> None:
 
         rows = []
         gpu_peak_reset()
-        with PeakRSS() as mem:
+        with PeakMemory() as mem:
             start = time.perf_counter()
             baseline = naive_loop(model, processor, device, items, prompt, gen_kwargs, stop_ids)
             sync(device)
@@ -213,18 +220,19 @@ def throughput(args) -> None:
         rows.append(("naive loop (1 image at a time)", 1, "-", seconds, None, mem.peak, gpu_peak(), True))
         for bs in args.batch_sizes:
             gpu_peak_reset()
-            with PeakRSS() as mem:
+            with PeakMemory() as mem:
                 texts, seconds = engine_run(bundle, images, prompt, gen_kwargs, bs, args.num_workers, work)
             gen_only = pure_generate(model, processor, device, items, prompt, gen_kwargs, stop_ids, bs)
             same = texts == baseline
             rows.append((f"engine, batch {bs}", bs, args.num_workers, seconds, gen_only, mem.peak, gpu_peak(), same))
+        workers = common.cpu_split(device.type, args.num_workers)  # what the engine chose, for the header
 
         n = len(items)
         base_rate = n / rows[0][3]
         print(f"\n{label}; {n} images from {args.image_dir}; {args.max_new_tokens} new tokens per image; "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+              f"torch {torch.__version__}, {os.cpu_count()} cores, engine: {workers} decode workers")
         print(f"| {'configuration':<32} | {'images/s':>8} | {'vs naive':>8} | {'generate-only images/s':>22} | "
-              f"{'overhead':>8} | {'peak RSS MiB':>12} | {'peak GPU MiB':>12} | same output |")
+              f"{'overhead':>8} | {'peak PSS MiB':>12} | {'peak GPU MiB':>12} | same output |")
         print(f"|{'-' * 34}|{'-' * 10}|{'-' * 10}|{'-' * 24}|{'-' * 10}|{'-' * 14}|{'-' * 14}|{'-' * 13}|")
         for name, _, _, seconds, gen_only, rss, gpu, same in rows:
             rate = n / seconds
@@ -239,7 +247,7 @@ def throughput(args) -> None:
 
 
 def memory_child(count: int, work: str) -> None:
-    """One engine run over `count` small images in a fresh process; prints its peak RSS (JSON)."""
+    """One engine run over `count` small images in a fresh process; prints its peak memory (JSON)."""
     folder = build_tiny_llava(Path(work) / f"tiny-{count}")
     bundle = common.load_model(common.ModelSpec(str(folder), None, device="cpu"))
     prompt = common.build_prompt("vicuna", "x")
@@ -249,13 +257,13 @@ def memory_child(count: int, work: str) -> None:
                            gen_kwargs={"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False},
                            batch_size=16, num_workers=2, limit=count, journal_path=out.with_suffix(".jsonl"),
                            overwrite=True)
-    with PeakRSS(every=0.005) as mem:
+    with PeakMemory(every=0.005) as mem:
         common.run_generation(cfg, model_bundle=bundle)
     print(json.dumps({"images": count, "peak_rss": mem.peak}))
 
 
 def memory(args) -> None:
-    """Peak RSS for 200 vs 2000 images: per-image state must not accumulate."""
+    """Peak memory (PSS) for 200 vs 2000 images: per-image state must not accumulate."""
     from PIL import Image
 
     work = Path(tempfile.mkdtemp(prefix="jj-vmed-mem-"))
@@ -268,7 +276,7 @@ def memory(args) -> None:
             out = subprocess.run([sys.executable, __file__, "--_memory_child", str(count), str(work)],
                                  capture_output=True, text=True, check=True)
             peaks[count] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss"]
-        print("\n| images | peak RSS MiB (process + workers) |\n|---|---|")
+        print("\n| images | peak PSS MiB (process + workers) |\n|---|---|")
         for count, peak in peaks.items():
             print(f"| {count} | {peak / 2**20:.0f} |")
         print(f"2000 vs 200 images: {peaks[2000] / peaks[200]:.3f}x")
@@ -325,11 +333,11 @@ def main() -> None:
     parser.add_argument("--num_images", type=int, default=96)
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8, 16])
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=None, help="default: the engine's own choice")
     parser.add_argument("--full_size", action="store_true", help="8B-shaped model with random weights (GPU)")
     parser.add_argument("--layers", type=int, default=None, help="with --full_size: fewer text layers (smoke test)")
     parser.add_argument("--load_in_4bit", action="store_true", help="with --full_size: NF4 4-bit")
-    parser.add_argument("--memory", action="store_true", help="also measure peak RSS at 200 vs 2000 images")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory at 200 vs 2000 images")
     parser.add_argument("--resume", action="store_true", help="also time a resume from a 20,000-record journal")
     parser.add_argument("--skip_throughput", action="store_true")
     parser.add_argument("--_memory_child", nargs=2, help=argparse.SUPPRESS)
