@@ -557,9 +557,8 @@ def modernize_adapter(adapter_dir: Path, out_dir: Path) -> Path:
         config["target_modules"] = modernize_regex(targets)
     elif targets:
         config["target_modules"] = [modernize_module_name(t) for t in targets]
-    for key in ("modules_to_save", "layers_to_transform"):
-        if isinstance(config.get(key), list) and key == "modules_to_save":
-            config[key] = [modernize_module_name(t) for t in config[key]]
+    if isinstance(config.get("modules_to_save"), list):
+        config["modules_to_save"] = [modernize_module_name(t) for t in config["modules_to_save"]]
     weights = {modernize_module_name(k): v.contiguous() for k, v in read_adapter_weights(adapter_dir).items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
