@@ -43,8 +43,11 @@ def test_a_short_lora_run_teaches_the_tiny_model_the_colour_captions(tiny_model,
                           "--base_model_path", str(tiny_model), "--output_dir", str(adapter), "--epochs", "6",
                           "--learning_rate", "5e-3", "--batch_size", "8", "--gradient_accumulation_steps", "1",
                           "--warmup_ratio", "0", "--num_workers", "0", "--save_steps", "1000",
-                          "--no-gradient_checkpointing"]) == 0
+                          "--no-gradient_checkpointing", "--valid_image_dir", str(valid),
+                          "--valid_captions_csv", str(valid.with_suffix(".csv")), "--eval_images", "12"]) == 0
     assert (adapter / "adapter_model.safetensors").exists()
+    summary = json.loads((adapter / "finetune_summary.json").read_text())
+    assert summary["validation"]["caption_images"] == 12 and 0.0 <= summary["validation"]["caption_rouge1"] <= 1.0
     truth = captions(valid.with_suffix(".csv"))
 
     def caption_run(name: str, *extra: str) -> dict[str, str]:
