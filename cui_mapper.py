@@ -24,6 +24,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 CUI_RE = re.compile(r"\bC\d{7}\b", re.IGNORECASE)
@@ -243,13 +244,20 @@ def american(word: str) -> str:
     return word
 
 
+@lru_cache(maxsize=200_000)
+def normal_word(word: str) -> str:
+    return american(singular(word))
+
+
 def tokens(text: str) -> list[str]:
     """Lower-case, accent-free, punctuation-free words, singular and in American spelling."""
     text = strip_accents(text).casefold().replace("'s ", " ")
-    return [american(singular(w)) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
+    return [normal_word(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
 
 
+@lru_cache(maxsize=200_000)
 def normalize(text: str) -> str:
+    # Cached: 20,000 answers repeat the same few thousand phrases.
     return " ".join(tokens(text))
 
 
