@@ -141,7 +141,8 @@ ALIASES: dict[str, list[str]] = {
     "C0003962": ["ascitis"],
     "C0020295": ["hidronefrosis"],
     "C0032285": ["neumonia"],
-    "C0034065": ["pe", "embolia pulmonar", "tromboembolismo pulmonar", "tep"],
+    "C0034065": ["pe", "pulmonary emboli", "pulmonary embolus", "embolia pulmonar", "tromboembolismo pulmonar",
+                 "tep"],
     "C0021308": ["infarct", "infarto"],
     "C0027051": ["heart attack", "infarto de miocardio", "infarto agudo de miocardio"],
     "C0007785": ["cerebral infarct", "infarto cerebral"],
@@ -206,6 +207,7 @@ IRREGULAR_SINGULARS = {
     "teeth": "tooth", "feet": "foot", "atria": "atrium", "septa": "septum", "ostia": "ostium", "ilia": "ilium",
     "apices": "apex", "cortices": "cortex", "vertices": "vertex", "appendices": "appendix", "menisci": "meniscus",
     "bases": "base", "children": "child", "women": "woman", "men": "man",
+    "bronchiectases": "bronchiectasis", "atelectases": "atelectasis",
 }
 BRITISH = [(re.compile(p), r) for p, r in [
     (r"^haem", "hem"), (r"^anaem", "anem"), (r"aemi", "emi"), (r"^oedem", "edem"), (r"^oesoph", "esoph"),
@@ -262,6 +264,8 @@ def normalize(text: str) -> str:
 
 
 def lenient_key(text: str) -> str:
+    # UMLS names bones "Bone structure of X": the model just says "X".
+    text = re.sub(r"^\s*bone\s+structure\s+of\s+", "", text, flags=re.IGNORECASE)
     words = tokens(re.sub(r"\([^)]*\)", " ", text))
     return " ".join(w for w in words if w not in QUALIFIER_WORDS)
 
