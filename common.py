@@ -119,9 +119,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str, max_new_tok
     model.add_argument("--lora_subfolder", default=None, help="subfolder of the adapter repo holding the adapter")
     model.add_argument("--merge_adapters", action="store_true",
                        help="merge the LoRA weights into the base model (faster generation); with "
-                       "--load_in_4bit the merge is done in full precision, saved, then quantized")
+                       "--load_in_4bit the merge is done on unquantized weights, saved, then quantized")
     model.add_argument("--merged_cache_dir", default=None,
-                       help="where merged full-precision models are kept for --merge_adapters --load_in_4bit "
+                       help="where merged unquantized models are kept for --merge_adapters --load_in_4bit "
                        "(default: ~/.cache/jj-vmed/merged)")
     model.add_argument("--load_in_4bit", action="store_true",
                        help="4-bit NF4 quantization with bitsandbytes (about 6 GB of GPU memory for the 8B model)")
@@ -431,7 +431,7 @@ def load_model(spec: ModelSpec):
     processor = load_processor(spec.base_model_path)
     adapter_dir = resolve_adapter(spec.adapter, spec.lora_subfolder) if spec.adapter else None
     if adapter_dir and spec.merge_adapters and spec.load_in_4bit:
-        # Merging LoRA into 4-bit weights would round the update away; merge in full precision,
+        # Merging LoRA into 4-bit weights would round the update away; merge into unquantized weights,
         # save once, then quantize that merged model.
         merged = merged_model_dir(spec, adapter_dir, torch_dtype)
         model = load_base_model(str(merged), device_map, torch_dtype, load_in_4bit=True)
@@ -455,13 +455,13 @@ def input_device(model):
 
 
 def merged_model_dir(spec: ModelSpec, adapter_dir: Path, torch_dtype) -> Path:
-    """Merge the adapter into a full-precision copy of the base model once and cache it on disk."""
+    """Merge the adapter into an unquantized (bf16/fp16/fp32) copy of the base model once and cache it on disk."""
     key = hashlib.sha256(f"{spec.base_model_path}|{adapter_dir_fingerprint(adapter_dir)}|{torch_dtype}".encode())
     root = Path(spec.merged_cache_dir or Path.home() / ".cache" / "jj-vmed" / "merged")
     out = root / key.hexdigest()[:16]
     if (out / "config.json").exists():
         return out
-    log(f"merging the adapter in full precision into {out} (once; later runs reuse it)")
+    log(f"merging the adapter into unquantized weights in {out} (once; later runs reuse it)")
     model = load_base_model(spec.base_model_path, {"": "cpu"}, torch_dtype, load_in_4bit=False)
     model = apply_adapter(model, adapter_dir).merge_and_unload()
     root.mkdir(parents=True, exist_ok=True)
