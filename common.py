@@ -1117,7 +1117,8 @@ def check_submission(task: str, path: str | Path, ids: list[str]) -> bool:
 def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path], rejected: bool = False) -> int:
     """Errors file, summary, exit code (130 after Ctrl-C with the command to resume, 1 if a check failed)."""
     failures = result.failures
-    errors_file = write_errors(output_csv, failures)
+    # Only the process that writes the CSVs writes the errors file: shards would overwrite each other's.
+    errors_file = write_errors(output_csv, failures) if result.writer else None
     rate = result.generated / result.seconds if result.seconds > 0 and result.generated else 0.0
     lines = [
         f"images: {len(result.ids)} (generated now: {result.generated}, from the journal: "
