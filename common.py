@@ -291,16 +291,27 @@ class Collate:
         self.processor = processor
         self.prompt = prompt
 
+    def process(self, images: list) -> dict:
+        out = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True)
+        return dict(out)
+
     def __call__(self, samples: list) -> Batch:
         good = [(i, img) for i, img, err in samples if err is None]
         failures = [(i, err) for i, _, err in samples if err is not None]
-        inputs = None
-        if good:
-            out = self.processor(
-                text=[self.prompt] * len(good), images=[img for _, img in good], return_tensors="pt", padding=True
-            )
-            inputs = dict(out)
-        return Batch([i for i, _ in good], inputs, failures)
+        if not good:
+            return Batch([], None, failures)
+        try:
+            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures)
+        except Exception:  # noqa: BLE001 - find the image the processor cannot take, keep the others
+            kept = []
+            for image_id, img in good:
+                try:
+                    self.process([img])
+                    kept.append((image_id, img))
+                except Exception as e:  # noqa: BLE001
+                    failures.append((image_id, f"preprocessing failed: {type(e).__name__}: {e}"))
+            inputs = self.process([img for _, img in kept]) if kept else None
+            return Batch([i for i, _ in kept], inputs, failures)
 
 
 def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size: int, num_workers: int,

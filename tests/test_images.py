@@ -72,3 +72,22 @@ def test_a_broken_file_becomes_an_error_entry_not_an_exception(tmp_path):
     dataset = common.ImageDataset([("bad", tmp_path / "bad.png")])
     image_id, image, error = dataset[0]
     assert image_id == "bad" and image is None and error
+
+
+def test_an_image_the_processor_rejects_fails_alone_and_its_batch_goes_on(tiny_model):
+    processor = common.load_processor(str(tiny_model))
+
+    class Picky:  # the real processor, refusing one image size as a broken file would make it fail
+        tokenizer = processor.tokenizer
+
+        def __call__(self, images, **kwargs):
+            if any(img.size == (7, 7) for img in images):
+                raise ValueError("cannot process this image")
+            return processor(images=images, **kwargs)
+
+    collate = common.Collate(Picky(), common.build_prompt("vicuna", "x"))
+    samples = [("a", Image.new("RGB", (40, 30)), None), ("bad", Image.new("RGB", (7, 7)), None),
+               ("c", Image.new("RGB", (30, 40)), None), ("gone", None, "OSError: truncated")]
+    batch = collate(samples)
+    assert batch.ids == ["a", "c"] and batch.inputs["pixel_values"].shape[0] == 2
+    assert [i for i, _ in batch.failures] == ["gone", "bad"]
