@@ -133,3 +133,23 @@ def test_qlora_trains_on_a_4bit_base_and_saves_a_loadable_adapter(tiny_model, tm
 def test_finetune_needs_some_data(tmp_path):
     with pytest.raises(common.UserError, match="--captions_csv and/or --concepts_csv"):
         finetune.main(["--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")])
+
+
+def test_training_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
+    train = colour_split(tmp_path / "train", 2, seed=0)
+    out = tmp_path / "adapter"
+    args = ["--image_dir", str(train), "--captions_csv", str(train.with_suffix(".csv")), "--base_model_path",
+            str(tiny_model), "--output_dir", str(out), "--batch_size", "2", "--gradient_accumulation_steps", "1",
+            "--num_workers", "0", "--save_steps", "1", "--no-gradient_checkpointing"]
+    assert finetune.main([*args, "--max_steps", "2"]) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # Mark the latest checkpoint's state: a resumed run carries the mark on, a restarted one would not.
+    state_file = out / "checkpoint-2" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["log_history"].append({"step": 2, "resume_marker": 1})
+    state_file.write_text(json.dumps(state))
+    assert finetune.main([*args, "--max_steps", "3", "--resume_from_checkpoint", "auto"]) == 0
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["steps"] == 3
+    final_state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert {"step": 2, "resume_marker": 1} in final_state["log_history"]
