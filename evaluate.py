@@ -25,7 +25,7 @@ from pathlib import Path
 
 import common
 
-# The 2025 secondary-score list: modalities and body regions (FACTS.md 5).
+# The 2025 secondary-score list: imaging modalities and body regions.
 ALLOWED_CUIS_2025 = (
     "C0002978", "C0040405", "C0024485", "C0032743", "C0041618", "C1306645", "C0920367",
     "C1140618", "C0037949", "C0030797", "C0023216", "C0037303", "C0817096", "C0006141", "C0000726",

@@ -184,7 +184,7 @@ def test_shipped_cui_names_cover_the_secondary_score_list():
     assert mapper.lookup("resonancia magnética").cui == "C0024485"
 
 
-# Answers in the formats the adapter was trained to give (FACTS.md 2) and common deviations.
+# Answers in the formats the adapter was trained to give, and common deviations.
 @pytest.mark.parametrize(
     "answer, phrases",
     [

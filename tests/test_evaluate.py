@@ -25,7 +25,7 @@ def pairs(text: str, tmp_path: Path, name: str) -> dict:
 
 
 def official_f1(gt_pairs: dict, candidate_pairs: dict) -> float:
-    """The official evaluator's loop, as FACTS.md 5 describes it, with sklearn's binary F1."""
+    """The official evaluator's loop (taubsity/clef-caption-evaluation), with sklearn's binary F1."""
     from sklearn.metrics import f1_score
 
     total, count = 0.0, 0
