@@ -931,11 +931,15 @@ class StopFlag:
         signal.signal(signal.SIGINT, self.previous)
 
 
+def run_items(cfg: RunConfig) -> list[tuple[str, str]]:
+    """(ID, path) of every image the whole run covers, before any sharding."""
+    items = list_images(cfg.image_dir)
+    return items[: cfg.limit] if cfg.limit else items
+
+
 def run_generation(cfg: RunConfig, model_bundle=None) -> RunResult:
     """Generate raw text for every image not yet in the journal. Returns all records of the run."""
-    items = list_images(cfg.image_dir)
-    if cfg.limit:
-        items = items[: cfg.limit]
+    items = run_items(cfg)
     all_ids = [i for i, _ in items]
     if cfg.shard:
         items = cfg.shard.take(items)
@@ -1036,10 +1040,7 @@ def gather_shards(result: RunResult, all_ids: list[str]) -> RunResult:
 
 def merge_shards(cfg: RunConfig) -> RunResult:
     """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
-    items = list_images(cfg.image_dir)
-    if cfg.limit:
-        items = items[: cfg.limit]
-    all_ids = [i for i, _ in items]
+    all_ids = [i for i, _ in run_items(cfg)]
     base = default_journal_path(cfg.output_csv, cfg.checkpoint_dir)
     found = sorted(base.parent.glob(f"{base.name.removesuffix('.journal.jsonl')}.shard-*-of-*.journal.jsonl"))
     if not found:
@@ -1060,9 +1061,9 @@ def merge_shards(cfg: RunConfig) -> RunResult:
         header, shard_records, _ = read_journal(path)
         if first_settings is None:
             first_settings = header.get("settings", {})
-        elif settings_differences(first_settings, header.get("settings", {})):
-            diffs = "; ".join(settings_differences(first_settings, header.get("settings", {})))
-            problems.append(f"shard {index} was run with other settings ({diffs})")
+        diffs = settings_differences(first_settings, header.get("settings", {}))
+        if diffs:
+            problems.append(f"shard {index} was run with other settings ({'; '.join(diffs)})")
         missing = [i for i in shard.take(all_ids) if i not in shard_records]
         if missing:
             problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of "

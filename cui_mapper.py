@@ -380,9 +380,10 @@ class CuiMapper:
         cui = self.exact.get(text.casefold().strip())
         if cui:
             return Match(cui, self.names[cui], "exact")
-        for index, method in ((self.normalized, "normalized"), (self.lenient, "lenient"),
-                              (self.word_order, "word_order")):
-            key = {"normalized": normalize, "lenient": lenient_key, "word_order": bag_key}[method](text)
+        for index, make_key, method in ((self.normalized, normalize, "normalized"),
+                                        (self.lenient, lenient_key, "lenient"),
+                                        (self.word_order, bag_key, "word_order")):
+            key = make_key(text)
             cui = index.get(key)
             if cui:
                 tier = index.best[key][0]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+from generate_concepts import load_mapper
 
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
 LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -53,18 +54,6 @@ def read_id_table(path: str | None, value_column: str) -> dict[str, str]:
             raise common.UserError(f"{path} needs the columns ID,{value_column}; it has: {', '.join(header)}")
         i, v = header.index("id"), header.index(value_column.casefold())
         return {row[i]: row[v] if len(row) > v else "" for row in reader if row}
-
-
-def read_names(path: str | None) -> dict[str, str]:
-    """CUI -> canonical name, from the same mapping files the concept script reads."""
-    if not path:
-        return {}
-    from cui_mapper import CuiMapper
-
-    try:
-        return CuiMapper.from_csv(path).names
-    except ValueError as e:
-        raise common.UserError(str(e)) from None
 
 
 def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str | None,
@@ -211,11 +200,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_adapter(model, processor, device, args, names: dict[str, str]) -> dict:
+def evaluate_adapter(model, processor, device, args, mapper) -> dict:
     """Generate for the first --eval_images validation images and score them with evaluate.py."""
     import evaluate
-    from cui_mapper import CuiMapper, parse_answer
+    from cui_mapper import parse_answer
 
+    names = mapper.names if mapper else {}
     examples, _ = build_examples(args.valid_image_dir, args.valid_captions_csv, args.valid_concepts_csv, names,
                                  args.language)
     results: dict = {}
@@ -242,7 +232,6 @@ def evaluate_adapter(model, processor, device, args, names: dict[str, str]) -> d
             summary, _ = evaluate.caption_scores(gt, pred)
             results["caption_rouge1"] = summary["rouge1"]
         else:
-            mapper = CuiMapper.from_csv(args.cui_mapping_file)
             truth = read_id_table(args.valid_concepts_csv, "CUIs")
             gt = {e.image_id: tuple(c.strip() for c in truth[e.image_id].split(";")) for e in chosen}
             pred = {i: tuple(mapper.map_phrases(parse_answer(t, mapper))[0]) for i, t in texts.items()}
@@ -258,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         raise common.UserError("give --captions_csv and/or --concepts_csv")
     if args.concepts_csv and not args.cui_mapping_file:
         raise common.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
-    names = read_names(args.cui_mapping_file)
+    # Read once: its names make the training answers and its index maps the validation answers.
+    mapper = load_mapper(args.cui_mapping_file) if args.cui_mapping_file else None
+    names = mapper.names if mapper else {}
     examples, problems = build_examples(args.image_dir, args.captions_csv, args.concepts_csv, names, args.language)
     counts = Counter(e.task for e in examples)
     common.log(f"examples: {len(examples)} ({counts['caption']} caption, {counts['concepts']} concepts)")
@@ -312,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_loss": result.training_loss, "steps": result.global_step}
     if args.valid_image_dir and args.eval_images > 0:
         model.eval()
-        summary["validation"] = evaluate_adapter(model, processor, common.input_device(model), args, names)
+        summary["validation"] = evaluate_adapter(model, processor, common.input_device(model), args, mapper)
     (Path(args.output_dir) / "finetune_summary.json").write_text(json.dumps(summary, indent=2))
     common.log(json.dumps(summary, indent=2) + f"\nadapter saved to {args.output_dir}; use it with "
                f"--adapter_repo {args.output_dir}")

@@ -87,7 +87,7 @@ def test_concept_examples_use_the_trained_answer_format(tmp_path):
     for name in ("a", "b", "c"):
         Image.new("RGB", (8, 8)).save(images / f"{name}.png")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0040405;C0817096\nb,\nc,C0016522\n")
-    names = finetune.read_names(str(SHARED_DATA / "rocov2" / "cui_mapping.csv"))
+    names = finetune.load_mapper(str(SHARED_DATA / "rocov2" / "cui_mapping.csv")).names
     examples, _ = finetune.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
     answers = {e.image_id: e.answer for e in examples}
     assert answers == {
