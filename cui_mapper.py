@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from files import write_csv_atomic
+
 CUI_RE = re.compile(r"\bC\d{7}\b", re.IGNORECASE)
 NAME_COLUMNS = ("name", "canonical name", "canonical_name", "preferred_name", "preferred name", "str")
 SYNONYM_COLUMNS = ("synonyms", "synonym", "aliases")
@@ -541,10 +543,4 @@ def clean_phrase(piece: str) -> str:
 
 def unmapped_report(counter: Counter, path: str | Path) -> Path:
     """Write phrase,count for every phrase that mapped to no CUI, most frequent first."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(["Phrase", "Count"])
-        writer.writerows(counter.most_common())
-    return path
+    return write_csv_atomic(path, ["Phrase", "Count"], ([p, str(n)] for p, n in counter.most_common()))

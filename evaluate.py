@@ -23,7 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
+import errors
+import files
+from images import list_images
 
 # The 2025 secondary-score list: imaging modalities and body regions.
 ALLOWED_CUIS_2025 = (
@@ -43,7 +45,7 @@ def read_rows(path: str | Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) of every CSV record; a file that is not UTF-8 is a UserError."""
     path = Path(path)
     if not path.is_file():
-        raise common.UserError(f"{path} does not exist")
+        raise errors.UserError(f"{path} does not exist")
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.reader(fh)
@@ -52,9 +54,9 @@ def read_rows(path: str | Path) -> list[tuple[int, list[str]]]:
                 rows.append((reader.line_num, fields))
             return rows
     except UnicodeDecodeError as e:
-        raise common.UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+        raise errors.UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
     except csv.Error as e:
-        raise common.UserError(f"{path} is not a readable CSV: {e}") from None
+        raise errors.UserError(f"{path} is not a readable CSV: {e}") from None
 
 
 def is_header(fields: list[str]) -> bool:
@@ -80,7 +82,7 @@ def expected_ids(source: str | Path) -> list[str]:
     """Image IDs from a ground-truth/ID CSV (first column) or from an image folder (file stems)."""
     source = Path(source)
     if source.is_dir():
-        return [i for i, _ in common.list_images(source)]
+        return [i for i, _ in list_images(source)]
     return [fields[0] for _, fields in read_rows(source) if fields and not is_header(fields)]
 
 
@@ -192,7 +194,7 @@ def log_report(report: Report, name: str, limit: int = 50) -> None:
     lines += [f"  warning: {w}" for w in report.warnings[:limit]]
     if len(report.warnings) > limit:
         lines.append(f"  ... and {len(report.warnings) - limit} more warnings")
-    common.log("\n".join(lines))
+    errors.log("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,13 +282,13 @@ def bertscore_f1(gts: list[str], preds: list[str], model: str, num_layers: int |
 
     folder = Path(model)
     if not (folder / "config.json").exists():
-        raise common.UserError(f"--bertscore_model {model} is not a local model folder (no config.json)")
+        raise errors.UserError(f"--bertscore_model {model} is not a local model folder (no config.json)")
     if num_layers is None:
         name = folder.name.lower()
         num_layers = bert_score.utils.model2layers.get(next((k for k in bert_score.utils.model2layers
                                                               if name.endswith(k.split("/")[-1])), ""), None)
         if num_layers is None:
-            raise common.UserError("--bertscore_layers is needed for a model bert-score does not know by name")
+            raise errors.UserError("--bertscore_layers is needed for a model bert-score does not know by name")
     # Empty captions never reach bert-score (it fails on them with transformers 5): both empty scores
     # 1 as officially, one empty scores 0.
     scores = [1.0 if not g.strip() and not p.strip() else 0.0 for g, p in zip(gts, preds, strict=True)]
@@ -326,7 +328,7 @@ def caption_scores(gt: dict[str, str], pred: dict[str, str], bertscore_model: st
 
 def write_per_image(path: str, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
-    common.write_csv_atomic(path, columns, ([r.get(c, "") for c in columns] for r in rows))
+    files.write_csv_atomic(path, columns, ([r.get(c, "") for c in columns] for r in rows))
 
 
 def print_summary(title: str, summary: dict, report: Report) -> None:
@@ -374,7 +376,7 @@ def allowed_list(value: str | None) -> tuple[str, ...]:
     text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
     cuis = tuple(c.strip().upper() for c in re.split(r"[\s,;]+", text) if c.strip() and c.strip().upper() != "CUI")
     if not cuis:
-        raise common.UserError(f"--allowed_cuis {value} lists no CUIs")
+        raise errors.UserError(f"--allowed_cuis {value} lists no CUIs")
     return cuis
 
 
@@ -412,4 +414,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(errors.run_cli(main))

@@ -24,7 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
+import errors
 from generate_concepts import load_mapper
+from generation import generate_texts
+from images import Collate, id_sort_key, list_images, load_image
+from model import (
+    DEFAULT_BASE_MODEL,
+    input_device,
+    load_base_model,
+    load_processor,
+    resolve_device_and_dtype,
+    stop_token_ids,
+)
 
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
 LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -46,12 +57,12 @@ def read_id_table(path: str | None, value_column: str) -> dict[str, str]:
     if not path:
         return {}
     if not Path(path).is_file():
-        raise common.UserError(f"{path} does not exist")
+        raise errors.UserError(f"{path} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = [h.strip().casefold() for h in next(reader, [])]
         if "id" not in header or value_column.casefold() not in header:
-            raise common.UserError(f"{path} needs the columns ID,{value_column}; it has: {', '.join(header)}")
+            raise errors.UserError(f"{path} needs the columns ID,{value_column}; it has: {', '.join(header)}")
         i, v = header.index("id"), header.index(value_column.casefold())
         return {row[i]: row[v] if len(row) > v else "" for row in reader if row}
 
@@ -59,13 +70,13 @@ def read_id_table(path: str | None, value_column: str) -> dict[str, str]:
 def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str | None,
                    names: dict[str, str], language: str = "es") -> tuple[list[Example], Counter]:
     """Caption and concept examples for every image with data; problems are counted, not fatal."""
-    images = dict(common.list_images(image_dir))
+    images = dict(list_images(image_dir))
     captions = read_id_table(captions_csv, "Caption")
     concepts = read_id_table(concepts_csv, "CUIs")
     problems: Counter = Counter()
     examples: list[Example] = []
     prefix = common.ANSWER_PREFIXES[("concepts", language)]
-    for image_id in sorted(set(captions) | set(concepts), key=common.id_sort_key):
+    for image_id in sorted(set(captions) | set(concepts), key=id_sort_key):
         path = images.get(image_id)
         if path is None:
             problems["ID in a CSV but no image file"] += 1
@@ -111,7 +122,7 @@ class TrainDataset:
         import torch
 
         ex = self.examples[index]
-        image = common.load_image(ex.image_path)
+        image = load_image(ex.image_path)
         prompt = self.processor(text=self.prompts[ex.task], images=image, return_tensors="pt")
         answer = self.processor.tokenizer(" " + ex.answer + self.eos, add_special_tokens=False,
                                           return_tensors="pt")["input_ids"][0]
@@ -172,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--language", choices=["es", "en"], default="es", help="instruction language (default: es)")
     data.add_argument("--max_length", type=int, default=1024, help="tokens per example (default: %(default)s)")
     model = p.add_argument_group("model")
-    model.add_argument("--base_model_path", default=common.DEFAULT_BASE_MODEL)
+    model.add_argument("--base_model_path", default=DEFAULT_BASE_MODEL)
     model.add_argument("--load_in_4bit", action="store_true", help="QLoRA: train LoRA on a 4-bit NF4 base")
     model.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     model.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
@@ -209,19 +220,19 @@ def evaluate_adapter(model, processor, device, args, mapper) -> dict:
     examples, _ = build_examples(args.valid_image_dir, args.valid_captions_csv, args.valid_concepts_csv, names,
                                  args.language)
     results: dict = {}
-    stop_ids = common.stop_token_ids(processor.tokenizer, model.generation_config)
+    stop_ids = stop_token_ids(processor.tokenizer, model.generation_config)
     for task, new_tokens in (("caption", 100), ("concepts", 150)):
         chosen = [e for e in examples if e.task == task][: args.eval_images]
         if not chosen:
             continue
         prompt = common.build_prompt("vicuna", common.INSTRUCTIONS[(task, args.language)],
                                      common.ANSWER_PREFIXES.get((task, args.language), ""))
-        collate = common.Collate(processor, prompt)
+        collate = Collate(processor, prompt)
         texts: dict[str, str] = {}
         for start in range(0, len(chosen), 8):
             part = chosen[start:start + 8]
-            batch = collate([(e.image_id, common.load_image(e.image_path), None) for e in part])
-            outs = common.generate_texts(model, processor.tokenizer, batch.inputs, device,
+            batch = collate([(e.image_id, load_image(e.image_path), None) for e in part])
+            outs = generate_texts(model, processor.tokenizer, batch.inputs, device,
                                          {"max_new_tokens": new_tokens, "do_sample": False}, stop_ids)
             texts.update(zip(batch.ids, outs, strict=True))
         if task == "caption":
@@ -244,31 +255,31 @@ def evaluate_adapter(model, processor, device, args, mapper) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.captions_csv and not args.concepts_csv:
-        raise common.UserError("give --captions_csv and/or --concepts_csv")
+        raise errors.UserError("give --captions_csv and/or --concepts_csv")
     if args.concepts_csv and not args.cui_mapping_file:
-        raise common.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
+        raise errors.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
     # Read once: its names make the training answers and its index maps the validation answers.
     mapper = load_mapper(args.cui_mapping_file) if args.cui_mapping_file else None
     names = mapper.names if mapper else {}
     examples, problems = build_examples(args.image_dir, args.captions_csv, args.concepts_csv, names, args.language)
     counts = Counter(e.task for e in examples)
-    common.log(f"examples: {len(examples)} ({counts['caption']} caption, {counts['concepts']} concepts)")
+    errors.log(f"examples: {len(examples)} ({counts['caption']} caption, {counts['concepts']} concepts)")
     for problem, n in problems.items():
         if n:
-            common.log(f"  skipped or adjusted: {problem}: {n}")
+            errors.log(f"  skipped or adjusted: {problem}: {n}")
     if not examples:
-        raise common.UserError("no usable training examples; check the IDs in the CSVs against the image names")
+        raise errors.UserError("no usable training examples; check the IDs in the CSVs against the image names")
 
     import torch
     from transformers import Trainer, TrainingArguments
 
-    device_map, dtype = common.resolve_device_and_dtype(args.device, args.dtype)
-    processor = common.load_processor(args.base_model_path)
-    base = common.load_base_model(args.base_model_path, device_map, dtype, args.load_in_4bit)
+    device_map, dtype = resolve_device_and_dtype(args.device, args.dtype)
+    processor = load_processor(args.base_model_path)
+    base = load_base_model(args.base_model_path, device_map, dtype, args.load_in_4bit)
     model = lora_model(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.load_in_4bit,
                        args.gradient_checkpointing)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    common.log(f"trainable LoRA parameters: {trainable:,}")
+    errors.log(f"trainable LoRA parameters: {trainable:,}")
     cuda = torch.cuda.is_available() and args.device != "cpu"
     training_args = TrainingArguments(
         output_dir=args.output_dir,
@@ -303,12 +314,12 @@ def main(argv: list[str] | None = None) -> int:
                "train_loss": result.training_loss, "steps": result.global_step}
     if args.valid_image_dir and args.eval_images > 0:
         model.eval()
-        summary["validation"] = evaluate_adapter(model, processor, common.input_device(model), args, mapper)
+        summary["validation"] = evaluate_adapter(model, processor, input_device(model), args, mapper)
     (Path(args.output_dir) / "finetune_summary.json").write_text(json.dumps(summary, indent=2))
-    common.log(json.dumps(summary, indent=2) + f"\nadapter saved to {args.output_dir}; use it with "
+    errors.log(json.dumps(summary, indent=2) + f"\nadapter saved to {args.output_dir}; use it with "
                f"--adapter_repo {args.output_dir}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(errors.run_cli(main))

@@ -11,6 +11,8 @@ import re
 import sys
 
 import common
+import errors
+import files
 
 # Openings the model may echo before the caption: template words and trained answer prefixes.
 CAPTION_PREFIXES = re.compile(
@@ -48,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     accepted = True
     if result.writer and not result.interrupted:
         rows = common.iter_rows(result.ids, result.records, clean_caption)
-        outputs.append(common.write_csv_atomic(args.output_csv, ["ID", "Caption"], rows))
+        outputs.append(files.write_csv_atomic(args.output_csv, ["ID", "Caption"], rows))
         accepted = common.check_submission("captions", args.output_csv, result.ids)
     return common.finish_run(result, args.output_csv, outputs, rejected=not accepted)
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(errors.run_cli(main))

@@ -17,6 +17,8 @@ from collections import Counter
 from pathlib import Path
 
 import common
+import errors
+import files
 from cui_mapper import CuiMapper, parse_answer, unmapped_report
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
@@ -48,19 +50,19 @@ def load_mapper(path: str) -> CuiMapper:
     try:
         return CuiMapper.from_csv(path)
     except ValueError as e:
-        raise common.UserError(str(e)) from None
+        raise errors.UserError(str(e)) from None
 
 
 def read_natural_csv(path: str) -> list[tuple[str, list[str]]]:
     """(ID, phrases) rows of a format-A file."""
     if not Path(path).is_file():
-        raise common.UserError(f"--from_natural_csv {path} does not exist")
+        raise errors.UserError(f"--from_natural_csv {path} does not exist")
     with open(path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
         header = [h.strip() for h in next(reader, [])]
         lower = [h.casefold() for h in header]
         if "id" not in lower or "concepts" not in lower:
-            raise common.UserError(f"{path} needs the columns ID,Concepts; it has: {', '.join(header) or 'none'}")
+            raise errors.UserError(f"{path} needs the columns ID,Concepts; it has: {', '.join(header) or 'none'}")
         id_col, concepts_col = lower.index("id"), lower.index("concepts")
         rows = []
         for row in reader:
@@ -86,7 +88,7 @@ def map_rows(rows: list[tuple[str, list[str]]], mapper: CuiMapper) -> tuple[list
 def write_cuis(rows: list[tuple[str, list[str]]], mapper: CuiMapper, output_csv: str) -> list[Path]:
     """Write format B and the unmapped-phrase report; log a short mapping summary."""
     cui_rows, unmapped = map_rows(rows, mapper)
-    written = [common.write_csv_atomic(output_csv, ["ID", "CUIs"], cui_rows)]
+    written = [files.write_csv_atomic(output_csv, ["ID", "CUIs"], cui_rows)]
     counts = [len(r[1].split(";")) if r[1] else 0 for r in cui_rows]
     summary = [f"CUIs: {sum(counts) / max(len(counts), 1):.2f} per image, {sum(1 for c in counts if c == 0)} images "
                f"without any, {len({c for r in cui_rows for c in r[1].split(';') if c})} distinct"]
@@ -97,20 +99,20 @@ def write_cuis(rows: list[tuple[str, list[str]]], mapper: CuiMapper, output_csv:
         summary.append(f"unmapped phrases: {sum(unmapped.values())} ({len(unmapped)} distinct); most frequent: {top}")
     else:
         report.unlink(missing_ok=True)
-    common.log("\n".join(summary))
+    errors.log("\n".join(summary))
     return written
 
 
 def remap_natural(args: argparse.Namespace) -> int:
     """--from_natural_csv: format A -> format B without a model."""
     if not args.auto_map_cuis:
-        raise common.UserError("--from_natural_csv only maps to CUIs; drop --no-auto_map_cuis")
+        raise errors.UserError("--from_natural_csv only maps to CUIs; drop --no-auto_map_cuis")
     start = time.perf_counter()
     mapper = load_mapper(args.cui_mapping_file)
     rows = read_natural_csv(args.from_natural_csv)
     written = write_cuis(rows, mapper, args.output_csv)
     accepted = common.check_submission("concepts", args.output_csv, [i for i, _ in rows])
-    common.log(f"images: {len(rows)}\ntime: {time.perf_counter() - start:.1f} s\n"
+    errors.log(f"images: {len(rows)}\ntime: {time.perf_counter() - start:.1f} s\n"
                + "\n".join(f"wrote: {p}" for p in written))
     return 0 if accepted else 1
 
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             text = "" if record.get("error") else record.get("text", "")
             rows.append((image_id, parse_answer(text, mapper)))
         natural = [[i, ";".join(p)] for i, p in rows]
-        outputs.append(common.write_csv_atomic(args.output_csv_natural, ["ID", "Concepts"], natural))
+        outputs.append(files.write_csv_atomic(args.output_csv_natural, ["ID", "Concepts"], natural))
         if args.auto_map_cuis:
             outputs += write_cuis(rows, mapper, args.output_csv)
             accepted = common.check_submission("concepts", args.output_csv, result.ids)
@@ -141,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(common.run_cli(main))
+    sys.exit(errors.run_cli(main))

@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 import common  # noqa: E402
+from generation import generate_texts  # noqa: E402
+from images import Collate, list_images, load_image  # noqa: E402
+from model import ModelSpec, input_device, load_model, load_processor, quantization_config  # noqa: E402
+from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "real_images"
 
@@ -99,7 +101,7 @@ def gpu_peak() -> int:
 
 def image_folder(source: Path, count: int, out: Path) -> Path:
     """`count` images, cycling through the source images (symlinks, so decoding cost is real)."""
-    sources = [Path(p) for _, p in common.list_images(source)]
+    sources = [Path(p) for _, p in list_images(source)]
     out.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         src = sources[i % len(sources)]
@@ -126,13 +128,13 @@ def naive_loop(model, processor, device, items, prompt: str, gen_kwargs: dict, s
 
 def pure_generate(model, processor, device, items, prompt: str, gen_kwargs: dict, stop_ids, batch_size: int) -> float:
     """Seconds spent in model.generate alone, on batches preprocessed beforehand."""
-    collate = common.Collate(processor, prompt)
-    batches = [collate([(i, common.load_image(p), None) for i, p in items[s:s + batch_size]])
+    collate = Collate(processor, prompt)
+    batches = [collate([(i, load_image(p), None) for i, p in items[s:s + batch_size]])
                for s in range(0, len(items), batch_size)]
     sync(device)
     start = time.perf_counter()
     for batch in batches:
-        common.generate_texts(model, processor.tokenizer, batch.inputs, device, gen_kwargs, stop_ids)
+        generate_texts(model, processor.tokenizer, batch.inputs, device, gen_kwargs, stop_ids)
     sync(device)
     return time.perf_counter() - start
 
@@ -147,7 +149,7 @@ def sync(device) -> None:
 def engine_run(bundle, image_dir: Path, prompt: str, gen_kwargs: dict, batch_size: int, workers: int | None,
                work: Path) -> tuple[dict[str, str], float]:
     out = work / f"engine_b{batch_size}_w{workers}.csv"
-    cfg = common.RunConfig(task="caption", image_dir=str(image_dir), output_csv=str(out), model=common.ModelSpec(),
+    cfg = common.RunConfig(task="caption", image_dir=str(image_dir), output_csv=str(out), model=ModelSpec(),
                            prompt=prompt, gen_kwargs=gen_kwargs, batch_size=batch_size, num_workers=workers,
                            journal_path=work / f"{out.stem}.journal.jsonl", overwrite=True)
     sync(bundle[2])
@@ -163,13 +165,13 @@ def load_bundle(args, work: Path):
 
     if not args.full_size:
         folder = build_tiny_llava(work / "tiny-llava")
-        return common.load_model(common.ModelSpec(str(folder), None, device="cpu")), "tiny LLaVA (CPU, float32)"
+        return load_model(ModelSpec(str(folder), None, device="cpu")), "tiny LLaVA (CPU, float32)"
     from transformers import BitsAndBytesConfig, LlavaForConditionalGeneration
 
     # The 8B architecture with random weights; the tiny tokenizer/processor supply prompts (its ids
     # all lie inside the 128320-token vocabulary), so prompts are ~600 tokens like the real ones.
     folder = build_tiny_llava(work / "tiny-llava")
-    processor = common.load_processor(str(folder))
+    processor = load_processor(str(folder))
     config = llava_llama3_8b_config()
     config.image_token_index = processor.tokenizer.convert_tokens_to_ids("<image>")
     if args.layers:
@@ -187,9 +189,9 @@ def load_bundle(args, work: Path):
         torch.cuda.empty_cache()
         model = LlavaForConditionalGeneration.from_pretrained(
             saved, dtype=dtype, device_map={"": device},
-            quantization_config=common.quantization_config(dtype) if BitsAndBytesConfig else None).eval()
+            quantization_config=quantization_config(dtype) if BitsAndBytesConfig else None).eval()
         label += ", 4-bit NF4"
-    return (model, processor, common.input_device(model)), label
+    return (model, processor, input_device(model)), label
 
 
 def throughput(args) -> None:
@@ -200,9 +202,9 @@ def throughput(args) -> None:
         torch.manual_seed(0)
         bundle, label = load_bundle(args, work)
         model, processor, device = bundle
-        stop_ids = common.stop_token_ids(processor.tokenizer, model.generation_config)
+        stop_ids = model.stop_token_ids(processor.tokenizer, model.generation_config)
         images = image_folder(Path(args.image_dir), args.num_images, work / "images")
-        items = common.list_images(images)
+        items = list_images(images)
         prompt = common.build_prompt("vicuna", common.INSTRUCTIONS[("caption", "es")])
         gen_kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens,
                       "do_sample": False, "num_beams": 1}
@@ -249,11 +251,11 @@ def throughput(args) -> None:
 def memory_child(count: int, work: str) -> None:
     """One engine run over `count` small images in a fresh process; prints its peak memory (JSON)."""
     folder = build_tiny_llava(Path(work) / f"tiny-{count}")
-    bundle = common.load_model(common.ModelSpec(str(folder), None, device="cpu"))
+    bundle = load_model(ModelSpec(str(folder), None, device="cpu"))
     prompt = common.build_prompt("vicuna", "x")
     out = Path(work) / f"mem-{count}.csv"
     cfg = common.RunConfig(task="caption", image_dir=str(Path(work) / "small"), output_csv=str(out),
-                           model=common.ModelSpec(), prompt=prompt,
+                           model=ModelSpec(), prompt=prompt,
                            gen_kwargs={"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False},
                            batch_size=16, num_workers=2, limit=count, journal_path=out.with_suffix(".jsonl"),
                            overwrite=True)
@@ -291,7 +293,7 @@ def resume(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="jj-vmed-resume-"))
     try:
         folder = build_tiny_llava(work / "tiny")
-        bundle = common.load_model(common.ModelSpec(str(folder), None, device="cpu"))
+        bundle = load_model(ModelSpec(str(folder), None, device="cpu"))
         images = work / "images"
         images.mkdir()
         Image.new("RGB", (32, 32)).save(images / "img_00000.png")
@@ -302,12 +304,12 @@ def resume(args) -> None:
         out = work / "c.csv"
         journal = work / "c.journal.jsonl"
         settings = common.RunConfig(task="caption", image_dir=str(images), output_csv=str(out),
-                                    model=common.ModelSpec(), prompt=prompt, gen_kwargs=gen).settings()
+                                    model=ModelSpec(), prompt=prompt, gen_kwargs=gen).settings()
         with open(journal, "w") as fh:
             fh.write(json.dumps({"journal": "jj-vmed", "version": 1, "settings": settings}) + "\n")
             for i in range(1, 20_001):
                 fh.write(json.dumps({"id": f"img_{i:05d}", "text": "a previous caption " * 5, "error": None}) + "\n")
-        cfg = common.RunConfig(task="caption", image_dir=str(images), output_csv=str(out), model=common.ModelSpec(),
+        cfg = common.RunConfig(task="caption", image_dir=str(images), output_csv=str(out), model=ModelSpec(),
                                prompt=prompt, gen_kwargs=gen, batch_size=1, num_workers=0, resume="auto",
                                journal_path=journal)
         first_batch = {}

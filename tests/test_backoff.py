@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import common
+from generation import generate_with_backoff
 
 
 def fake_generate(limit: int, calls: list[int]):
@@ -27,11 +27,11 @@ def batch(n: int) -> dict:
 
 def test_out_of_memory_halves_the_batch_and_keeps_every_image_in_order():
     calls: list[int] = []
-    out = common.generate_with_backoff(fake_generate(2, calls), batch(7), 7)
+    out = generate_with_backoff(fake_generate(2, calls), batch(7), 7)
     assert out == [f"caption {i}" for i in range(7)]
     assert calls[0] == 7 and max(c for c in calls[1:]) <= 4 and sum(c for c in calls if c <= 2) == 7
 
 
 def test_an_image_too_big_even_alone_becomes_an_error_not_a_crash():
-    out = common.generate_with_backoff(fake_generate(0, []), batch(3), 3)
+    out = generate_with_backoff(fake_generate(0, []), batch(3), 3)
     assert len(out) == 3 and all(isinstance(o, torch.cuda.OutOfMemoryError) for o in out)

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 from conftest import REAL_IMAGES, read_csv, run_script
 
-import common
+import errors
+import files
 import generate_captions
 
 
 def captions(tiny_model: Path, out: Path, *extra: str, image_dir: Path = REAL_IMAGES) -> int:
     argv = ["--image_dir", str(image_dir), "--output_csv", str(out), "--base_model_path", str(tiny_model),
             "--adapter_repo", "none", "--max_new_tokens", "12", "--num_workers", "0", *extra]
-    return common.run_cli(generate_captions.main, argv)
+    return errors.run_cli(generate_captions.main, argv)
 
 
 def test_every_real_image_gets_one_caption_row(tiny_model, tmp_path, capsys):
@@ -139,6 +140,6 @@ def test_caption_cleanup_strips_echoes_prefixes_and_whitespace(raw, clean):
 def test_captions_with_commas_quotes_and_newlines_survive_a_csv_round_trip(tmp_path):
     tricky = ['CT, axial, with "contrast"', "line one\nline two", "plain"]
     rows = [[f"ID_{i}", c] for i, c in enumerate(tricky)]
-    path = common.write_csv_atomic(tmp_path / "c.csv", ["ID", "Caption"], rows)
+    path = files.write_csv_atomic(tmp_path / "c.csv", ["ID", "Caption"], rows)
     assert list(csv.reader(io.StringIO(path.read_text(encoding="utf-8")))) == [["ID", "Caption"], *rows]
     assert [p.name for p in tmp_path.iterdir()] == ["c.csv"]  # no temp file left behind

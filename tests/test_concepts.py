@@ -8,14 +8,15 @@ from pathlib import Path
 
 from conftest import REAL_IMAGES, ROOT, SHARED_DATA, read_csv
 
-import common
+import errors
 import generate_concepts
+from images import id_sort_key
 
 ROCOV2 = SHARED_DATA / "rocov2" / "cui_mapping.csv"
 
 
 def concepts(*argv: str) -> int:
-    return common.run_cli(generate_concepts.main, list(argv))
+    return errors.run_cli(generate_concepts.main, list(argv))
 
 
 def model_args(tiny_model: Path, tmp_path: Path, image_dir: Path = REAL_IMAGES) -> list[str]:
@@ -31,7 +32,7 @@ def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_pat
     args = model_args(tiny_model, tmp_path, images) + ["--prompt_template", "vicuna"]
     assert concepts(*args, "--cui_mapping_file", str(ROCOV2)) == 0
     assert "the official checks say accepted" in capsys.readouterr().err
-    expected = sorted([p.stem for p in REAL_IMAGES.glob("*.png")] + ["broken"], key=common.id_sort_key)
+    expected = sorted([p.stem for p in REAL_IMAGES.glob("*.png")] + ["broken"], key=id_sort_key)
     natural = read_csv(tmp_path / "natural.csv")
     cuis = read_csv(tmp_path / "concepts.csv")
     assert natural[0] == ["ID", "Concepts"] and cuis[0] == ["ID", "CUIs"]

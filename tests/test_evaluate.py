@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import SHARED_DATA, run_script
 
-import common
+import errors
 import evaluate
+import files
 
 ROCO = SHARED_DATA / "roco_v1"
 
@@ -145,9 +146,9 @@ def test_captions_command_scores_real_captions_and_checks_the_file(tmp_path):
     gt = ROCO / "validation_captions.csv"
     rows = evaluate.read_rows(gt)[:51]
     pred = tmp_path / "pred.csv"
-    common.write_csv_atomic(pred, ["ID", "Caption"], ([f[0], f[1].upper()] for _, f in rows[1:]))
+    files.write_csv_atomic(pred, ["ID", "Caption"], ([f[0], f[1].upper()] for _, f in rows[1:]))
     gt_small = tmp_path / "gt.csv"
-    common.write_csv_atomic(gt_small, ["ID", "Caption"], (f for _, f in rows[1:]))
+    files.write_csv_atomic(gt_small, ["ID", "Caption"], (f for _, f in rows[1:]))
     per_image = tmp_path / "per_image.csv"
     result = run_script("evaluate.py", "captions", "--gt", str(gt_small), "--pred", str(pred), "--json",
                         "--per_image", str(per_image))
@@ -183,5 +184,5 @@ def test_bertscore_runs_from_a_local_model_folder(tmp_path):
     summary, rows = evaluate.caption_scores(gt, pred, str(folder), bertscore_layers=2)
     per = {r["ID"]: r["bertscore_f1"] for r in rows}
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
-    with pytest.raises(common.UserError, match="--bertscore_layers"):
+    with pytest.raises(errors.UserError, match="--bertscore_layers"):
         evaluate.caption_scores(gt, pred, str(folder))

@@ -10,9 +10,11 @@ import pytest
 from conftest import SHARED_DATA, read_csv
 from PIL import Image
 
-import common
+import errors
+import files
 import finetune
 import generate_captions
+from model import ModelSpec, load_model, load_processor
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -27,7 +29,7 @@ def colour_split(folder: Path, per_colour: int, seed: int) -> Path:
             shade = tuple(max(0, min(255, v + rng.randint(-25, 25))) for v in rgb)
             Image.new("RGB", (64, 48), shade).save(folder / f"{name}_{i}.png")
             rows.append([f"{name}_{i}", name])
-    common.write_csv_atomic(folder.with_suffix(".csv"), None, rows)
+    files.write_csv_atomic(folder.with_suffix(".csv"), None, rows)
     return folder
 
 
@@ -54,7 +56,7 @@ def test_a_short_lora_run_teaches_the_tiny_model_the_colour_captions(tiny_model,
         out = tmp_path / f"{name}.csv"
         argv = ["--image_dir", str(valid), "--output_csv", str(out), "--base_model_path", str(tiny_model),
                 "--max_new_tokens", "3", "--num_workers", "0", "--prompt_template", "vicuna", *extra]
-        assert common.run_cli(generate_captions.main, argv) == 0
+        assert errors.run_cli(generate_captions.main, argv) == 0
         return captions(out)
 
     tuned = caption_run("tuned", "--adapter_repo", str(adapter))
@@ -66,7 +68,7 @@ def test_a_short_lora_run_teaches_the_tiny_model_the_colour_captions(tiny_model,
 
 def test_labels_keep_only_the_answer_tokens(tiny_model, tmp_path):
     images = colour_split(tmp_path / "imgs", 1, seed=0)
-    processor = common.load_processor(str(tiny_model))
+    processor = load_processor(str(tiny_model))
     example = finetune.Example("red_0", str(images / "red_0.png"), "caption", "red")
     item = finetune.TrainDataset([example], processor, "vicuna", "es", 1024)[0]
     kept = item["labels"][item["labels"] != finetune.IGNORE]
@@ -126,12 +128,12 @@ def test_qlora_trains_on_a_4bit_base_and_saves_a_loadable_adapter(tiny_model, tm
                           "--base_model_path", str(tiny_model), "--output_dir", str(adapter), "--max_steps", "2",
                           "--batch_size", "4", "--gradient_accumulation_steps", "1", "--num_workers", "0",
                           "--load_in_4bit", "--learning_rate", "1e-3"]) == 0
-    model, _, _ = common.load_model(common.ModelSpec(str(tiny_model), str(adapter), device="cpu"))
+    model, _, _ = load_model(ModelSpec(str(tiny_model), str(adapter), device="cpu"))
     assert any("lora_A" in n for n, _ in model.named_parameters())
 
 
 def test_finetune_needs_some_data(tmp_path):
-    with pytest.raises(common.UserError, match="--captions_csv and/or --concepts_csv"):
+    with pytest.raises(errors.UserError, match="--captions_csv and/or --concepts_csv"):
         finetune.main(["--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 

@@ -8,39 +8,42 @@ from conftest import REAL_IMAGES
 from PIL import Image
 
 import common
+import errors
+from images import Collate, ImageDataset, list_images, load_image
+from model import load_processor
 
 
 def test_real_images_decode_to_rgb():
-    for _, path in common.list_images(REAL_IMAGES):
-        img = common.load_image(path)
+    for _, path in list_images(REAL_IMAGES):
+        img = load_image(path)
         assert img.mode == "RGB" and min(img.size) > 0
 
 
 def test_ids_are_file_stems_in_natural_order_and_extensions_any_case(tmp_path):
     for name in ("img_10.PNG", "img_2.jpeg", "img_1.Tif", "notes.txt", "img_3.webp"):
         (tmp_path / name).write_bytes(b"x")
-    assert [i for i, _ in common.list_images(tmp_path)] == ["img_1", "img_2", "img_3", "img_10"]
+    assert [i for i, _ in list_images(tmp_path)] == ["img_1", "img_2", "img_3", "img_10"]
 
 
 def test_two_files_with_one_id_is_an_error_naming_both(tmp_path):
     (tmp_path / "a.png").write_bytes(b"x")
     (tmp_path / "a.jpg").write_bytes(b"x")
-    with pytest.raises(common.UserError, match=r"a\.(png|jpg) and a\.(png|jpg)"):
-        common.list_images(tmp_path)
+    with pytest.raises(errors.UserError, match=r"a\.(png|jpg) and a\.(png|jpg)"):
+        list_images(tmp_path)
 
 
 def test_folder_without_images_is_an_error(tmp_path):
-    with pytest.raises(common.UserError, match="no images"):
-        common.list_images(tmp_path)
+    with pytest.raises(errors.UserError, match="no images"):
+        list_images(tmp_path)
 
 
 def test_grayscale_palette_and_cmyk_become_rgb(tmp_path):
     Image.new("L", (8, 8), 77).save(tmp_path / "gray.png")
     Image.new("P", (8, 8), 3).save(tmp_path / "palette.gif")
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
-    assert common.load_image(tmp_path / "gray.png").getpixel((0, 0)) == (77, 77, 77)
-    assert common.load_image(tmp_path / "palette.gif").mode == "RGB"
-    r, g, b = common.load_image(tmp_path / "cmyk.jpg").getpixel((4, 4))
+    assert load_image(tmp_path / "gray.png").getpixel((0, 0)) == (77, 77, 77)
+    assert load_image(tmp_path / "palette.gif").mode == "RGB"
+    r, g, b = load_image(tmp_path / "cmyk.jpg").getpixel((4, 4))
     assert r > 200 and g < 60 and b < 60  # CMYK (0,255,255,0) is red
 
 
@@ -48,14 +51,14 @@ def test_transparency_is_flattened_onto_white(tmp_path):
     img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
     img.putpixel((1, 1), (0, 0, 255, 255))
     img.save(tmp_path / "rgba.png")
-    out = common.load_image(tmp_path / "rgba.png")
+    out = load_image(tmp_path / "rgba.png")
     assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 1)) == (0, 0, 255)
 
 
 def test_16_bit_images_are_stretched_to_the_full_8_bit_range(tmp_path):
     arr = np.linspace(1000, 3000, 64, dtype=np.uint16).reshape(8, 8)
     Image.fromarray(arr).save(tmp_path / "ct16.png")
-    out = np.asarray(common.load_image(tmp_path / "ct16.png"))
+    out = np.asarray(load_image(tmp_path / "ct16.png"))
     assert out.min() == 0 and out.max() == 255 and out.dtype == np.uint8
 
 
@@ -64,18 +67,18 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: the stored landscape is shown as portrait
     img.save(tmp_path / "rot.jpg", exif=exif)
-    assert common.load_image(tmp_path / "rot.jpg").size == (10, 20)
+    assert load_image(tmp_path / "rot.jpg").size == (10, 20)
 
 
 def test_a_broken_file_becomes_an_error_entry_not_an_exception(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    dataset = common.ImageDataset([("bad", tmp_path / "bad.png")])
+    dataset = ImageDataset([("bad", tmp_path / "bad.png")])
     image_id, image, error = dataset[0]
     assert image_id == "bad" and image is None and error
 
 
 def test_an_image_the_processor_rejects_fails_alone_and_its_batch_goes_on(tiny_model):
-    processor = common.load_processor(str(tiny_model))
+    processor = load_processor(str(tiny_model))
 
     class Picky:  # the real processor, refusing one image size as a broken file would make it fail
         tokenizer = processor.tokenizer
@@ -85,7 +88,7 @@ def test_an_image_the_processor_rejects_fails_alone_and_its_batch_goes_on(tiny_m
                 raise ValueError("cannot process this image")
             return processor(images=images, **kwargs)
 
-    collate = common.Collate(Picky(), common.build_prompt("vicuna", "x"))
+    collate = Collate(Picky(), common.build_prompt("vicuna", "x"))
     samples = [("a", Image.new("RGB", (40, 30)), None), ("bad", Image.new("RGB", (7, 7)), None),
                ("c", Image.new("RGB", (30, 40)), None), ("gone", None, "OSError: truncated")]
     batch = collate(samples)

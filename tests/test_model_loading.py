@@ -11,7 +11,9 @@ from conftest import REAL_IMAGES, make_adapter, read_csv
 from safetensors.torch import load_file, save_file
 
 import common
+import errors
 import generate_captions
+from model import ModelSpec, apply_adapter, load_model, load_processor, modernize_regex, stop_token_ids
 
 LEGACY = [
     ("model.language_model.", "language_model.model."),
@@ -43,13 +45,13 @@ def write_legacy_adapter(adapter: Path, out: Path) -> Path:
 def caption_rows(tiny_model: Path, out: Path, *extra: str) -> list[list[str]]:
     argv = ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
             "--max_new_tokens", "10", "--num_workers", "0", "--limit", "6", "--batch_size", "3", *extra]
-    assert common.run_cli(generate_captions.main, argv) == 0
+    assert errors.run_cli(generate_captions.main, argv) == 0
     return read_csv(out)
 
 
 def test_processor_gets_the_fixups_the_8b_repo_needs(tiny_model):
     assert not (tiny_model / "processor_config.json").exists()
-    processor = common.load_processor(str(tiny_model))
+    processor = load_processor(str(tiny_model))
     assert (processor.patch_size, processor.vision_feature_select_strategy) == (14, "default")
     assert processor.num_additional_image_tokens == 1
     assert processor.tokenizer.padding_side == "left"
@@ -64,11 +66,11 @@ def test_processor_gets_the_fixups_the_8b_repo_needs(tiny_model):
 def test_generation_stops_on_eot_as_well_as_end_of_text(tiny_model):
     from transformers import GenerationConfig
 
-    processor = common.load_processor(str(tiny_model))
+    processor = load_processor(str(tiny_model))
     config = GenerationConfig.from_pretrained(tiny_model)
     vocab = processor.tokenizer.get_vocab()
     assert config.eos_token_id == vocab["<|end_of_text|>"]  # the 8B trap: eot is not listed
-    assert set(common.stop_token_ids(processor.tokenizer, config)) == {vocab["<|end_of_text|>"], vocab["<|eot_id|>"]}
+    assert set(stop_token_ids(processor.tokenizer, config)) == {vocab["<|end_of_text|>"], vocab["<|eot_id|>"]}
 
 
 def test_prompts_match_the_adapter_training_format_and_the_native_chat_format():
@@ -112,15 +114,15 @@ def test_plain_peft_silently_ignores_a_legacy_adapter_which_is_why_it_is_renamed
             warnings.simplefilter("ignore")
             naive = PeftModel.from_pretrained(base, str(legacy)).eval()
         assert torch.allclose(naive(input_ids=ids).logits, base_logits)  # PEFT matched nothing and said only a warning
-        fixed = common.apply_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_model).eval(), legacy)
+        fixed = apply_adapter(LlavaForConditionalGeneration.from_pretrained(tiny_model).eval(), legacy)
         assert not torch.allclose(fixed(input_ids=ids).logits, base_logits)
 
 
 def test_regex_targets_in_the_legacy_layout_are_renamed_too():
     pattern = r".*language_model\.model\.layers\.\d+\.self_attn\.q_proj|multi_modal_projector\.linear_1"
-    assert common.modernize_regex(pattern) == \
+    assert modernize_regex(pattern) == \
         r".*model\.language_model\.layers\.\d+\.self_attn\.q_proj|model\.multi_modal_projector\.linear_1"
-    assert common.modernize_regex(r".*model\.language_model\.layers.*") == r".*model\.language_model\.layers.*"
+    assert modernize_regex(r".*model\.language_model\.layers.*") == r".*model\.language_model\.layers.*"
 
 
 def test_an_adapter_that_matches_no_module_is_refused(tiny_model, tiny_adapter, tmp_path, capsys):
@@ -132,13 +134,13 @@ def test_an_adapter_that_matches_no_module_is_refused(tiny_model, tiny_adapter, 
     save_file(renamed, broken / "adapter_model.safetensors")
     argv = ["--image_dir", str(REAL_IMAGES), "--output_csv", str(tmp_path / "c.csv"), "--base_model_path",
             str(tiny_model), "--adapter_repo", str(broken), "--limit", "1", "--num_workers", "0"]
-    assert common.run_cli(generate_captions.main, argv) == 2
+    assert errors.run_cli(generate_captions.main, argv) == 2
     assert "the adapter did not apply" in capsys.readouterr().err
     assert not (tmp_path / "c.csv").exists()
 
 
 def test_4bit_nf4_loads_and_generates_on_cpu(tiny_model, tiny_adapter, tmp_path):
-    model, _, _ = common.load_model(common.ModelSpec(str(tiny_model), None, load_in_4bit=True, device="cpu"))
+    model, _, _ = load_model(ModelSpec(str(tiny_model), None, load_in_4bit=True, device="cpu"))
     quantized = {n for n, m in model.named_modules() if type(m).__name__ == "Linear4bit"}
     assert any(".language_model.layers.0.self_attn.q_proj" in n for n in quantized)
     assert not any("vision_tower" in n or "multi_modal_projector" in n or "lm_head" in n for n in quantized)
@@ -172,5 +174,5 @@ def test_adapters_saved_with_name_lists_or_regexes_both_apply(tiny_model, tmp_pa
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        after = common.apply_adapter(model, adapter)(input_ids=ids).logits
+        after = apply_adapter(model, adapter)(input_ids=ids).logits
     assert not torch.allclose(before, after)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from conftest import REAL_IMAGES, ROOT, read_csv, run_script
 
-import common
+import errors
+from journal import read_journal
 
 
 def base_args(tiny_model: Path, out: Path) -> list[str]:
@@ -76,13 +77,13 @@ def test_ctrl_c_stops_after_the_batch_with_exit_130_and_a_resume_hint(tiny_model
 def test_a_torn_last_journal_line_is_dropped_and_redone(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
     args = base_args(tiny_model, out)[:-6] + ["--max_new_tokens", "8", "--num_workers", "0", "--limit", "4"]
-    assert common.run_cli(__import__("generate_captions").main, args) == 0
+    assert errors.run_cli(__import__("generate_captions").main, args) == 0
     first = read_csv(out)
     journal = out.with_name("captions.journal.jsonl")
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:-2]) + lines[-2][:15])  # the kill hit in the middle of a write
     out.unlink()
-    assert common.run_cli(__import__("generate_captions").main, args + ["--resume_from_checkpoint", "auto"]) == 0
+    assert errors.run_cli(__import__("generate_captions").main, args + ["--resume_from_checkpoint", "auto"]) == 0
     assert read_csv(out) == first
     records = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert sorted(r["id"] for r in records) == [r[0] for r in first[1:]]  # no ID twice, none lost
@@ -92,8 +93,8 @@ def test_a_damaged_journal_in_the_middle_is_refused(tmp_path):
     journal = tmp_path / "c.journal.jsonl"
     journal.write_text('{"journal": "jj-vmed", "version": 1, "settings": {}}\n{"id": "a", "te\n{"id": "b"}\n')
     try:
-        common.read_journal(journal)
-    except common.UserError as e:
+        read_journal(journal)
+    except errors.UserError as e:
         assert "damaged at line 2" in str(e)
     else:
         raise AssertionError("a damaged journal was accepted")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REAL_IMAGES, ROOT, SHARED_DATA, read_csv
 
-import common
+import errors
 import generate_captions
 import generate_concepts
 
@@ -32,7 +32,7 @@ def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def single_captions(tiny_model, tmp_path_factory) -> list[list[str]]:
     out = tmp_path_factory.mktemp("single") / "captions.csv"
-    assert common.run_cli(generate_captions.main, model_args(tiny_model, out)) == 0
+    assert errors.run_cli(generate_captions.main, model_args(tiny_model, out)) == 0
     return read_csv(out)
 
 
@@ -54,7 +54,7 @@ def test_torchrun_concepts_match_a_single_process_run(tiny_model, tmp_path):
 
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    assert common.run_cli(generate_concepts.main, args(tmp_path / "one")) == 0
+    assert errors.run_cli(generate_concepts.main, args(tmp_path / "one")) == 0
     result = torchrun("generate_concepts.py", *args(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("concepts.csv", "natural.csv"):
@@ -64,47 +64,47 @@ def test_torchrun_concepts_match_a_single_process_run(tiny_model, tmp_path):
 def test_manual_shards_and_merge_give_the_same_captions(tiny_model, tmp_path, single_captions, capsys):
     out = tmp_path / "captions.csv"
     for index in ("0", "1"):
-        assert common.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--num_shards", "2",
+        assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--num_shards", "2",
                                                        "--shard_index", index]) == 0
         assert not out.exists()  # a shard only fills its journal
-    assert common.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--merge_shards"]) == 0
+    assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--merge_shards"]) == 0
     assert read_csv(out) == single_captions
 
 
 def test_merge_names_a_missing_or_incomplete_shard(tiny_model, tmp_path, capsys):
     out = tmp_path / "captions.csv"
     args = model_args(tiny_model, out)
-    assert common.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "1"]) == 0
-    assert common.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
+    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "1"]) == 0
+    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
     err = capsys.readouterr().err
     assert "shard 0 of 3 is missing" in err and "shard 2 of 3 is missing" in err
     for index in ("0", "2"):
-        assert common.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", index]) == 0
+        assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", index]) == 0
     journal = tmp_path / "captions.shard-00002-of-00003.journal.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-2]))  # killed before the end
     capsys.readouterr()
-    assert common.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
+    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
     assert "shard 2 of 3 is incomplete: 2 of 6 images missing" in capsys.readouterr().err
     # rerunning the killed shard redoes only its missing images
-    assert common.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "2",
+    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "2",
                                                    "--resume_from_checkpoint", "auto"]) == 0
     assert "generated now: 2" in capsys.readouterr().err
-    assert common.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 0
+    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 0
     assert len(read_csv(out)) == 19
 
 
 def test_shards_with_different_settings_are_not_merged(tiny_model, tmp_path, capsys):
     out = tmp_path / "captions.csv"
     args = model_args(tiny_model, out)
-    assert common.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "0"]) == 0
-    assert common.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "1",
+    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "0"]) == 0
+    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "1",
                                                    "--language", "en"]) == 0
-    assert common.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
+    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
     assert "shard 1 was run with other settings" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [(["--shard_index", "1"], "--shard_index needs --num_shards"),
                                             (["--num_shards", "2", "--shard_index", "2"], "between 0 and 1")])
 def test_bad_shard_arguments_are_clear_errors(tiny_model, tmp_path, capsys, extra, message):
-    assert common.run_cli(generate_captions.main, [*model_args(tiny_model, tmp_path / "c.csv"), *extra]) == 2
+    assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, tmp_path / "c.csv"), *extra]) == 2
     assert message in capsys.readouterr().err

@@ -6,7 +6,7 @@ BPE tokenizer with the Llama-3 special tokens plus `<image>` and `<pad>`, a CLIP
 and -- like the real repo -- no `processor_config.json`, no chat template, and a generation config
 that lists only `<|end_of_text|>` as eos. Runs offline in well under a second.
 
-    python tests/tiny_llava.py OUT_DIR
+    python tiny_llava.py OUT_DIR
 """
 
 from __future__ import annotations

@@ -1,0 +1,133 @@
+"""Several processes, one run: sharding the sorted image IDs, torch.distributed set-up and
+gathering, and --merge_shards for shards run without a launcher (job arrays).
+
+Each shard writes its own journal, so a killed process redoes only its own missing images.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from errors import UserError
+from journal import default_journal_path, read_journal, settings_differences
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One share of the sorted image IDs: every `count`-th image from `index` on."""
+
+    index: int
+    count: int
+    distributed: bool = False  # started by torchrun/accelerate: coordinated through torch.distributed
+
+    @property
+    def suffix(self) -> str:
+        return f".shard-{self.index:05d}-of-{self.count:05d}"
+
+    @property
+    def writes_csv(self) -> bool:
+        """Under a launcher rank 0 gathers everything and writes; a job-array shard leaves it to the merge."""
+        return self.distributed and self.index == 0
+
+    def take(self, items: list) -> list:
+        return items[self.index::self.count]
+
+
+def shard_from(num_shards: int | None, shard_index: int | None, merge: bool = False) -> Shard | None:
+    """The launcher's RANK/WORLD_SIZE if there is one, else --num_shards/--shard_index, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if num_shards is not None or merge:
+            raise UserError("under torchrun the processes are the shards: drop --num_shards/--merge_shards")
+        return Shard(int(os.environ["RANK"]), world, distributed=True)
+    if merge:
+        return None
+    if num_shards is None:
+        if shard_index is not None:
+            raise UserError("--shard_index needs --num_shards")
+        return None
+    if num_shards < 1 or shard_index is None or not 0 <= shard_index < num_shards:
+        raise UserError(f"--num_shards {num_shards} needs --shard_index between 0 and {max(num_shards, 1) - 1}")
+    return Shard(shard_index, num_shards)
+
+
+@contextmanager
+def process_group(device: str) -> Iterator[str]:
+    """Join the launcher's process group for the run and leave it however the run ends.
+
+    Yields the device this process uses: the GPU of its LOCAL_RANK, or the CPU (gloo).
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    # Shards finish at different times; the group must wait for the slowest one, for hours.
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=72))
+    try:
+        yield f"cuda:{local_rank}" if cuda else ("cpu" if device == "auto" else device)
+    finally:
+        dist.destroy_process_group()
+
+
+def gather_to_rank0(part: dict) -> list[dict] | None:
+    """Every process's `part` on rank 0 (in rank order); None on the other ranks."""
+    import torch.distributed as dist
+
+    everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(part, everything, dst=0)
+    return everything
+
+
+def shard_journals(output_csv: str | Path, checkpoint_dir: str | None) -> list[Path]:
+    base = default_journal_path(output_csv, checkpoint_dir)
+    stem = base.name.removesuffix(".journal.jsonl")
+    found = sorted(base.parent.glob(f"{stem}.shard-*-of-*.journal.jsonl"))
+    if not found:
+        raise UserError(f"no shard journals like {base.parent / stem}.shard-*-of-*.journal.jsonl")
+    return found
+
+
+def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_ids: list[str],
+                        task: str) -> dict[str, dict]:
+    """--merge_shards: every shard's records, refusing a missing, incomplete or mismatched shard."""
+    counts = {int(re.search(r"-of-(\d+)\.journal", p.name).group(1)) for p in shard_journals(output_csv,
+                                                                                            checkpoint_dir)}
+    if len(counts) != 1:
+        raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
+    count = counts.pop()
+    records: dict[str, dict] = {}
+    first_settings = None
+    problems = []
+    for index in range(count):
+        shard = Shard(index, count)
+        path = default_journal_path(output_csv, checkpoint_dir, shard.suffix)
+        if not path.exists():
+            problems.append(f"shard {index} of {count} is missing ({path.name})")
+            continue
+        header, shard_records, _ = read_journal(path)
+        if first_settings is None:
+            first_settings = header.get("settings", {})
+        diffs = settings_differences(first_settings, header.get("settings", {}))
+        if diffs:
+            problems.append(f"shard {index} was run with other settings ({'; '.join(diffs)})")
+        mine = shard.take(all_ids)
+        missing = [i for i in mine if i not in shard_records]
+        if missing:
+            problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of {len(mine)} images missing "
+                            f"(rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto)")
+        records.update(shard_records)
+    if first_settings is not None and first_settings.get("task") != task:
+        problems.append(f"the shards are from a {first_settings.get('task')} run, not {task}")
+    if problems:
+        raise UserError("cannot merge: " + "; ".join(problems))
+    return records
