@@ -1,34 +1,43 @@
 """The JJ-VMed engine shared by generate_captions.py and generate_concepts.py.
 
-Data flows one way:
-    image folder -> ImageDataset -> DataLoader (decode + preprocess in workers) -> model.generate
-    -> raw text -> Journal (append-only JSONL) -> task post-processing -> CSV written atomically.
+A run is a straight line (`run`):
+    configure -> list and order the images -> lock and open the journal -> load the model
+    -> generate batches -> gather the shards -> rows -> write the CSVs -> check them -> summary.
 
-Each step is a plain function or a small class with explicit inputs, so the entry scripts own only
-their task: arguments, prompt, post-processing and output columns. torch and transformers are
-imported inside the functions that need them, so `--help` and argument errors answer at once.
+The raw text of every image goes to the journal (journal.py) before anything else happens to it,
+so the CSVs can always be rebuilt from it. The entry scripts own only their task: arguments, prompt,
+post-processing and output columns. torch and transformers are imported inside the functions that
+need them, so `--help` and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import re
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from errors import UserError, first_line, log
-from files import write_csv_atomic
-from generation import generate_texts, generate_with_backoff
-from images import list_images, make_loader
-from journal import default_journal_path, open_journal
-from model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, load_model, stop_token_ids
+from errors import Interrupted, UserError, log
+from files import check_writable, lock_exclusive, write_csv_atomic
+from generation import Record, generate_batches
+from images import scan_folder
+from journal import default_journal_path, file_identity, open_journal
+from model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, load_model, resolve_device_and_dtype
 from shards import Shard, gather_to_rank0, merge_shard_records, process_group, shard_from
+
+# Task constants, defined once: the original tool's answer lengths, and the platform's limit.
+MAX_NEW_TOKENS = {"caption": 100, "concepts": 150}  # tokens
+MAX_CONCEPTS = 100  # CUIs per image; the platform rejects a row with more
+SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # evaluate.py's names for the tasks
 
 # ---------------------------------------------------------------------------------------------
 # Prompts, kept as data. `vicuna` is the adapter's training format; `llama3` is the base model's
@@ -74,18 +83,25 @@ def resolve_template(template: str, adapter: str | None) -> str:
     return "vicuna" if adapter else "llama3"
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Command line: options shared by both scripts, grouped by purpose.
 # ---------------------------------------------------------------------------------------------
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, task: str, max_new_tokens: int) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """Add every option both generate scripts share. `task` picks the defaults."""
     default_out = "results/captions.csv" if task == "caption" else "results/concepts.csv"
     io = parser.add_argument_group("input and output")
     io.add_argument("--image_dir", help="folder of images (jpg, jpeg, png, bmp, gif, tif, tiff, webp); "
                     "the image ID is the file name without its extension")
     io.add_argument("--output_csv", default=default_out, help="final CSV (default: %(default)s)")
+    io.add_argument("--ids_csv", default=None, metavar="PATH",
+                    help="the expected IDs in the order the platform wants them: a CSV whose first column lists "
+                    "them (the organisers' ID list or a ground-truth file; header skipped). Rows follow it exactly; "
+                    "listed IDs without an image are an error, images it does not list are skipped")
+    io.add_argument("--zip", default=None, metavar="PATH",
+                    help="also write the upload zip (only submission.csv inside) when the checks accept the file")
     io.add_argument("--limit", type=int, default=None, help="process only the first N images (a quick trial run)")
 
     ck = parser.add_argument_group("checkpoint and resume")
@@ -135,7 +151,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str, max_new_tok
     gen = parser.add_argument_group("generation")
     gen.add_argument("--batch_size", type=int, default=4,
                      help="images per generate call; halved automatically on CUDA out-of-memory (default: %(default)s)")
-    gen.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
+    gen.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS[task],
                      help="longest answer in tokens (default: %(default)s)")
     gen.add_argument("--generation_kwargs", default=None, metavar="JSON",
                      help='extra generate() settings merged over the greedy defaults, e.g. '
@@ -150,7 +166,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str, max_new_tok
                        "is missing or incomplete")
     gen.add_argument("--num_workers", type=int, default=None,
                      help="processes decoding images while the model generates; 0 decodes in the main process "
-                     "(default: 4 with a GPU, half the cores on CPU, where the model gets the other half)")
+                     "(default: up to 4 with a GPU; on CPU half the cores, the model gets the other half)")
 
 
 def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, Any]:
@@ -170,8 +186,7 @@ def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, 
     unknown = sorted(k for k in user if k not in known)
     if unknown:
         raise UserError(f"--generation_kwargs has unknown generate() settings: {', '.join(unknown)}")
-    kwargs.update(user)
-    return kwargs
+    return {**kwargs, **user}
 
 
 def check_positive(**values: int | None) -> None:
@@ -181,8 +196,11 @@ def check_positive(**values: int | None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: everything between the image folder and the journal.
-@dataclass
+# Run configuration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class RunConfig:
     task: str  # caption | concepts
     image_dir: str
@@ -191,43 +209,42 @@ class RunConfig:
     prompt: str  # the full prompt text, <image> included
     gen_kwargs: dict
     batch_size: int = 4
-    num_workers: int | None = None  # None: auto, see cpu_split()
+    num_workers: int | None = None  # None: see cpu_split()
     seed: int = 0
     limit: int | None = None
+    ids_csv: str | None = None
+    zip_path: str | None = None
     checkpoint_dir: str | None = None
     checkpoint_interval: int = 1
-    resume: str | None = None
+    resume: str | None = None  # None | "auto" | a journal path
     force_resume: bool = False
     overwrite: bool = False
-    journal_path: Path | None = None  # set from resume/checkpoint_dir when None
-    settings_extra: dict = field(default_factory=dict)
     shard: Shard | None = None
-
-    def settings(self) -> dict:
-        """What decides the generated text; a resume with different settings is refused."""
-        m = asdict(self.model)
-        for transient in ("device", "merged_cache_dir"):
-            m.pop(transient)
-        return {"task": self.task, **m, "prompt": self.prompt, "generation": self.gen_kwargs, **self.settings_extra}
-
-
-@dataclass
-class RunResult:
-    ids: list[str]  # every image ID of the run, in order
-    records: dict[str, dict]  # ID -> {"id", "text", "error"}
-    journal_path: Path
-    seconds: float
-    generated: int  # images generated in this invocation
-    interrupted: bool = False
-    writer: bool = True  # False for a shard that only fills its journal (the merge writes the CSVs)
+    merge: bool = False  # --merge_shards: build the CSVs from the shards' journals
+    other_outputs: tuple[str, ...] = ()  # task files written beside the output (format A), checked up front
 
     @property
-    def failures(self) -> list[tuple[str, str]]:
-        return [(i, self.records[i]["error"]) for i in self.ids if self.records.get(i, {}).get("error")]
+    def journal_path(self) -> Path:
+        if self.resume not in (None, "auto"):
+            return Path(self.resume)
+        return default_journal_path(self.output_csv, self.checkpoint_dir, self.shard.suffix if self.shard else "")
+
+    @property
+    def writes_csv(self) -> bool:
+        """One process writes the CSVs: a plain run, the merge, or rank 0 under a launcher."""
+        return self.shard is None or self.shard.writes_csv
+
+    def settings(self, dtype: str) -> dict:
+        """What decides the generated text; a resume with different settings is refused.
+
+        `dtype` is the resolved one, so `--dtype auto` and the dtype it picks count as the same.
+        """
+        model = {k: v for k, v in asdict(self.model).items() if k not in ("device", "merged_cache_dir", "dtype")}
+        return {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
 
 
-def build_config(args: argparse.Namespace, task: str, extra_settings: dict | None = None) -> RunConfig:
-    """Validate the shared arguments and turn them into a RunConfig (no model loaded yet)."""
+def config_from_args(args: argparse.Namespace, task: str, other_outputs: tuple[str, ...] = ()) -> RunConfig:
+    """Validate the shared options and build the run configuration (no model loaded yet)."""
     check_positive(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    checkpoint_interval=args.checkpoint_interval, limit=args.limit)
     if args.num_workers is not None and args.num_workers < 0:
@@ -236,162 +253,272 @@ def build_config(args: argparse.Namespace, task: str, extra_settings: dict | Non
         raise UserError("--image_dir is required")
     if not Path(args.image_dir).is_dir():
         raise UserError(f"--image_dir {args.image_dir} is not a folder")
-    gen_kwargs = parse_generation_kwargs(args.generation_kwargs, args.max_new_tokens)
     adapter = None if str(args.adapter_repo).lower() in ("none", "") else args.adapter_repo
     template = resolve_template(args.prompt_template, adapter)
     instruction = args.prompt or INSTRUCTIONS[(task, args.language)]
     prefill = "" if args.prompt else ANSWER_PREFIXES.get((task, args.language), "")
-    spec = ModelSpec(args.base_model_path, adapter, args.lora_subfolder, args.merge_adapters, args.load_in_4bit,
-                     args.device, args.dtype, args.merged_cache_dir)
-    resume = args.resume_from_checkpoint
     shard = shard_from(args.num_shards, args.shard_index, args.merge_shards)
-    journal = default_journal_path(args.output_csv, args.checkpoint_dir, shard.suffix if shard else "")
-    if resume not in (None, "auto"):
-        if shard:
-            raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
-        journal = Path(resume)
+    if shard and args.resume_from_checkpoint not in (None, "auto"):
+        raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
+    spec = ModelSpec(base_model_path=args.base_model_path, adapter=adapter, lora_subfolder=args.lora_subfolder,
+                     merge_adapters=args.merge_adapters, load_in_4bit=args.load_in_4bit, device=args.device,
+                     dtype=args.dtype, merged_cache_dir=args.merged_cache_dir)
     return RunConfig(task=task, image_dir=args.image_dir, output_csv=args.output_csv, model=spec,
-                     prompt=build_prompt(template, instruction, prefill), gen_kwargs=gen_kwargs,
+                     prompt=build_prompt(template, instruction, prefill),
+                     gen_kwargs=parse_generation_kwargs(args.generation_kwargs, args.max_new_tokens),
                      batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, limit=args.limit,
-                     checkpoint_dir=args.checkpoint_dir, checkpoint_interval=args.checkpoint_interval, resume=resume,
-                     force_resume=args.force_resume, overwrite=args.overwrite, journal_path=journal,
-                     settings_extra=extra_settings or {}, shard=shard)
+                     ids_csv=args.ids_csv, zip_path=args.zip, checkpoint_dir=args.checkpoint_dir,
+                     checkpoint_interval=args.checkpoint_interval, resume=args.resume_from_checkpoint,
+                     force_resume=args.force_resume, overwrite=args.overwrite, shard=shard, merge=args.merge_shards,
+                     other_outputs=other_outputs)
 
 
-def cpu_split(device_type: str, num_workers: int | None) -> int:
-    """Decode workers, and on CPU the model's threads: the two share the cores.
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The images of the run, in output order, and what was left out of it."""
+
+    items: list[tuple[str, str]]  # (ID, path)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # why -> names
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, _ in self.items]
+
+
+def select_images(image_dir: str, ids_csv: str | None, limit: int | None) -> Selection:
+    """The run's images: the folder's in natural ID order, or exactly the order of --ids_csv."""
+    scan = scan_folder(image_dir)
+    skipped = dict(scan.skipped)
+    items = scan.items
+    if ids_csv:
+        from submission import read_id_list
+
+        wanted = read_id_list(ids_csv)
+        paths = dict(items)
+        missing = [i for i in wanted if i not in paths]
+        if missing:
+            raise UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} have no image in {image_dir} "
+                            f"(first: {', '.join(missing[:5])})")
+        listed = set(wanted)
+        extra = [i for i, _ in items if i not in listed]
+        if extra:
+            skipped["images not in --ids_csv"] = extra
+        items = [(i, paths[i]) for i in wanted]
+    if not items:
+        from images import list_images
+
+        list_images(image_dir)  # raises the "no images" error with its hints
+    return Selection(items[:limit] if limit else items, skipped)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ids: list[str]  # every image ID of the run, in output order
+    records: dict[str, Record]
+    journal_path: Path
+    seconds: float
+    generated: int  # images generated by this invocation
+    stopped: int | None = None  # the signal that stopped the run early, if one did
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        return [(i, self.records[i].error) for i in self.ids if i in self.records and not self.records[i].ok]
+
+    @property
+    def missing(self) -> int:
+        return sum(1 for i in self.ids if i not in self.records)
+
+
+def run(cfg: RunConfig, write_outputs: Callable[[list[str], dict[str, Record]], list[Path]],
+        model_bundle=None) -> int:
+    """Everything between the image folder and the checked submission; returns the exit code."""
+    for path in (cfg.output_csv, *cfg.other_outputs, cfg.zip_path):
+        if path and cfg.writes_csv:
+            check_writable(path, "output")
+    if not cfg.merge:
+        check_writable(cfg.journal_path, "checkpoint journal")
+    selection = select_images(cfg.image_dir, cfg.ids_csv, cfg.limit)
+    with ExitStack() as stack:
+        if cfg.writes_csv:
+            stack.enter_context(lock_exclusive(Path(cfg.output_csv)))
+        try:
+            result = merge_shards(cfg, selection) if cfg.merge else generate_run(cfg, selection, model_bundle)
+        except OSError as e:
+            raise os_failure(e, cfg) from None
+        if not cfg.writes_csv or result.stopped is not None:
+            return finish_run(cfg, selection, result, [], accepted=True)
+        outputs = write_outputs(result.ids, result.records)
+        # Without CUI mapping a concepts run writes format A only: nothing to submit, nothing to check.
+        submission = Path(cfg.output_csv) in outputs
+        accepted = check_submission(cfg.task, cfg.output_csv, result.ids) if submission else True
+        if accepted and submission and cfg.zip_path:
+            from submission import write_zip
+
+            outputs.append(write_zip(cfg.output_csv, cfg.zip_path))
+        return finish_run(cfg, selection, result, outputs, accepted)
+
+
+def os_failure(error: OSError, cfg: RunConfig) -> UserError:
+    """Disk full and friends: one line with what to do; the journal keeps every finished batch."""
+    resume = "then rerun the same command with --resume_from_checkpoint auto; finished batches are kept"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while writing {error.filename or 'the results'}: free some space, {resume}")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {error.filename}: {error.strerror}; fix the permissions, {resume}")
+    return UserError(f"{error.strerror or error} ({error.filename or 'no file name'}); {resume}")
+
+
+def generate_run(cfg: RunConfig, selection: Selection, model_bundle=None) -> RunResult:
+    """This process's share: open the journal, generate what it lacks, gather the shards."""
+    items = cfg.shard.take(selection.items) if cfg.shard else selection.items
+    if not (cfg.shard and cfg.shard.distributed):
+        return generate_into_journal(cfg, items, cfg.model, model_bundle)
+    with process_group(cfg.model.device) as device:
+        mine = generate_into_journal(cfg, items, replace(cfg.model, device=device), model_bundle)
+        parts = gather_to_rank0({"records": {i: mine.records[i] for i in mine.ids if i in mine.records},
+                                 "generated": mine.generated, "stopped": mine.stopped, "seconds": mine.seconds})
+    if parts is None:
+        return mine
+    records: dict[str, Record] = {}
+    for part in parts:
+        records.update(part["records"])
+    stopped = next((p["stopped"] for p in parts if p["stopped"] is not None), None)
+    return RunResult(selection.ids, records, mine.journal_path, max(p["seconds"] for p in parts),
+                     sum(p["generated"] for p in parts), stopped)
+
+
+def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: ModelSpec,
+                          model_bundle=None) -> RunResult:
+    ids = [i for i, _ in items]
+    identities = {i: file_identity(p) for i, p in items}
+    _, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
+    with lock_exclusive(cfg.journal_path), StopSignals() as stop:
+        journal = open_journal(cfg.journal_path, cfg.settings(str(dtype).removeprefix("torch.")),
+                               os.path.abspath(cfg.image_dir), identities, cfg.resume, cfg.force_resume,
+                               cfg.overwrite, cfg.checkpoint_interval)
+        todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
+        start = time.perf_counter()
+        generated = 0
+        try:
+            if todo:
+                generated = generate_todo(cfg, todo, spec, journal, identities, stop, model_bundle)
+        finally:
+            journal.close()
+        return RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated,
+                         stop.signum)
+
+
+def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, journal, identities: dict,
+                  stop: StopSignals, model_bundle=None) -> int:
+    """Load the model and append the records of every batch to the journal; returns how many were written."""
+    import torch
+    from tqdm import tqdm
+
+    from images import make_loader
+
+    torch.manual_seed(cfg.seed)
+    model, processor, device = model_bundle or load_model(spec)
+    generated = 0
+    with cpu_split(device.type, cfg.num_workers) as workers:
+        loader = make_loader(todo, processor, cfg.prompt, cfg.batch_size, workers, pin_memory=device.type == "cuda")
+        with tqdm(total=len(todo), unit="img", desc=cfg.task, dynamic_ncols=True, file=sys.stderr) as bar:
+            stop.armed = True
+            try:
+                for records in generate_batches(model, processor, loader, cfg.gen_kwargs):
+                    journal.append(records, identities)
+                    for r in records:
+                        if not r.ok:
+                            bar.write(f"warning: {r.id}: {r.error}")
+                    generated += len(records)
+                    bar.update(len(records))
+                    if stop.signum is not None:
+                        break
+            except RuntimeError as e:
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise UserError("an image-decoding worker died (killed for lack of memory?): rerun with "
+                                "--resume_from_checkpoint auto and fewer --num_workers; finished batches are kept") \
+                    from None
+            finally:
+                stop.armed = False
+    return generated
+
+
+@contextmanager
+def cpu_split(device_type: str, num_workers: int | None) -> Iterator[int]:
+    """Decode workers, and on CPU the model's threads: the two share the cores. Yields the workers.
 
     On a GPU the workers only feed it, so they get up to 4 cores. On CPU, image decoding and the
     model compete; the model's threads are set to the cores the workers leave, because
-    oversubscribed cores made both slower (benchmarks/throughput.py: 15 vs 23 images/s on 2 cores).
+    oversubscribed cores made both slower (benchmarks/throughput.py). The thread count is
+    restored however the run ends.
     """
     import torch
 
     cores = os.cpu_count() or 1
     if num_workers is None:
         num_workers = min(4, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
+    before = torch.get_num_threads()
     if device_type == "cpu" and num_workers > 0:
         torch.set_num_threads(max(1, cores - num_workers))
-    return num_workers
+    try:
+        yield num_workers
+    finally:
+        torch.set_num_threads(before)
 
 
-class StopFlag:
-    """First Ctrl-C asks the loop to stop after the current batch; a second one stops at once."""
+class StopSignals:
+    """Ctrl-C (SIGINT) and a scheduler's SIGTERM: stop after the current batch, keep everything.
+
+    While batches run (`armed`), the first signal asks the loop to stop after the batch in hand; a
+    second one, or one during start-up, stops at once. Either way the journal holds every finished
+    batch, and the exit code is 128 + the signal (130, 143).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.stop = False
-        self.previous = None
+        self.signum: int | None = None
+        self.armed = False
+        self.previous: dict = {}
 
-    def __enter__(self):
-        self.previous = signal.getsignal(signal.SIGINT)
+    def handler(self, signum, frame):
+        if not self.armed or self.signum is not None:
+            raise Interrupted(signum)
+        self.signum = signum
+        log(f"\n{signal.Signals(signum).name}: stopping after the current batch (again to stop now)")
 
-        def handler(signum, frame):
-            if self.stop:
-                raise KeyboardInterrupt
-            self.stop = True
-            log("\nstopping after the current batch (Ctrl-C again to stop now)")
-
-        signal.signal(signal.SIGINT, handler)
+    def __enter__(self) -> StopSignals:
+        self.previous = {s: signal.signal(s, self.handler) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+    def __exit__(self, *exc) -> None:
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
-def run_items(cfg: RunConfig) -> list[tuple[str, str]]:
-    """(ID, path) of every image the whole run covers, before any sharding."""
-    items = list_images(cfg.image_dir)
-    return items[: cfg.limit] if cfg.limit else items
-
-
-def run_generation(cfg: RunConfig, model_bundle=None) -> RunResult:
-    """Generate raw text for every image not yet in the journal. Returns all records of the run."""
-    items = run_items(cfg)
-    all_ids = [i for i, _ in items]
-    if cfg.shard:
-        items = cfg.shard.take(items)
-    if cfg.shard and cfg.shard.distributed:
-        with process_group(cfg.model.device) as device:
-            result = generate_into_journal(cfg, items, replace(cfg.model, device=device), model_bundle)
-            parts = gather_to_rank0({"records": {i: result.records[i] for i in result.ids if i in result.records},
-                                     "generated": result.generated, "interrupted": result.interrupted,
-                                     "seconds": result.seconds})
-        if parts is None:
-            return result
-        records: dict[str, dict] = {}
-        for part in parts:
-            records.update(part["records"])
-        return RunResult(all_ids, records, result.journal_path, max(p["seconds"] for p in parts),
-                         sum(p["generated"] for p in parts), any(p["interrupted"] for p in parts), writer=True)
-    return generate_into_journal(cfg, items, cfg.model, model_bundle)
-
-
-def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: ModelSpec,
-                          model_bundle=None) -> RunResult:
-    ids = [i for i, _ in items]
-    journal = open_journal(cfg.journal_path, cfg.settings(), cfg.resume, cfg.force_resume, cfg.overwrite,
-                           cfg.checkpoint_interval, explicit=cfg.resume not in (None, "auto"))
-    done = {i for i, r in journal.records.items() if r.get("error") is None}
-    todo = [(i, p) for i, p in items if i not in done]
-    start = time.perf_counter()
-    generated = 0
-    interrupted = False
-    try:
-        if todo:
-            import torch
-            from tqdm import tqdm
-
-            torch.manual_seed(cfg.seed)
-            model, processor, device = model_bundle or load_model(spec)
-            tokenizer = processor.tokenizer
-            stop_ids = stop_token_ids(tokenizer, model.generation_config)
-            threads_before = torch.get_num_threads()
-            workers = cpu_split(device.type, cfg.num_workers)
-            loader = make_loader(todo, processor, cfg.prompt, cfg.batch_size, workers,
-                                 pin_memory=device.type == "cuda")
-
-            def generate(inputs: dict) -> list[str]:
-                return generate_texts(model, tokenizer, inputs, device, cfg.gen_kwargs, stop_ids)
-
-            start = time.perf_counter()
-            bar = tqdm(total=len(todo), unit="img", desc=cfg.task, dynamic_ncols=True, file=sys.stderr)
-            with StopFlag() as flag:
-                for batch in loader:
-                    entries = [{"id": i, "text": "", "error": err} for i, err in batch.failures]
-                    for i, err in batch.failures:
-                        bar.write(f"warning: {i}: cannot read image: {err}")
-                    if batch.inputs is not None:
-                        outs = generate_with_backoff(generate, batch.inputs, len(batch.ids))
-                        for i, out in zip(batch.ids, outs, strict=True):
-                            failed = isinstance(out, Exception)
-                            entries.append({"id": i, "text": "" if failed else out,
-                                            "error": f"generation failed: {first_line(out)}" if failed else None})
-                    journal.append(entries)
-                    generated += len(entries)
-                    bar.update(len(entries))
-                    bar.set_postfix(img_s=f"{generated / max(time.perf_counter() - start, 1e-9):.2f}")
-                    if flag.stop:
-                        interrupted = True
-                        break
-            bar.close()
-            torch.set_num_threads(threads_before)
-    finally:
-        journal.close()
-    return RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated, interrupted,
-                     writer=cfg.shard is None)
-
-
-def merge_shards(cfg: RunConfig) -> RunResult:
+def merge_shards(cfg: RunConfig, selection: Selection) -> RunResult:
     """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
-    all_ids = [i for i, _ in run_items(cfg)]
-    records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, all_ids, cfg.task)
-    log(f"merged the shards: {len(all_ids)} images")
-    return RunResult(all_ids, records, default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent, 0.0, 0)
+    records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids, cfg.task)
+    log(f"merged the shards: {len(selection.ids)} images")
+    return RunResult(selection.ids, records, default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent, 0.0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
+
+
+def answer_rows(ids: list[str], records: dict[str, Record], convert: Callable[[str], str]) -> Iterator[list[str]]:
+    """(ID, converted answer) per image in output order; failed or missing images get an empty answer."""
+    for i in ids:
+        record = records.get(i)
+        yield [i, convert(record.text) if record and record.ok else ""]
 
 
 def errors_path(output_csv: str | Path) -> Path:
@@ -409,40 +536,75 @@ def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Pat
 
 
 def check_submission(task: str, path: str | Path, ids: list[str]) -> bool:
-    """Run the official-rule checks of evaluate.py on a file this run wrote; log what they say."""
+    """Run the platform's checks on a file this run wrote; log what they say."""
     import evaluate
 
-    report = evaluate.validate_file(task, path, ids)
+    report = evaluate.validate_file(SUBMISSION_TASK.get(task, task), path, ids)
     evaluate.log_report(report, str(path), limit=10)
     return report.accepted
 
 
-def finish_run(result: RunResult, output_csv: str | Path, outputs: list[Path], rejected: bool = False) -> int:
-    """Errors file, summary, exit code (130 after Ctrl-C with the command to resume, 1 if a check failed)."""
+def finish_run(cfg: RunConfig, selection: Selection, result: RunResult, outputs: list[Path], accepted: bool) -> int:
+    """Errors file, summary, exit code: 128 + signal after a stop, 1 if the checks rejected the file."""
     failures = result.failures
-    # Only the process that writes the CSVs writes the errors file: shards would overwrite each other's.
-    errors_file = write_errors(output_csv, failures) if result.writer else None
+    errors_file = write_errors(cfg.output_csv, failures) if cfg.writes_csv and result.stopped is None else None
+    before = len(result.ids) - result.missing - result.generated
     rate = result.generated / result.seconds if result.seconds > 0 and result.generated else 0.0
-    lines = [
-        f"images: {len(result.ids)} (generated now: {result.generated}, from the journal: "
-        f"{len(result.ids) - result.generated})",
-        f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else ""),
-        f"time: {result.seconds:.1f} s, {rate:.2f} images/s",
-        f"journal: {result.journal_path}",
-    ]
-    if result.interrupted:
-        lines.append("interrupted: rerun the same command with --resume_from_checkpoint auto to continue")
-    elif not result.writer:
-        lines.append("this shard is done; when every shard is, build the CSVs with the same command, "
-                     "--merge_shards instead of --num_shards/--shard_index"
-                     if not os.environ.get("WORLD_SIZE") else "this process's share is done; rank 0 writes the CSVs")
+    lines = [f"images: {len(result.ids)} (generated now: {result.generated}, done before: {max(before, 0)}"
+             + (f", not done yet: {result.missing}" if result.missing else "") + ")",
+             f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else ""),
+             f"time: {result.seconds:.1f} s, {rate:.2f} images/s",
+             f"journal: {result.journal_path}"]
+    for why, names in selection.skipped.items():
+        lines.append(f"skipped, {why}: {len(names)} ({', '.join(repr(n) for n in names[:3])}"
+                     f"{', ...' if len(names) > 3 else ''})")
+    if result.stopped is not None:
+        lines.append("stopped early: rerun the same command with --resume_from_checkpoint auto to continue")
+    elif not cfg.writes_csv:
+        lines.append("this process's share is done; rank 0 writes the CSVs" if cfg.shard and cfg.shard.distributed
+                     else "this shard is done; when every shard is, build the CSVs with the same command, "
+                     "--merge_shards instead of --num_shards/--shard_index")
     else:
         lines += [f"wrote: {p}" for p in outputs]
     log("\n".join(lines))
-    return 130 if result.interrupted else 1 if rejected else 0
+    if result.stopped is not None:
+        return 128 + result.stopped
+    return 0 if accepted else 1
 
 
-def iter_rows(ids: list[str], records: dict[str, dict], convert: Callable[[str], str]) -> Iterator[list[str]]:
-    for i in ids:
-        rec = records.get(i)
-        yield [i, convert(rec["text"]) if rec and not rec.get("error") else ""]
+# ---------------------------------------------------------------------------------------------
+# Post-processing shared by the scripts and fine-tuning's validation
+# ---------------------------------------------------------------------------------------------
+
+# Openings the model may echo before the caption: template words and trained answer prefixes.
+CAPTION_PREFIXES = re.compile(
+    r"^\s*(?:(?:ASSISTANT|USER|assistant|Caption|Pie de foto|Descripción|Description|Answer|Respuesta)\s*:\s*)+",
+    re.IGNORECASE,
+)
+QUOTES = "\"'“”‘’«»"
+
+
+def clean_caption(text: str) -> str:
+    """Strip echoed prompt parts and answer prefixes, quotes, and collapse all whitespace to single spaces."""
+    text = text.split("USER:")[0]  # the model sometimes starts a new turn
+    text = re.split(r"\n\s*(?:Conceptos médicos clave|Key medical concepts)\s*:", text)[0]
+    text = " ".join(text.split())
+    text = CAPTION_PREFIXES.sub("", text).strip()
+    if len(text) >= 2 and text[0] in QUOTES and text[-1] in QUOTES:
+        text = text[1:-1].strip()
+    return text
+
+
+def load_mapper(path: str):
+    """The CUI mapper for a mapping file; a file the mapper cannot use is the user's to fix."""
+    from cui_mapper import CuiMapper
+
+    if not Path(path).is_file():
+        raise UserError(f"--cui_mapping_file {path} does not exist")
+    try:
+        mapper = CuiMapper.from_csv(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not mapper.names:
+        raise UserError(f"--cui_mapping_file {path} has no CUI rows: every image would get no concept")
+    return mapper

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from errors import UserError
 
 
 def current_umask() -> int:
@@ -24,6 +28,8 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -50,3 +56,51 @@ def write_csv_atomic(path: str | Path, header: list[str] | None, rows: Iterable[
         writer.writerow(header)
     writer.writerows(rows)
     return write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
+
+
+def check_writable(path: str | Path, what: str) -> None:
+    """Fail now, not after a night of generation, if `path` cannot be written.
+
+    Creates (and removes) a file in the nearest existing folder: permission bits alone do not tell
+    (read-only mounts, /proc, quotas on some file systems).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"the {what} {path} is a folder; give a file name, e.g. {path / 'results.csv'}")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"cannot write the {what} {path}: {folder} is not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the {what} {path}: {folder} is not writable ({e.strerror})") from None
+
+
+@contextmanager
+def lock_exclusive(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock tied to `path` for the block, or refuse at once naming the holder.
+
+    An advisory lock on a side file (`.NAME.lock`): the OS drops it when the process dies, so a
+    killed run never leaves a stale lock behind. A POSIX record lock (lockf), not flock: forked
+    DataLoader workers do not inherit it, so a worker outliving its killed parent holds nothing.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or give this run "
+                        "another --output_csv") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)

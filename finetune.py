@@ -25,16 +25,13 @@ from pathlib import Path
 
 import common
 import errors
-from generate_concepts import load_mapper
-from generation import generate_texts
-from images import Collate, id_sort_key, list_images, load_image
+from generation import generate_batches
+from images import id_sort_key, list_images, load_image, make_loader
 from model import (
     DEFAULT_BASE_MODEL,
-    input_device,
     load_base_model,
     load_processor,
     resolve_device_and_dtype,
-    stop_token_ids,
 )
 
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
@@ -211,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_adapter(model, processor, device, args, mapper) -> dict:
-    """Generate for the first --eval_images validation images and score them with evaluate.py."""
+def evaluate_adapter(model, processor, args, mapper) -> dict:
+    """Generate for the first --eval_images validation images and score them with evaluate.py.
+
+    Uses the generation core and the prompts, token limits and post-processing of the generate
+    scripts, so the scores say what those scripts would give.
+    """
     import evaluate
     from cui_mapper import parse_answer
 
@@ -220,26 +221,18 @@ def evaluate_adapter(model, processor, device, args, mapper) -> dict:
     examples, _ = build_examples(args.valid_image_dir, args.valid_captions_csv, args.valid_concepts_csv, names,
                                  args.language)
     results: dict = {}
-    stop_ids = stop_token_ids(processor.tokenizer, model.generation_config)
-    for task, new_tokens in (("caption", 100), ("concepts", 150)):
+    for task in ("caption", "concepts"):
         chosen = [e for e in examples if e.task == task][: args.eval_images]
         if not chosen:
             continue
         prompt = common.build_prompt("vicuna", common.INSTRUCTIONS[(task, args.language)],
                                      common.ANSWER_PREFIXES.get((task, args.language), ""))
-        collate = Collate(processor, prompt)
-        texts: dict[str, str] = {}
-        for start in range(0, len(chosen), 8):
-            part = chosen[start:start + 8]
-            batch = collate([(e.image_id, load_image(e.image_path), None) for e in part])
-            outs = generate_texts(model, processor.tokenizer, batch.inputs, device,
-                                         {"max_new_tokens": new_tokens, "do_sample": False}, stop_ids)
-            texts.update(zip(batch.ids, outs, strict=True))
+        loader = make_loader([(e.image_id, e.image_path) for e in chosen], processor, prompt, args.batch_size, 0)
+        gen_kwargs = {"max_new_tokens": common.MAX_NEW_TOKENS[task], "do_sample": False, "num_beams": 1}
+        texts = {r.id: r.text for records in generate_batches(model, processor, loader, gen_kwargs) for r in records}
         if task == "caption":
-            import generate_captions
-
             gt = {e.image_id: e.answer for e in chosen}
-            pred = {i: generate_captions.clean_caption(t) for i, t in texts.items()}
+            pred = {i: common.clean_caption(t) for i, t in texts.items()}
             summary, _ = evaluate.caption_scores(gt, pred)
             results["caption_rouge1"] = summary["rouge1"]
         else:
@@ -259,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.concepts_csv and not args.cui_mapping_file:
         raise errors.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
     # Read once: its names make the training answers and its index maps the validation answers.
-    mapper = load_mapper(args.cui_mapping_file) if args.cui_mapping_file else None
+    mapper = common.load_mapper(args.cui_mapping_file) if args.cui_mapping_file else None
     names = mapper.names if mapper else {}
     examples, problems = build_examples(args.image_dir, args.captions_csv, args.concepts_csv, names, args.language)
     counts = Counter(e.task for e in examples)
@@ -314,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                "train_loss": result.training_loss, "steps": result.global_step}
     if args.valid_image_dir and args.eval_images > 0:
         model.eval()
-        summary["validation"] = evaluate_adapter(model, processor, input_device(model), args, mapper)
+        summary["validation"] = evaluate_adapter(model, processor, args, mapper)
     (Path(args.output_dir) / "finetune_summary.json").write_text(json.dumps(summary, indent=2))
     errors.log(json.dumps(summary, indent=2) + f"\nadapter saved to {args.output_dir}; use it with "
                f"--adapter_repo {args.output_dir}")

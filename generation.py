@@ -1,12 +1,46 @@
-"""The one generation core: a preprocessed batch in, the new text of each image out, with the
+"""The one generation core: batches of preprocessed images in, one `Record` per image out, with the
 out-of-memory back-off. Both generate scripts, fine-tuning's validation and the benchmark use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
-from errors import log
+from errors import first_line, log
+from images import Batch
+from model import input_device, stop_token_ids
+
+
+@dataclass(frozen=True)
+class Record:
+    """What the run keeps for one image: the raw generated text, or why there is none."""
+
+    id: str
+    text: str = ""
+    error: str | None = None  # None: generated
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dict) -> Iterator[list[Record]]:
+    """One list of records per batch, in the batch's order: images that failed to load first."""
+    tokenizer = processor.tokenizer
+    device = input_device(model)
+    stop_ids = stop_token_ids(tokenizer, model.generation_config)
+
+    def generate(inputs: dict) -> list[str]:
+        return generate_texts(model, tokenizer, inputs, device, gen_kwargs, stop_ids)
+
+    for batch in batches:
+        records = [Record(i, "", error) for i, error in batch.failures]
+        if batch.inputs is not None:
+            outs = generate_with_backoff(generate, batch.inputs, len(batch.ids))
+            records += [Record(i, "", f"generation failed: {first_line(out)}") if isinstance(out, Exception)
+                        else Record(i, out) for i, out in zip(batch.ids, outs, strict=True)]
+        yield records
 
 
 def generate_texts(model, tokenizer, inputs: dict, device, gen_kwargs: dict, stop_ids: list[int]) -> list[str]:

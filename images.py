@@ -24,35 +24,87 @@ def id_sort_key(image_id: str) -> tuple:
     return tuple(int(p) if i % 2 else p for i, p in enumerate(parts))
 
 
-def list_images(image_dir: str | Path) -> list[tuple[str, str]]:
-    """(ID, path) for every image file in the folder, in ID order. Two files with one ID is an error."""
+# Decoding cost grows with the pixel count, not the file size: a 1.9 MB PNG of 25000 x 25000 pixels
+# decodes to 1.9 GB. An image is decoded only if its header says it fits this budget (RGB at 64 MP
+# is ~190 MB, a few hundred MB with the conversions); a larger JPEG is decoded at 1/2, 1/4 or 1/8 of
+# its size by the JPEG decoder itself, anything else fails alone with the reason. The model sees
+# 336 x 336 pixels in the end.
+MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class FolderScan:
+    items: list[tuple[str, str]]  # (ID, path) of every image, natural ID order
+    skipped: dict[str, list[str]]  # why -> names of files and folders left out
+
+
+def scan_folder(image_dir: str | Path) -> FolderScan:
+    """Every image file in the folder, and what was left out and why. Two files with one ID is an error.
+
+    A broken symbolic link named like an image is kept: the user expects a row for it, and it fails
+    to load like any unreadable image (a warning, an empty row, the errors file).
+    """
     folder = Path(image_dir)
     if not folder.is_dir():
         raise UserError(f"--image_dir {folder} is not a folder")
     found: dict[str, str] = {}
+    skipped: dict[str, list[str]] = {}
     # os.scandir and plain strings: pathlib costs ~40 us a file, most of a resume over 20,000 images.
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if not dot or not stem or f".{ext.lower()}" not in IMAGE_EXTENSIONS or not entry.is_file():
+            if entry.is_dir():
+                skipped.setdefault("subfolders (not searched)", []).append(entry.name)
+                continue
+            if not dot or not stem or f".{ext.lower()}" not in IMAGE_EXTENSIONS:
+                continue
+            if entry.name.startswith("._"):
+                skipped.setdefault("macOS metadata files (._*)", []).append(entry.name)
+                continue
+            if any(c in stem for c in "\n\r"):
+                skipped.setdefault("file names with a line break (cannot be an ID in a CSV)", []).append(entry.name)
+                continue
+            if not entry.is_file() and not entry.is_symlink():
                 continue
             if stem in found:
                 other = os.path.basename(found[stem])
                 raise UserError(f"two images have the ID {stem!r}: {other} and {entry.name}")
             found[stem] = entry.path
-    if not found:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {folder}")
-    return sorted(found.items(), key=lambda item: id_sort_key(item[0]))
+    return FolderScan(sorted(found.items(), key=lambda item: id_sort_key(item[0])), skipped)
 
 
-def load_image(path: str | Path):
-    """Open any common medical/figure image as 8-bit RGB, upright, alpha flattened onto white."""
+def list_images(image_dir: str | Path) -> list[tuple[str, str]]:
+    """(ID, path) for every image file in the folder, in ID order; an error if there is none."""
+    scan = scan_folder(image_dir)
+    if not scan.items:
+        subfolders = scan.skipped.get("subfolders (not searched)", [])
+        hint = f"; it has {len(subfolders)} subfolder(s) ({', '.join(sorted(subfolders)[:3])}), which are not " \
+            "searched: give the folder that holds the images" if subfolders else ""
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in {image_dir}{hint}")
+    return scan.items
+
+
+def load_image(path: str | Path, max_pixels: int = MAX_PIXELS):
+    """Open any common medical/figure image as 8-bit RGB, upright, alpha flattened onto white.
+
+    Raises ValueError, without decoding, for an image over the pixel budget that cannot be decoded smaller.
+    """
     import numpy as np
     from PIL import Image, ImageOps
 
-    Image.MAX_IMAGE_PIXELS = 400_000_000  # whole-slide-like figures are legitimate input
+    Image.MAX_IMAGE_PIXELS = None  # the budget below decides, before decoding, not after a warning
     with Image.open(path) as img:
         img.seek(0)  # first frame of animated GIF / multi-page TIFF
+        width, height = img.size
+        if width * height > max_pixels:
+            if img.format != "JPEG":
+                raise ValueError(f"image is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
+                                 f"{max_pixels / 1e6:.0f}-megapixel budget per image; downscale it")
+            scale = next(s for s in (2, 4, 8, 16) if width * height / s / s <= max_pixels or s == 16)
+            img.draft(img.mode, (width // scale, height // scale))
+            if img.size[0] * img.size[1] > max_pixels:
+                raise ValueError(f"image is {width}x{height}, too large to decode within the "
+                                 f"{max_pixels / 1e6:.0f}-megapixel budget; downscale it")
         img.load()  # decode now, so a truncated file fails here and not in a worker later
         # Copies of a full-resolution scan cost as much as decoding it: only transpose/convert when needed.
         if img.getexif().get(0x0112, 1) != 1:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from errors import UserError
+from generation import Record
 from journal import default_journal_path, read_journal, settings_differences
 
 
@@ -98,14 +99,14 @@ def shard_journals(output_csv: str | Path, checkpoint_dir: str | None) -> list[P
 
 
 def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_ids: list[str],
-                        task: str) -> dict[str, dict]:
+                        task: str) -> dict[str, Record]:
     """--merge_shards: every shard's records, refusing a missing, incomplete or mismatched shard."""
     counts = {int(re.search(r"-of-(\d+)\.journal", p.name).group(1)) for p in shard_journals(output_csv,
                                                                                             checkpoint_dir)}
     if len(counts) != 1:
         raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
     count = counts.pop()
-    records: dict[str, dict] = {}
+    records: dict[str, Record] = {}
     first_settings = None
     problems = []
     for index in range(count):
@@ -114,10 +115,11 @@ def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_
         if not path.exists():
             problems.append(f"shard {index} of {count} is missing ({path.name})")
             continue
-        header, shard_records, _ = read_journal(path)
+        contents = read_journal(path)
+        shard_records = contents.records
         if first_settings is None:
-            first_settings = header.get("settings", {})
-        diffs = settings_differences(first_settings, header.get("settings", {}))
+            first_settings = contents.header.get("settings", {})
+        diffs = settings_differences(first_settings, contents.header.get("settings", {}))
         if diffs:
             problems.append(f"shard {index} was run with other settings ({'; '.join(diffs)})")
         mine = shard.take(all_ids)

@@ -10,6 +10,7 @@ import pytest
 from conftest import SHARED_DATA, read_csv
 from PIL import Image
 
+import common
 import errors
 import files
 import finetune
@@ -89,7 +90,7 @@ def test_concept_examples_use_the_trained_answer_format(tmp_path):
     for name in ("a", "b", "c"):
         Image.new("RGB", (8, 8)).save(images / f"{name}.png")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0040405;C0817096\nb,\nc,C0016522\n")
-    names = finetune.load_mapper(str(SHARED_DATA / "rocov2" / "cui_mapping.csv")).names
+    names = common.load_mapper(str(SHARED_DATA / "rocov2" / "cui_mapping.csv")).names
     examples, _ = finetune.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
     answers = {e.image_id: e.answer for e in examples}
     assert answers == {

@@ -13,7 +13,6 @@ from pathlib import Path
 from conftest import REAL_IMAGES, ROOT, read_csv, run_script
 
 import errors
-from journal import read_journal
 
 
 def base_args(tiny_model: Path, out: Path) -> list[str]:
@@ -89,12 +88,23 @@ def test_a_torn_last_journal_line_is_dropped_and_redone(tiny_model, tmp_path):
     assert sorted(r["id"] for r in records) == [r[0] for r in first[1:]]  # no ID twice, none lost
 
 
-def test_a_damaged_journal_in_the_middle_is_refused(tmp_path):
-    journal = tmp_path / "c.journal.jsonl"
-    journal.write_text('{"journal": "jj-vmed", "version": 1, "settings": {}}\n{"id": "a", "te\n{"id": "b"}\n')
-    try:
-        read_journal(journal)
-    except errors.UserError as e:
-        assert "damaged at line 2" in str(e)
-    else:
-        raise AssertionError("a damaged journal was accepted")
+def test_damaged_journal_lines_are_set_aside_and_only_their_images_redone(tiny_model, tmp_path):
+    out = tmp_path / "captions.csv"
+    args = base_args(tiny_model, out)[:-6] + ["--max_new_tokens", "8", "--num_workers", "0", "--limit", "4"]
+    assert errors.run_cli(__import__("generate_captions").main, args) == 0
+    first = read_csv(out)
+    journal = out.with_name("captions.journal.jsonl")
+    lines = journal.read_text().splitlines()
+    damaged = lines[2][: len(lines[2]) // 2]  # the second image's record, cut in half
+    junk = ["[1, 2]", "null", '{"foo": 1}', '{"id": "x", "text": null, "error": null}', "not json at all"]
+    journal.write_text("\n".join([lines[0], lines[1], damaged, *junk, *lines[3:]]) + "\n")
+
+    result = run_script("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert result.returncode == 0, result.stderr
+    assert "6 damaged line(s)" in result.stderr and "Traceback" not in result.stderr
+    assert "generated now: 1" in result.stderr
+    assert read_csv(out) == first
+    side = list(tmp_path.glob("captions.journal.jsonl.damaged-*.txt"))
+    assert len(side) == 1 and all(j in side[0].read_text() for j in junk)
+    again = run_script("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert again.returncode == 0 and "damaged line" not in again.stderr and "generated now: 0" in again.stderr
