@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from errors import Interrupted, UserError, log
+from errors import UserError, exit_at_once, first_line, log
 from files import check_writable, lock_exclusive, write_csv_atomic
 from generation import Record, generate_batches
 from images import scan_folder
@@ -343,27 +343,37 @@ def run(cfg: RunConfig, write_outputs: Callable[[list[str], dict[str, Record]], 
     if not cfg.merge:
         check_writable(cfg.journal_path, "checkpoint journal")
     selection = select_images(cfg.image_dir, cfg.ids_csv, cfg.limit)
-    with ExitStack() as stack:
-        if cfg.writes_csv:
-            stack.enter_context(lock_exclusive(Path(cfg.output_csv)))
-        try:
+    try:
+        with ExitStack() as stack:
+            if cfg.writes_csv:
+                stack.enter_context(lock_exclusive(Path(cfg.output_csv)))
             result = merge_shards(cfg, selection) if cfg.merge else generate_run(cfg, selection, model_bundle)
-        except OSError as e:
-            raise os_failure(e, cfg) from None
-        if not cfg.writes_csv or result.stopped is not None:
-            return finish_run(cfg, selection, result, [], accepted=True)
-        outputs = write_outputs(result.ids, result.records)
-        # Without CUI mapping a concepts run writes format A only: nothing to submit, nothing to check.
-        submission = Path(cfg.output_csv) in outputs
-        accepted = check_submission(cfg.task, cfg.output_csv, result.ids) if submission else True
-        if accepted and submission and cfg.zip_path:
-            from submission import write_zip
-
-            outputs.append(write_zip(cfg.output_csv, cfg.zip_path))
-        return finish_run(cfg, selection, result, outputs, accepted)
+            if not cfg.writes_csv or result.stopped is not None:
+                return finish_run(cfg, selection, result, [], accepted=True)
+            return write_and_check(cfg, selection, result, write_outputs)
+    except OSError as e:
+        raise os_failure(e) from None
+    except RuntimeError as e:
+        # torch's SIGCHLD handler raises this wherever the main thread is when a worker dies
+        if "DataLoader worker" not in str(e):
+            raise
+        raise worker_died(e) from None
 
 
-def os_failure(error: OSError, cfg: RunConfig) -> UserError:
+def write_and_check(cfg: RunConfig, selection: Selection, result: RunResult,
+                    write_outputs: Callable[[list[str], dict[str, Record]], list[Path]]) -> int:
+    outputs = write_outputs(result.ids, result.records)
+    # Without CUI mapping a concepts run writes format A only: nothing to submit, nothing to check.
+    submission = Path(cfg.output_csv) in outputs
+    accepted = check_submission(cfg.task, cfg.output_csv, result.ids) if submission else True
+    if accepted and submission and cfg.zip_path:
+        from submission import write_zip
+
+        outputs.append(write_zip(cfg.output_csv, cfg.zip_path))
+    return finish_run(cfg, selection, result, outputs, accepted)
+
+
+def os_failure(error: OSError) -> UserError:
     """Disk full and friends: one line with what to do; the journal keeps every finished batch."""
     resume = "then rerun the same command with --resume_from_checkpoint auto; finished batches are kept"
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -429,7 +439,7 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
         with tqdm(total=len(todo), unit="img", desc=cfg.task, dynamic_ncols=True, file=sys.stderr) as bar:
             stop.armed = True
             try:
-                for records in generate_batches(model, processor, loader, cfg.gen_kwargs):
+                for records in generate_batches(model, processor, guarded(loader), cfg.gen_kwargs):
                     journal.append(records, identities)
                     for r in records:
                         if not r.ok:
@@ -438,15 +448,31 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
                     bar.update(len(records))
                     if stop.signum is not None:
                         break
-            except RuntimeError as e:
-                if "DataLoader worker" not in str(e):
-                    raise
-                raise UserError("an image-decoding worker died (killed for lack of memory?): rerun with "
-                                "--resume_from_checkpoint auto and fewer --num_workers; finished batches are kept") \
-                    from None
             finally:
                 stop.armed = False
     return generated
+
+
+def guarded(loader) -> Iterator:
+    """The loader's batches; a failure of the loader itself becomes one line with what to do.
+
+    Bad images never raise out of the dataset (they come back as failures), so anything raised
+    here is the machinery: a worker killed for lack of memory, /dev/shm full.
+    """
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001
+            raise worker_died(e) from None
+        yield batch
+
+
+def worker_died(error: BaseException) -> UserError:
+    return UserError(f"an image-decoding worker died ({first_line(error)}; killed for lack of memory?): rerun with "
+                     "--resume_from_checkpoint auto and fewer --num_workers; finished batches are kept")
 
 
 @contextmanager
@@ -476,8 +502,8 @@ class StopSignals:
     """Ctrl-C (SIGINT) and a scheduler's SIGTERM: stop after the current batch, keep everything.
 
     While batches run (`armed`), the first signal asks the loop to stop after the batch in hand; a
-    second one, or one during start-up, stops at once. Either way the journal holds every finished
-    batch, and the exit code is 128 + the signal (130, 143).
+    second one, or one outside the loop, exits at once (errors.exit_at_once). Either way the journal
+    holds every finished batch, and the exit code is 128 + the signal (130, 143).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -489,7 +515,7 @@ class StopSignals:
 
     def handler(self, signum, frame):
         if not self.armed or self.signum is not None:
-            raise Interrupted(signum)
+            exit_at_once(signum, frame)
         self.signum = signum
         log(f"\n{signal.Signals(signum).name}: stopping after the current batch (again to stop now)")
 

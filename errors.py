@@ -5,6 +5,8 @@ Every module may import this one; it imports nothing of the project.
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -12,14 +14,6 @@ from collections.abc import Callable
 
 class UserError(Exception):
     """A problem the user must fix (bad path, bad flag, mismatching resume): one line, exit 2."""
-
-
-class Interrupted(BaseException):
-    """Ctrl-C or SIGTERM that must stop the program at once (during start-up, or a second one)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
 
 
 def log(message: str) -> None:
@@ -31,16 +25,39 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
-def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+RESUME_HINT = "what was finished is kept: rerun the same command with --resume_from_checkpoint auto to continue"
+
+
+def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = None, hint: str = RESUME_HINT) -> int:
     """Run an entry point: a UserError becomes one line on stderr and exit code 2; Ctrl-C or SIGTERM
-    that stops it at once becomes a line with the resume command and exit code 130 or 143."""
+    becomes a line with `hint` (how to continue) and exit code 130 or 143."""
+    on_signal = functools.partial(exit_at_once, hint=hint)
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt) as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
-        print(f"\nstopped by {signal.Signals(signum).name}; what was finished is kept: rerun the same command "
-              "with --resume_from_checkpoint auto to continue", file=sys.stderr)
-        return 128 + signum
+    except KeyboardInterrupt:
+        print(stopped_message(signal.SIGINT, hint), file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        # Called from the command line (argv None), the program ends next: a late signal must not turn
+        # the exit code already decided into a traceback at shutdown. Called in-process, restore.
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_IGN if argv is None else handler)
+
+
+def stopped_message(signum: int, hint: str) -> str:
+    return f"\nstopped by {signal.Signals(signum).name}" + (f"; {hint}" if hint else "")
+
+
+def exit_at_once(signum, frame, hint: str = RESUME_HINT) -> None:
+    """Ctrl-C or SIGTERM outside the generation loop (start-up, writing): exit now, cleanly.
+
+    Nothing is lost: the journal is flushed after every batch, CSVs are written atomically and
+    the lock dies with the process. Raising KeyboardInterrupt instead can land inside a library's
+    import or finalizer and end in a traceback.
+    """
+    print(stopped_message(signum, hint), file=sys.stderr, flush=True)
+    os._exit(128 + signum)

@@ -82,9 +82,43 @@ def stop_token_ids(tokenizer, generation_config) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` is a hub ID; anything else (absolute, relative, deeper paths) is a local folder."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith("/")
+
+
+def check_model_source(name: str, what: str) -> None:
+    """Fail in a second, with a line saying what to do, where loading would fail after minutes.
+
+    A local folder must exist. A hub ID must be in the local cache, or the hub must be reachable:
+    offline, the hub client retries for minutes before its error.
+    """
+    if Path(name).expanduser().exists():
+        return
+    if not looks_like_hub_id(name):
+        raise UserError(f"{what} {name}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json" if what == "--base_model_path" else "adapter_config.json")
+    if isinstance(cached, str):
+        return
+    hint = "download it once where there is network (README: Running offline) and give the local folder"
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"{what} {name} is not in the local cache and HF_HUB_OFFLINE is set; {hint}")
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError:
+        raise UserError(f"{what} {name} is not in the local cache and {host} cannot be reached; {hint}") from None
+
+
 def load_processor(base_model_path: str):
     from transformers import AutoProcessor
 
+    check_model_source(base_model_path, "--base_model_path")
     try:
         processor = AutoProcessor.from_pretrained(base_model_path)
     except OSError as e:
@@ -181,6 +215,7 @@ def resolve_adapter(adapter: str, subfolder: str | None) -> Path:
     if not local.exists():
         from huggingface_hub import snapshot_download
 
+        check_model_source(adapter, "--adapter_repo")
         try:
             local = Path(snapshot_download(adapter, allow_patterns=[f"{subfolder}/*" if subfolder else "*"]))
         except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access: all the user's to fix

@@ -1,4 +1,10 @@
-"""Shared fixtures: one tiny LLaVA and one LoRA adapter for the whole test session."""
+"""Shared fixtures: one tiny LLaVA and one LoRA adapter for the whole test session, and one way to run
+an entry script on them.
+
+Test data: the MIT-licensed DICOM-derived PNGs ship under tests/data/real_images; everything else
+(ROCOv2 concept list, ROCO captions, MedICaT figures) is read from ../shared/data when it is there,
+and the tests that need it skip with a one-line reason when it is not (a bare clone).
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,15 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-REAL_IMAGES = SHARED_DATA / "real_images"
+REAL_IMAGES = ROOT / "tests" / "data" / "real_images"
+ROCOV2 = SHARED_DATA / "rocov2" / "cui_mapping.csv"
+ROCO = SHARED_DATA / "roco_v1"
+MEDICAT = SHARED_DATA / "medicat"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+needs_rocov2 = pytest.mark.skipif(not ROCOV2.exists(), reason="needs ../shared/data/rocov2 (the ROCOv2 concept list)")
+needs_roco = pytest.mark.skipif(not ROCO.exists(), reason="needs ../shared/data/roco_v1 (ROCO validation captions)")
+needs_medicat = pytest.mark.skipif(not MEDICAT.exists(), reason="needs ../shared/data/medicat (MedICaT figures)")
 
 from tiny_llava import build_tiny_llava  # noqa: E402
 
@@ -49,6 +62,27 @@ def make_adapter(model_dir: Path, out_dir: Path, seed: int = 1, as_list: bool = 
 @pytest.fixture(scope="session")
 def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
     return make_adapter(tiny_model, tmp_path_factory.mktemp("adapter"))
+
+
+def tiny_args(tiny_model: Path, out: Path, image_dir: Path = REAL_IMAGES, *extra: str) -> list[str]:
+    """The options every run on the tiny model shares: base model, no adapter, short answers."""
+    return ["--image_dir", str(image_dir), "--output_csv", str(out), "--base_model_path", str(tiny_model),
+            "--adapter_repo", "none", "--max_new_tokens", "8", "--num_workers", "0", *extra]
+
+
+def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run an entry script's main() here (fast), with its exit code and stderr as a subprocess would give."""
+    import contextlib
+    import importlib
+    import io
+
+    from errors import run_cli
+
+    module = importlib.import_module(Path(script).stem)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_cli(module.main, list(args))
+    return subprocess.CompletedProcess([script, *args], code, "", err.getvalue())
 
 
 def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
