@@ -90,11 +90,11 @@ def test_secondary_f1_filters_to_the_allowed_list_and_skips_images_left_empty(tm
     assert summary["images_scored_secondary"] == 1 and summary["f1_secondary"] == 0.0
 
 
-def test_validation_reports_every_violation_with_its_line_and_rejects(tmp_path):
+def test_2025_rules_report_every_violation_with_its_line_and_reject(tmp_path):
     many = ";".join(f"C{i:07d}" for i in range(101))
     pred = write(tmp_path / "pred.csv", "ID,CUIs\na,C0000001\nb,C0000001;C0000001\na,C0000002\n"
                  f"c,{many}\nzzz,C0000003\nd,C1,C2\n\ne,c0000005;C0000005;\n")
-    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"])
+    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"], rules="2025")
     text = "\n".join(report.errors)
     assert "line 3: concept repeated for 'b': C0000001" in text
     assert "line 4: duplicate image ID 'a' (first on line 2)" in text
@@ -105,8 +105,8 @@ def test_validation_reports_every_violation_with_its_line_and_rejects(tmp_path):
     assert "1 missing (f)" in text
     assert any("line 9" in w and "letter cases" in w for w in report.warnings)
     assert any("line 9" in w and "stray ';'" in w for w in report.warnings)
-    result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--ids",
-                        str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
+    result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--rules", "2025",
+                        "--ids", str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
     assert result.returncode == 1 and "REJECTED" in result.stderr
 
 
@@ -186,3 +186,21 @@ def test_bertscore_runs_from_a_local_model_folder(tmp_path):
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
     with pytest.raises(errors.UserError, match="--bertscore_layers"):
         evaluate.caption_scores(gt, pred, str(folder))
+
+
+def test_concepts_and_captions_exit_1_on_a_rejected_file_and_still_print_the_scores(tmp_path, capsys):
+    gt = write(tmp_path / "gt.csv", "ID,CUIs\nimg_10,C0040405\nimg_2,C0817096\nimg_1,C0024485\n")
+    in_order = write(tmp_path / "in_order.csv", "ID,CUIs\nimg_10,C0040405\nimg_2,\nimg_1,C0024485\n")
+    natural = write(tmp_path / "natural.csv", "ID,CUIs\nimg_1,C0024485\nimg_2,\nimg_10,C0040405\n")
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(in_order)]) == 0
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(natural)]) == 1
+    captured = capsys.readouterr()
+    assert "line 2: ID order: expected 'img_10' at position 1, found 'img_1'" in captured.err
+    assert "REJECTED" in captured.out and captured.out.count("f1                      0.6667") == 2
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(natural), "--rules", "2025"]) == 0
+    gt_captions = write(tmp_path / "gt_captions.csv", "ID,Caption\nimg_10,a\nimg_2,b\n")
+    unquoted = write(tmp_path / "unquoted.csv", 'ID,Caption\nimg_10,"a, b" (c)\nimg_2,b\n')
+    result = run_script("evaluate.py", "captions", "--gt", str(gt_captions), "--pred", str(unquoted), "--json")
+    out = json.loads(result.stdout)
+    assert result.returncode == 1 and not out["accepted"] and out["rouge1"] < 1.0
+    assert out["errors"] == ["line 2: the caption contains a comma but is not enclosed in double quotes"]
