@@ -2,7 +2,8 @@
 
     python evaluate.py concepts --gt valid_concepts.csv --pred results/concepts.csv \
         --gt_manual valid_concepts_manual.csv
-    python evaluate.py captions --gt valid_captions.csv --pred results/captions.csv [--bertscore_model DIR]
+    python evaluate.py captions --gt valid_captions.csv --pred results/captions.csv \
+        [--bertscore_model DIR] [--bleurt_model DIR]
     python evaluate.py validate --task concepts --pred results/concepts.csv --ids ids.csv --zip upload.zip
 
 Concept F1 follows the official evaluator exactly, including how its reader turns a row into
@@ -146,23 +147,159 @@ def bertscore_f1(gts: list[str], preds: list[str], model: str, num_layers: int |
     return scores
 
 
+# bleurt-pytorch 0.0.1 (what the organisers install) was written for transformers 4. On transformers 5 its
+# own classes run after three mends, applied only where the name is missing:
+# - `transformers.pytorch_utils.find_pruneable_heads_and_indices` is gone and the package imports it
+#   (ImportError): it is only used to prune attention heads, which scoring never does, so a stand-in
+#   that refuses is enough;
+# - `transformers.models.bert.tokenization_bert_fast` is gone (ModuleNotFoundError): BertTokenizerFast
+#   now lives in transformers itself, so an alias module provides it;
+# - PreTrainedModel lost `get_extended_attention_mask` and `get_head_mask`, which BleurtModel.forward
+#   calls (AttributeError): the two transformers-4 helpers are added back to the package's base class,
+#   for the encoder case BLEURT is (a padding mask; no head mask).
+
+
+def refuse_head_pruning(*args, **kwargs):
+    raise NotImplementedError("pruning attention heads is not supported here")
+
+
+def extended_attention_mask(self, attention_mask, input_shape):
+    """transformers 4's mask for an encoder: 0 where attended, the dtype's minimum on padding."""
+    import torch
+
+    mask = attention_mask[:, None, None, :].to(dtype=self.dtype)
+    return (1.0 - mask) * torch.finfo(self.dtype).min
+
+
+def no_head_mask(self, head_mask, num_hidden_layers):
+    if head_mask is not None:
+        raise NotImplementedError("head_mask is not supported here")
+    return [None] * num_hidden_layers
+
+
+def bleurt_classes() -> tuple:
+    """(BleurtForSequenceClassification, BleurtSPTokenizer, BleurtTokenizerFast) from bleurt-pytorch, mended."""
+    import importlib
+    import types
+
+    import transformers
+    import transformers.pytorch_utils as pytorch_utils
+
+    if not hasattr(pytorch_utils, "find_pruneable_heads_and_indices"):
+        pytorch_utils.find_pruneable_heads_and_indices = refuse_head_pruning
+    alias = "transformers.models.bert.tokenization_bert_fast"
+    try:
+        importlib.import_module(alias)
+    except ModuleNotFoundError:
+        module = types.ModuleType(alias)
+        module.BertTokenizerFast = transformers.BertTokenizerFast
+        sys.modules[alias] = module
+    try:
+        from bleurt_pytorch import BleurtForSequenceClassification
+        from bleurt_pytorch.bleurt.modeling_bleurt import BleurtPreTrainedModel
+        from bleurt_pytorch.bleurt.tokenization_bleurt_fast import BleurtTokenizerFast
+        from bleurt_pytorch.bleurt.tokenization_bleurt_sp import BleurtSPTokenizer
+    except ImportError as e:
+        raise errors.UserError(f"--bleurt_model needs bleurt-pytorch (pip install -r requirements.txt): "
+                               f"{errors.first_line(e)}") from None
+    if not hasattr(BleurtPreTrainedModel, "get_extended_attention_mask"):
+        BleurtPreTrainedModel.get_extended_attention_mask = extended_attention_mask
+    if not hasattr(BleurtPreTrainedModel, "get_head_mask"):
+        BleurtPreTrainedModel.get_head_mask = no_head_mask
+    return BleurtForSequenceClassification, BleurtSPTokenizer, BleurtTokenizerFast
+
+
+def load_bleurt(model: str):
+    """(model, tokenizer) from a local BLEURT folder, e.g. lucadiliello/BLEURT-20-D12."""
+    import torch
+
+    folder = Path(model)
+    if not (folder / "config.json").exists():
+        raise errors.UserError(f"--bleurt_model {model} is not a local model folder (no config.json)")
+    model_class, sentencepiece_class, wordpiece_class = bleurt_classes()
+    # The package's BleurtTokenizer tries the WordPiece class and falls back to the sentencepiece one when
+    # that raises. On transformers 5 the WordPiece class loads a folder without vocab.txt instead of
+    # raising, and maps every word to [UNK]; so choose by the files, as that fallback did.
+    if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists():
+        tokenizer = wordpiece_class.from_pretrained(str(folder))
+    elif (folder / "spm.model").exists():
+        try:
+            tokenizer = sentencepiece_class.from_pretrained(str(folder))
+        except (ImportError, ValueError) as e:  # reading spm.model needs sentencepiece and protobuf
+            raise errors.UserError(f"cannot read {folder / 'spm.model'} (pip install -r requirements.txt): "
+                                   f"{errors.first_line(e)}") from None
+    else:
+        raise errors.UserError(f"--bleurt_model {model} has no tokenizer (spm.model, vocab.txt or tokenizer.json)")
+    # float32 as transformers 4 loaded it; transformers 5 would otherwise follow the checkpoint's dtype.
+    net = model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return net, tokenizer
+
+
+def bleurt_scores(gts: list[str], preds: list[str], model: str, batch_size: int = 8) -> list[float]:
+    """BLEURT for each (reference, candidate) pair, as the organisers compute it.
+
+    Batches of 8 (their default), padded to the longest pair, truncated at 512 tokens; every pair goes
+    through the model, empty captions included (no special case, unlike ROUGE and BERTScore).
+    """
+    import torch
+
+    net, tokenizer = load_bleurt(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+    scores: list[float] = []
+    for start in range(0, len(gts), max(1, batch_size)):
+        refs, cands = gts[start:start + batch_size], preds[start:start + batch_size]
+        with torch.inference_mode():
+            inputs = tokenizer(refs, cands, padding="longest", return_tensors="pt", truncation=True, max_length=512)
+            logits = net(**{k: v.to(device) for k, v in inputs.items()}).logits
+        scores.extend(float(s) for s in logits.flatten().cpu().tolist())
+    return scores
+
+
+# The 2026 aggregates: (summary key, name) of each part, averaged with equal weight.
+RELEVANCE_PARTS = (("bertscore_f1", "BERTScore"), ("rouge1", "ROUGE-1"), ("medimageinsight", "MedImageInsight"),
+                   ("bleurt", "BLEURT"))
+FACTUALITY_PARTS = (("medcat_f1", "MedCAT"), ("alignscore", "AlignScore"))
+
+
+def aggregate(summary: dict, name: str, parts: tuple[tuple[str, str], ...]) -> dict:
+    """The official mean when every part ran; otherwise `<name>_partial`, naming what was left out."""
+    present = [key for key, _ in parts if key in summary]
+    skipped = [label for key, label in parts if key not in summary]
+    if not skipped:
+        return {name: sum(summary[k] for k in present) / len(present)}
+    return {f"{name}_partial": {"value": sum(summary[k] for k in present) / len(present) if present else None,
+                                "parts": f"{len(present)} of {len(parts)}", "skipped": skipped}}
+
+
 def caption_scores(gt: dict[str, str], pred: dict[str, str], bertscore_model: str | None = None,
-                   bertscore_layers: int | None = None) -> tuple[dict, list[dict]]:
+                   bertscore_layers: int | None = None, bleurt_model: str | None = None,
+                   bleurt_batch_size: int = 8) -> tuple[dict, list[dict]]:
     ids = list(gt)
     gts = [preprocess_caption(gt[i]) for i in ids]
     preds = [preprocess_caption(pred.get(i, "")) for i in ids]
     rouge = rouge1_scores(gts, preds)
     summary: dict = {"images_scored": len(ids), "rouge1": sum(rouge) / max(len(ids), 1), **bleu_scores(gts, preds)}
     rows = [{"ID": i, "rouge1": r} for i, r in zip(ids, rouge, strict=True)]
+    per_pair: dict[str, list[float]] = {}
+    skipped = []
     if bertscore_model:
-        bert = bertscore_f1(gts, preds, bertscore_model, bertscore_layers)
-        summary["bertscore_f1"] = sum(bert) / max(len(ids), 1)
-        for row, b in zip(rows, bert, strict=True):
-            row["bertscore_f1"] = b
+        per_pair["bertscore_f1"] = bertscore_f1(gts, preds, bertscore_model, bertscore_layers)
     else:
-        summary["skipped"] = ["bertscore_f1 (give --bertscore_model, a local microsoft/deberta-xlarge-mnli folder)",
-                              "MedImageInsight similarity, UMLS-concept F1 (MedCAT), AlignScore: need models "
-                              "this tool does not ship"]
+        skipped.append("bertscore_f1 (give --bertscore_model, a local microsoft/deberta-xlarge-mnli folder)")
+    if bleurt_model:
+        per_pair["bleurt"] = bleurt_scores(gts, preds, bleurt_model, bleurt_batch_size)
+    else:
+        skipped.append("bleurt (give --bleurt_model, a local lucadiliello/BLEURT-20-D12 folder)")
+    for key, scores in per_pair.items():
+        summary[key] = sum(scores) / max(len(ids), 1)
+        for row, score in zip(rows, scores, strict=True):
+            row[key] = score
+    skipped.append("MedImageInsight similarity, UMLS-concept F1 (MedCAT), AlignScore: need models this tool does "
+                   "not ship")
+    summary.update(aggregate(summary, "relevance", RELEVANCE_PARTS))
+    summary.update(aggregate(summary, "factuality", FACTUALITY_PARTS))
+    summary["skipped"] = skipped
     return summary, rows
 
 
@@ -182,6 +319,13 @@ def print_summary(title: str, summary: dict, report: Report) -> None:
         if key == "skipped":
             for item in value:
                 print(f"  {'skipped':<24}{item}")
+        elif key.endswith("_partial"):
+            name = key.removesuffix("_partial")
+            if value["value"] is None:
+                print(f"  {name} (skipped: {', '.join(value['skipped'])})")
+            else:
+                print(f"  {name} (partial: {value['parts']} parts; skipped {', '.join(value['skipped'])})  "
+                      f"{value['value']:.4f}  not the official score")
         else:
             print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
     print(f"  {'submission check':<24}{'accepted' if report.accepted else 'REJECTED, see above'} "
@@ -198,11 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gt_manual", help="manual ground truth (ID,CUIs) for the secondary F1")
     c.add_argument("--allowed_cuis", help="CUIs counted by the secondary F1: a file with one per line or a "
                    "comma/semicolon-separated list (default: the 2025 list of modalities and body regions)")
-    k = sub.add_parser("captions", help="caption scores that run offline: ROUGE-1, BLEU-1/4, BERTScore")
+    k = sub.add_parser("captions", help="caption scores that run offline: ROUGE-1, BLEU-1/4, BERTScore, BLEURT")
     k.add_argument("--gt", required=True, help="ground truth, ID,Caption")
     k.add_argument("--pred", required=True, help="your submission, ID,Caption")
     k.add_argument("--bertscore_model", help="local folder of microsoft/deberta-xlarge-mnli for BERTScore")
     k.add_argument("--bertscore_layers", type=int, help="layer bert-score uses (known models: automatic)")
+    k.add_argument("--bleurt_model", help="local folder of lucadiliello/BLEURT-20-D12 for BLEURT")
+    k.add_argument("--bleurt_batch_size", type=int, default=8, help="pairs per BLEURT batch (default 8, as the "
+                   "organisers)")
     v = sub.add_parser("validate", help="check a submission against every rule the platform rejects on")
     v.add_argument("--task", choices=["concepts", "captions"], required=True)
     v.add_argument("--pred", required=True, help="the submission file")
@@ -268,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                                        allowed_list(args.allowed_cuis))
     else:
         summary, rows = caption_scores(caption_pairs(gt_rows), caption_pairs(pred_rows), args.bertscore_model,
-                                       args.bertscore_layers)
+                                       args.bertscore_layers, args.bleurt_model, args.bleurt_batch_size)
     report = validate_file(args.command, args.pred, expected, args.rules)
     if args.per_image:
         write_per_image(args.per_image, rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -186,6 +187,144 @@ def test_bertscore_runs_from_a_local_model_folder(tmp_path):
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
     with pytest.raises(errors.UserError, match="--bertscore_layers"):
         evaluate.caption_scores(gt, pred, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEURT and the 2026 aggregates
+# ---------------------------------------------------------------------------------------------
+
+SENTENCES = ["axial ct of the brain showing a mass", "chest x ray with a small nodule in the right lung",
+             "mri of the knee with a torn meniscus", "ultrasound of the liver showing a cyst",
+             "coronal ct of the abdomen with contrast", "pet scan showing uptake in the lymph nodes",
+             "angiogram of the left coronary artery", "plain radiograph of the pelvis number views"]
+
+
+def build_tiny_bleurt(folder: Path) -> Path:
+    """A tiny random BLEURT laid out like lucadiliello/BLEURT-20-D12: the package's own classes, and a
+    sentencepiece vocabulary (spm.model) with the tokenizer_config.json the package writes."""
+    import sentencepiece
+    import torch
+
+    model_class, _, _ = evaluate.bleurt_classes()  # the package imports only once mended
+    from bleurt_pytorch import BleurtConfig
+
+    folder.mkdir(parents=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spm"), vocab_size=80, model_type="unigram",
+        hard_vocab_limit=False, pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+        control_symbols=["[CLS]", "[SEP]", "[MASK]"], minloglevel=2)
+    (folder / "spm.vocab").unlink()
+    specials = {"bos_token": "[CLS]", "cls_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]",
+                "mask_token": "[MASK]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+    files.write_text_atomic(folder / "tokenizer_config.json", json.dumps(
+        {**specials, "do_lower_case": False, "split_by_punct": False, "sp_model_kwargs": {},
+         "tokenizer_class": "BleurtSPTokenizer", "vocab_type": "spm"}))
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spm.model")).get_piece_size()
+    torch.manual_seed(0)
+    # Wider than default initial weights, so that different pairs get clearly different scores.
+    config = BleurtConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, initializer_range=0.3,
+                          architectures=["BleurtForSequenceClassification"])
+    model_class(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bleurt(tmp_path_factory) -> Path:
+    return build_tiny_bleurt(tmp_path_factory.mktemp("bleurt") / "tiny-bleurt")
+
+
+# Nine pairs: one full batch of 8 and one of 1; 'c' is an empty pair, 'i' an empty prediction.
+BLEURT_GT = {"a": "Axial CT of the brain, showing a mass.", "b": "Chest X-ray (PA): small nodule.", "c": "",
+             "d": "MRI of the knee", "e": "Ultrasound of the liver showing a cyst", "f": "PET scan",
+             "g": "Angiogram of the left coronary artery", "h": "Plain radiograph of the pelvis, 2 views",
+             "i": "Coronal CT of the abdomen"}
+BLEURT_PRED = {"a": "axial ct of the brain showing a mass", "b": "mri of the knee", "c": "", "d": "MRI of the knee.",
+               "e": "ultrasound", "f": "pet scan showing uptake in the lymph nodes", "g": "angiogram",
+               "h": "chest x ray", "i": ""}
+
+
+def test_bleurt_scores_every_image_from_a_saved_model_in_batches(tiny_bleurt):
+    import math
+
+    summary, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    per = {r["ID"]: r["bleurt"] for r in rows}
+    assert list(per) == list(BLEURT_GT) and all(math.isfinite(s) for s in per.values())
+    assert summary["bleurt"] == pytest.approx(sum(per.values()) / 9)
+    assert len({round(s, 6) for s in per.values()}) > 5  # the pairs are told apart
+    again, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    assert again["bleurt"] == summary["bleurt"]
+    # Padding must not change a score: batches of 8 (padded to the longest pair) equal one pair at a time.
+    gts = [evaluate.preprocess_caption(BLEURT_GT[i]) for i in BLEURT_GT]
+    preds = [evaluate.preprocess_caption(BLEURT_PRED[i]) for i in BLEURT_GT]
+    one_by_one = evaluate.bleurt_scores(gts, preds, str(tiny_bleurt), batch_size=1)
+    assert one_by_one == pytest.approx(list(per.values()), abs=1e-5)
+
+
+def test_bleurt_puts_empty_captions_through_the_model_like_the_organisers(tiny_bleurt):
+    import torch
+
+    _, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    per = {r["ID"]: r for r in rows}
+    assert per["c"]["rouge1"] == 1.0  # ROUGE scores an empty pair 1 ...
+    net, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    with torch.inference_mode():
+        direct = net(**tokenizer([""], [""], return_tensors="pt")).logits.item()
+    assert per["c"]["bleurt"] == pytest.approx(direct, abs=1e-6) and per["c"]["bleurt"] != 1.0  # ... BLEURT does not
+
+
+def test_bleurt_tokenizer_reads_the_sentencepiece_vocabulary_as_sentencepiece_does(tiny_bleurt):
+    """transformers 4 (the organisers') tokenized with sentencepiece itself; transformers 5 converts spm.model."""
+    import sentencepiece
+
+    _, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_bleurt / "spm.model"))
+    cls, sep = sp.piece_to_id("[CLS]"), sp.piece_to_id("[SEP]")
+    texts = [evaluate.preprocess_caption(t) for t in [*BLEURT_GT.values(), *BLEURT_PRED.values()]]
+    texts += [" leading space", "two  spaces", "ﬁbrosis ＣＴ µm", "unseen words zebra"]
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == [cls, *sp.encode(text), sep], text
+    pair = tokenizer("chest x ray", "mri")
+    n = len(sp.encode("chest x ray"))
+    assert pair["input_ids"] == [cls, *sp.encode("chest x ray"), sep, *sp.encode("mri"), sep]
+    assert pair["token_type_ids"] == [0] * (n + 2) + [1] * (len(sp.encode("mri")) + 1)
+
+
+def test_bleurt_model_folder_problems_are_one_line_errors(tmp_path, tiny_bleurt):
+    with pytest.raises(errors.UserError, match="no config.json"):
+        evaluate.load_bleurt(str(tmp_path))
+    (tmp_path / "config.json").write_text((tiny_bleurt / "config.json").read_text())
+    with pytest.raises(errors.UserError, match="has no tokenizer"):
+        evaluate.load_bleurt(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.environ.get("JJVMED_BLEURT_MODEL"),
+                    reason="set JJVMED_BLEURT_MODEL to a local lucadiliello/BLEURT-20-D12 folder")
+def test_bleurt_20_d12_gives_the_scores_its_package_publishes():
+    scores = evaluate.bleurt_scores(["a bird chirps by the window", "this is a random sentence"],
+                                    ["a bird chirps by the window", "this looks like a random sentence"],
+                                    os.environ["JJVMED_BLEURT_MODEL"])
+    assert scores == pytest.approx([0.9604414105415344, 0.8080050349235535], abs=1e-4)
+
+
+def test_relevance_and_factuality_are_reported_as_partial_naming_the_missing_parts(tmp_path, tiny_bleurt, capsys):
+    summary, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED)
+    assert "relevance" not in summary and "factuality" not in summary
+    assert summary["relevance_partial"] == {"value": summary["rouge1"], "parts": "1 of 4",
+                                            "skipped": ["BERTScore", "MedImageInsight", "BLEURT"]}
+    assert summary["factuality_partial"] == {"value": None, "parts": "0 of 2", "skipped": ["MedCAT", "AlignScore"]}
+    gt = tmp_path / "gt.csv"
+    files.write_csv_atomic(gt, ["ID", "Caption"], BLEURT_GT.items())
+    pred = tmp_path / "pred.csv"
+    files.write_csv_atomic(pred, ["ID", "Caption"], BLEURT_PRED.items())
+    assert evaluate.main(["captions", "--gt", str(gt), "--pred", str(pred), "--bleurt_model", str(tiny_bleurt)]) == 0
+    out = capsys.readouterr().out
+    with_bleurt, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    expected = (with_bleurt["rouge1"] + with_bleurt["bleurt"]) / 2
+    assert with_bleurt["relevance_partial"]["value"] == pytest.approx(expected)
+    assert (f"relevance (partial: 2 of 4 parts; skipped BERTScore, MedImageInsight)  {expected:.4f}  not the "
+            "official score") in out
+    assert "factuality (skipped: MedCAT, AlignScore)" in out
 
 
 def test_concepts_and_captions_exit_1_on_a_rejected_file_and_still_print_the_scores(tmp_path, capsys):
