@@ -1,9 +1,10 @@
-"""Official ImageCLEFmedical Caption scores and submission checks, run locally.
+"""Official ImageCLEFmedical Caption scores, run locally; the submission checks live in submission.py.
 
     python evaluate.py concepts --gt valid_concepts.csv --pred results/concepts.csv \
         --gt_manual valid_concepts_manual.csv
-    python evaluate.py captions --gt valid_captions.csv --pred results/captions.csv [--bertscore_model DIR]
-    python evaluate.py validate --task concepts --pred results/concepts.csv --ids test_images/
+    python evaluate.py captions --gt valid_captions.csv --pred results/captions.csv \
+        [--bertscore_model DIR] [--bleurt_model DIR]
+    python evaluate.py validate --task concepts --pred results/concepts.csv --ids ids.csv --zip upload.zip
 
 Concept F1 follows the official evaluator exactly, including how its reader turns a row into
 concepts: `ID` alone is no concept, `ID,` is the one empty concept '', `C1;` adds '' as a concept.
@@ -14,187 +15,32 @@ metric whose model is not available is skipped and said so, never estimated.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import re
 import string
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import errors
 import files
-from images import list_images
+from submission import (
+    RULES,
+    Report,
+    caption_pairs,
+    concept_pairs,
+    expected_ids,
+    log_report,
+    read_id_list,
+    read_rows,
+    validate_file,
+    write_zip,
+)
 
 # The 2025 secondary-score list: imaging modalities and body regions.
 ALLOWED_CUIS_2025 = (
     "C0002978", "C0040405", "C0024485", "C0032743", "C0041618", "C1306645", "C0920367",
     "C1140618", "C0037949", "C0030797", "C0023216", "C0037303", "C0817096", "C0006141", "C0000726",
 )
-MAX_CONCEPTS = 100
-CUI_SHAPE = re.compile(r"^C\d{7}$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading files the way the official evaluator does
-# ---------------------------------------------------------------------------------------------
-
-
-def read_rows(path: str | Path) -> list[tuple[int, list[str]]]:
-    """(line number, fields) of every CSV record; a file that is not UTF-8 is a UserError."""
-    path = Path(path)
-    if not path.is_file():
-        raise errors.UserError(f"{path} does not exist")
-    try:
-        with open(path, newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            rows = []
-            for fields in reader:
-                rows.append((reader.line_num, fields))
-            return rows
-    except UnicodeDecodeError as e:
-        raise errors.UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
-    except csv.Error as e:
-        raise errors.UserError(f"{path} is not a readable CSV: {e}") from None
-
-
-def is_header(fields: list[str]) -> bool:
-    return bool(fields) and "ID" in fields[0]  # the official reader's rule, for any row
-
-
-def concept_pairs(rows: list[tuple[int, list[str]]]) -> dict[str, tuple[str, ...]]:
-    """ID -> concepts, as the official reader builds them (empty items kept, not yet upper-cased)."""
-    pairs: dict[str, tuple[str, ...]] = {}
-    for _, fields in rows:
-        if not fields or is_header(fields) or len(fields) > 2:
-            continue
-        pairs[fields[0]] = tuple(c.strip() for c in fields[1].split(";")) if len(fields) == 2 else ()
-    return pairs
-
-
-def caption_pairs(rows: list[tuple[int, list[str]]]) -> dict[str, str]:
-    """ID -> caption: the second field, as the official reader keeps it."""
-    return {fields[0]: fields[1] for _, fields in rows if len(fields) >= 2 and not is_header(fields)}
-
-
-def expected_ids(source: str | Path) -> list[str]:
-    """Image IDs from a ground-truth/ID CSV (first column) or from an image folder (file stems)."""
-    source = Path(source)
-    if source.is_dir():
-        return [i for i, _ in list_images(source)]
-    return [fields[0] for _, fields in read_rows(source) if fields and not is_header(fields)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: every rule the platform rejects on, all violations, with line numbers
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Report:
-    errors: list[str] = field(default_factory=list)  # the platform would reject the file
-    warnings: list[str] = field(default_factory=list)  # accepted, but probably not what you meant
-
-    @property
-    def accepted(self) -> bool:
-        return not self.errors
-
-
-def check_ids(rows: list[tuple[int, list[str]]], expected: list[str] | None, report: Report) -> None:
-    seen: dict[str, int] = {}
-    expected_set = set(expected or [])
-    for line, fields in rows:
-        if not fields or is_header(fields):
-            continue
-        image_id = fields[0]
-        if image_id in seen:
-            report.errors.append(f"line {line}: duplicate image ID {image_id!r} (first on line {seen[image_id]})")
-            continue
-        seen[image_id] = line
-        if expected is not None and image_id not in expected_set:
-            report.errors.append(f"line {line}: unknown image ID {image_id!r}")
-    if expected is None:
-        return
-    missing = [i for i in expected if i not in seen]
-    header_like = [i for i in missing if "ID" in i]
-    if header_like:
-        report.errors.append(f"{len(header_like)} image IDs contain 'ID', so the evaluator skips their rows as "
-                             f"headers: {', '.join(header_like[:5])}")
-    if missing:
-        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        report.errors.append(f"{len(seen)} image IDs but the test set has {len(expected)}: {len(missing)} missing "
-                             f"({shown})")
-
-
-def data_rows(rows: list[tuple[int, list[str]]], report: Report) -> Iterator[tuple[int, list[str]]]:
-    """The rows the evaluator reads as data: blank lines are reported, header-like rows skipped."""
-    for line, fields in rows:
-        if not fields:
-            report.errors.append(f"line {line}: blank line")
-        elif not is_header(fields):
-            yield line, fields
-
-
-def validate_concepts(rows: list[tuple[int, list[str]]], expected: list[str] | None) -> Report:
-    report = Report()
-    for line, fields in data_rows(rows, report):
-        if len(fields) > 2:
-            report.errors.append(f"line {line}: {len(fields)} fields; a row is ID or ID,CUI;CUI;... "
-                                 "(separate CUIs with ';', not ',')")
-            continue
-        if len(fields) == 1:
-            continue
-        concepts = [c.strip() for c in fields[1].split(";")]
-        named = [c for c in concepts if c]
-        if len(concepts) > MAX_CONCEPTS:
-            report.errors.append(f"line {line}: {len(concepts)} concepts for {fields[0]!r}; at most {MAX_CONCEPTS}")
-        dupes = sorted({c for c in named if named.count(c) > 1})
-        if dupes:
-            report.errors.append(f"line {line}: concept repeated for {fields[0]!r}: {', '.join(dupes)}")
-        if len({c.upper() for c in named}) < len(set(named)):
-            report.warnings.append(f"line {line}: the same CUI in two letter cases for {fields[0]!r}")
-        if named and len(named) < len(concepts):
-            report.warnings.append(f"line {line}: empty item (a stray ';') for {fields[0]!r} counts as a wrong "
-                                   "concept")
-        odd = [c for c in named if not CUI_SHAPE.match(c.upper())]
-        if odd:
-            report.warnings.append(f"line {line}: not shaped like a CUI (C + 7 digits): {', '.join(odd[:5])}")
-    check_ids(rows, expected, report)
-    return report
-
-
-def validate_captions(rows: list[tuple[int, list[str]]], expected: list[str] | None) -> Report:
-    report = Report()
-    if not rows or [f.strip() for f in rows[0][1]] != ["ID", "Caption"]:
-        report.errors.append("line 1: the header row must be ID,Caption")
-    for line, fields in data_rows(rows, report):
-        if len(fields) < 2:
-            report.errors.append(f"line {line}: no caption field for {fields[0]!r}")
-        elif len(fields) > 2:
-            report.warnings.append(f"line {line}: {len(fields)} fields; only the text before the first unquoted "
-                                   "comma is scored (quote captions that contain commas)")
-        elif not fields[1].strip():
-            report.warnings.append(f"line {line}: empty caption for {fields[0]!r}")
-    check_ids(rows, expected, report)
-    return report
-
-
-def validate_file(task: str, pred: str | Path, expected: list[str] | None) -> Report:
-    rows = read_rows(pred)
-    return validate_concepts(rows, expected) if task == "concepts" else validate_captions(rows, expected)
-
-
-def log_report(report: Report, name: str, limit: int = 50) -> None:
-    verdict = "accepted" if report.accepted else f"REJECTED ({len(report.errors)} problems)"
-    lines = [f"{name}: the official checks say {verdict}"]
-    lines += [f"  error: {e}" for e in report.errors[:limit]]
-    if len(report.errors) > limit:
-        lines.append(f"  ... and {len(report.errors) - limit} more errors")
-    lines += [f"  warning: {w}" for w in report.warnings[:limit]]
-    if len(report.warnings) > limit:
-        lines.append(f"  ... and {len(report.warnings) - limit} more warnings")
-    errors.log("\n".join(lines))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,23 +147,159 @@ def bertscore_f1(gts: list[str], preds: list[str], model: str, num_layers: int |
     return scores
 
 
+# bleurt-pytorch 0.0.1 (what the organisers install) was written for transformers 4. On transformers 5 its
+# own classes run after three mends, applied only where the name is missing:
+# - `transformers.pytorch_utils.find_pruneable_heads_and_indices` is gone and the package imports it
+#   (ImportError): it is only used to prune attention heads, which scoring never does, so a stand-in
+#   that refuses is enough;
+# - `transformers.models.bert.tokenization_bert_fast` is gone (ModuleNotFoundError): BertTokenizerFast
+#   now lives in transformers itself, so an alias module provides it;
+# - PreTrainedModel lost `get_extended_attention_mask` and `get_head_mask`, which BleurtModel.forward
+#   calls (AttributeError): the two transformers-4 helpers are added back to the package's base class,
+#   for the encoder case BLEURT is (a padding mask; no head mask).
+
+
+def refuse_head_pruning(*args, **kwargs):
+    raise NotImplementedError("pruning attention heads is not supported here")
+
+
+def extended_attention_mask(self, attention_mask, input_shape):
+    """transformers 4's mask for an encoder: 0 where attended, the dtype's minimum on padding."""
+    import torch
+
+    mask = attention_mask[:, None, None, :].to(dtype=self.dtype)
+    return (1.0 - mask) * torch.finfo(self.dtype).min
+
+
+def no_head_mask(self, head_mask, num_hidden_layers):
+    if head_mask is not None:
+        raise NotImplementedError("head_mask is not supported here")
+    return [None] * num_hidden_layers
+
+
+def bleurt_classes() -> tuple:
+    """(BleurtForSequenceClassification, BleurtSPTokenizer, BleurtTokenizerFast) from bleurt-pytorch, mended."""
+    import importlib
+    import types
+
+    import transformers
+    import transformers.pytorch_utils as pytorch_utils
+
+    if not hasattr(pytorch_utils, "find_pruneable_heads_and_indices"):
+        pytorch_utils.find_pruneable_heads_and_indices = refuse_head_pruning
+    alias = "transformers.models.bert.tokenization_bert_fast"
+    try:
+        importlib.import_module(alias)
+    except ModuleNotFoundError:
+        module = types.ModuleType(alias)
+        module.BertTokenizerFast = transformers.BertTokenizerFast
+        sys.modules[alias] = module
+    try:
+        from bleurt_pytorch import BleurtForSequenceClassification
+        from bleurt_pytorch.bleurt.modeling_bleurt import BleurtPreTrainedModel
+        from bleurt_pytorch.bleurt.tokenization_bleurt_fast import BleurtTokenizerFast
+        from bleurt_pytorch.bleurt.tokenization_bleurt_sp import BleurtSPTokenizer
+    except ImportError as e:
+        raise errors.UserError(f"--bleurt_model needs bleurt-pytorch (pip install -r requirements.txt): "
+                               f"{errors.first_line(e)}") from None
+    if not hasattr(BleurtPreTrainedModel, "get_extended_attention_mask"):
+        BleurtPreTrainedModel.get_extended_attention_mask = extended_attention_mask
+    if not hasattr(BleurtPreTrainedModel, "get_head_mask"):
+        BleurtPreTrainedModel.get_head_mask = no_head_mask
+    return BleurtForSequenceClassification, BleurtSPTokenizer, BleurtTokenizerFast
+
+
+def load_bleurt(model: str):
+    """(model, tokenizer) from a local BLEURT folder, e.g. lucadiliello/BLEURT-20-D12."""
+    import torch
+
+    folder = Path(model)
+    if not (folder / "config.json").exists():
+        raise errors.UserError(f"--bleurt_model {model} is not a local model folder (no config.json)")
+    model_class, sentencepiece_class, wordpiece_class = bleurt_classes()
+    # The package's BleurtTokenizer tries the WordPiece class and falls back to the sentencepiece one when
+    # that raises. On transformers 5 the WordPiece class loads a folder without vocab.txt instead of
+    # raising, and maps every word to [UNK]; so choose by the files, as that fallback did.
+    if (folder / "vocab.txt").exists() or (folder / "tokenizer.json").exists():
+        tokenizer = wordpiece_class.from_pretrained(str(folder))
+    elif (folder / "spm.model").exists():
+        try:
+            tokenizer = sentencepiece_class.from_pretrained(str(folder))
+        except (ImportError, ValueError) as e:  # reading spm.model needs sentencepiece and protobuf
+            raise errors.UserError(f"cannot read {folder / 'spm.model'} (pip install -r requirements.txt): "
+                                   f"{errors.first_line(e)}") from None
+    else:
+        raise errors.UserError(f"--bleurt_model {model} has no tokenizer (spm.model, vocab.txt or tokenizer.json)")
+    # float32 as transformers 4 loaded it; transformers 5 would otherwise follow the checkpoint's dtype.
+    net = model_class.from_pretrained(str(folder), dtype=torch.float32).eval()
+    return net, tokenizer
+
+
+def bleurt_scores(gts: list[str], preds: list[str], model: str, batch_size: int = 8) -> list[float]:
+    """BLEURT for each (reference, candidate) pair, as the organisers compute it.
+
+    Batches of 8 (their default), padded to the longest pair, truncated at 512 tokens; every pair goes
+    through the model, empty captions included (no special case, unlike ROUGE and BERTScore).
+    """
+    import torch
+
+    net, tokenizer = load_bleurt(model)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    net.to(device)
+    scores: list[float] = []
+    for start in range(0, len(gts), max(1, batch_size)):
+        refs, cands = gts[start:start + batch_size], preds[start:start + batch_size]
+        with torch.inference_mode():
+            inputs = tokenizer(refs, cands, padding="longest", return_tensors="pt", truncation=True, max_length=512)
+            logits = net(**{k: v.to(device) for k, v in inputs.items()}).logits
+        scores.extend(float(s) for s in logits.flatten().cpu().tolist())
+    return scores
+
+
+# The 2026 aggregates: (summary key, name) of each part, averaged with equal weight.
+RELEVANCE_PARTS = (("bertscore_f1", "BERTScore"), ("rouge1", "ROUGE-1"), ("medimageinsight", "MedImageInsight"),
+                   ("bleurt", "BLEURT"))
+FACTUALITY_PARTS = (("medcat_f1", "MedCAT"), ("alignscore", "AlignScore"))
+
+
+def aggregate(summary: dict, name: str, parts: tuple[tuple[str, str], ...]) -> dict:
+    """The official mean when every part ran; otherwise `<name>_partial`, naming what was left out."""
+    present = [key for key, _ in parts if key in summary]
+    skipped = [label for key, label in parts if key not in summary]
+    if not skipped:
+        return {name: sum(summary[k] for k in present) / len(present)}
+    return {f"{name}_partial": {"value": sum(summary[k] for k in present) / len(present) if present else None,
+                                "parts": f"{len(present)} of {len(parts)}", "skipped": skipped}}
+
+
 def caption_scores(gt: dict[str, str], pred: dict[str, str], bertscore_model: str | None = None,
-                   bertscore_layers: int | None = None) -> tuple[dict, list[dict]]:
+                   bertscore_layers: int | None = None, bleurt_model: str | None = None,
+                   bleurt_batch_size: int = 8) -> tuple[dict, list[dict]]:
     ids = list(gt)
     gts = [preprocess_caption(gt[i]) for i in ids]
     preds = [preprocess_caption(pred.get(i, "")) for i in ids]
     rouge = rouge1_scores(gts, preds)
     summary: dict = {"images_scored": len(ids), "rouge1": sum(rouge) / max(len(ids), 1), **bleu_scores(gts, preds)}
     rows = [{"ID": i, "rouge1": r} for i, r in zip(ids, rouge, strict=True)]
+    per_pair: dict[str, list[float]] = {}
+    skipped = []
     if bertscore_model:
-        bert = bertscore_f1(gts, preds, bertscore_model, bertscore_layers)
-        summary["bertscore_f1"] = sum(bert) / max(len(ids), 1)
-        for row, b in zip(rows, bert, strict=True):
-            row["bertscore_f1"] = b
+        per_pair["bertscore_f1"] = bertscore_f1(gts, preds, bertscore_model, bertscore_layers)
     else:
-        summary["skipped"] = ["bertscore_f1 (give --bertscore_model, a local microsoft/deberta-xlarge-mnli folder)",
-                              "MedImageInsight similarity, UMLS-concept F1 (MedCAT), AlignScore: need models "
-                              "this tool does not ship"]
+        skipped.append("bertscore_f1 (give --bertscore_model, a local microsoft/deberta-xlarge-mnli folder)")
+    if bleurt_model:
+        per_pair["bleurt"] = bleurt_scores(gts, preds, bleurt_model, bleurt_batch_size)
+    else:
+        skipped.append("bleurt (give --bleurt_model, a local lucadiliello/BLEURT-20-D12 folder)")
+    for key, scores in per_pair.items():
+        summary[key] = sum(scores) / max(len(ids), 1)
+        for row, score in zip(rows, scores, strict=True):
+            row[key] = score
+    skipped.append("MedImageInsight similarity, UMLS-concept F1 (MedCAT), AlignScore: need models this tool does "
+                   "not ship")
+    summary.update(aggregate(summary, "relevance", RELEVANCE_PARTS))
+    summary.update(aggregate(summary, "factuality", FACTUALITY_PARTS))
+    summary["skipped"] = skipped
     return summary, rows
 
 
@@ -337,9 +319,17 @@ def print_summary(title: str, summary: dict, report: Report) -> None:
         if key == "skipped":
             for item in value:
                 print(f"  {'skipped':<24}{item}")
+        elif key.endswith("_partial"):
+            name = key.removesuffix("_partial")
+            if value["value"] is None:
+                print(f"  {name} (skipped: {', '.join(value['skipped'])})")
+            else:
+                print(f"  {name} (partial: {value['parts']} parts; skipped {', '.join(value['skipped'])})  "
+                      f"{value['value']:.4f}  not the official score")
         else:
             print(f"  {key:<24}{value:.4f}" if isinstance(value, float) else f"  {key:<24}{value}")
-    print(f"  {'submission check':<24}{'accepted' if report.accepted else 'REJECTED, see above'}")
+    print(f"  {'submission check':<24}{'accepted' if report.accepted else 'REJECTED, see above'} "
+          f"({report.rules} rules)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,18 +342,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gt_manual", help="manual ground truth (ID,CUIs) for the secondary F1")
     c.add_argument("--allowed_cuis", help="CUIs counted by the secondary F1: a file with one per line or a "
                    "comma/semicolon-separated list (default: the 2025 list of modalities and body regions)")
-    k = sub.add_parser("captions", help="caption scores that run offline: ROUGE-1, BLEU-1/4, BERTScore")
+    k = sub.add_parser("captions", help="caption scores that run offline: ROUGE-1, BLEU-1/4, BERTScore, BLEURT")
     k.add_argument("--gt", required=True, help="ground truth, ID,Caption")
     k.add_argument("--pred", required=True, help="your submission, ID,Caption")
     k.add_argument("--bertscore_model", help="local folder of microsoft/deberta-xlarge-mnli for BERTScore")
     k.add_argument("--bertscore_layers", type=int, help="layer bert-score uses (known models: automatic)")
+    k.add_argument("--bleurt_model", help="local folder of lucadiliello/BLEURT-20-D12 for BLEURT")
+    k.add_argument("--bleurt_batch_size", type=int, default=8, help="pairs per BLEURT batch (default 8, as the "
+                   "organisers)")
     v = sub.add_parser("validate", help="check a submission against every rule the platform rejects on")
     v.add_argument("--task", choices=["concepts", "captions"], required=True)
     v.add_argument("--pred", required=True, help="the submission file")
     ids = v.add_mutually_exclusive_group()
-    ids.add_argument("--gt", help="ground-truth CSV whose first column lists the expected IDs")
-    ids.add_argument("--ids", help="CSV of expected IDs (first column) or a folder of the test images")
+    ids.add_argument("--gt", help="ground-truth CSV whose first column lists the expected IDs, in order")
+    ids.add_argument("--ids", help="the organisers' ids.csv (first column, in order) or a folder of the test images")
+    v.add_argument("--zip", help="write the upload zip (only submission.csv inside) here if the file is accepted")
     for p in (c, k, v):
+        p.add_argument("--rules", choices=RULES, default="2026", help="which edition's submission rules to check "
+                       "(default 2026; 2025 reads older files the lenient way)")
         p.add_argument("--json", action="store_true", help="print the result as JSON")
     for p in (c, k):
         p.add_argument("--per_image", help="write each image's scores to this CSV")
@@ -380,37 +376,57 @@ def allowed_list(value: str | None) -> tuple[str, ...]:
     return cuis
 
 
+def validate(args: argparse.Namespace) -> int:
+    if args.zip and not (args.gt or args.ids):
+        raise errors.UserError("--zip needs --ids or --gt: without the expected IDs their set and order are not "
+                               "checked")
+    if args.zip and args.rules != "2026":
+        raise errors.UserError("--zip checks with the 2026 rules, the platform's; leave out --rules 2025")
+    expected = expected_ids(args.gt or args.ids) if (args.gt or args.ids) else None
+    report = validate_file(args.task, args.pred, expected, args.rules)
+    written = write_zip(args.pred, args.zip) if args.zip and report.accepted else None
+    if args.json:
+        print(json.dumps({"accepted": report.accepted, "rules": report.rules, "errors": report.errors,
+                          "warnings": report.warnings, "zip": str(written) if written else None}, indent=2))
+    else:
+        log_report(report, args.pred)
+        if expected is None:
+            errors.log("  note: no --ids or --gt, so the ID set and order were not checked")
+    if written:
+        errors.log(f"wrote {written} (submission.csv inside): upload this file")
+    elif args.zip:
+        stale = f" ({args.zip} is from an earlier run: do not upload it)" if Path(args.zip).exists() else ""
+        errors.log(f"no zip written: {args.pred} is REJECTED; fix the errors above and run again{stale}")
+    return 0 if report.accepted else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "validate":
-        expected = expected_ids(args.gt or args.ids) if (args.gt or args.ids) else None
-        report = validate_file(args.task, args.pred, expected)
-        if args.json:
-            print(json.dumps({"accepted": report.accepted, "errors": report.errors, "warnings": report.warnings},
-                             indent=2))
-        else:
-            log_report(report, args.pred)
-        return 0 if report.accepted else 1
+        return validate(args)
     gt_rows, pred_rows = read_rows(args.gt), read_rows(args.pred)
+    expected = read_id_list(args.gt)  # the ground truth's order is the order the platform wants
     if args.command == "concepts":
-        report = validate_concepts(pred_rows, [f[0] for _, f in gt_rows if f and not is_header(f)])
         manual = concept_pairs(read_rows(args.gt_manual)) if args.gt_manual else None
+        if manual is not None:  # the platform adds the manual ground truth's other IDs after the primary's
+            known = set(expected)
+            expected += [i for i in read_id_list(args.gt_manual) if i not in known]
         summary, rows = concept_scores(concept_pairs(gt_rows), concept_pairs(pred_rows), manual,
                                        allowed_list(args.allowed_cuis))
     else:
-        report = validate_captions(pred_rows, [f[0] for _, f in gt_rows if f and not is_header(f)])
         summary, rows = caption_scores(caption_pairs(gt_rows), caption_pairs(pred_rows), args.bertscore_model,
-                                       args.bertscore_layers)
+                                       args.bertscore_layers, args.bleurt_model, args.bleurt_batch_size)
+    report = validate_file(args.command, args.pred, expected, args.rules)
     if args.per_image:
         write_per_image(args.per_image, rows)
     if args.json:
-        print(json.dumps({**summary, "accepted": report.accepted, "errors": report.errors,
+        print(json.dumps({**summary, "accepted": report.accepted, "rules": report.rules, "errors": report.errors,
                           "warnings": report.warnings}, indent=2))
     else:
         if not report.accepted or report.warnings:
             log_report(report, args.pred, limit=10)
         print_summary(f"{args.command}: {args.pred} vs {args.gt}", summary, report)
-    return 0
+    return 0 if report.accepted else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -90,11 +91,11 @@ def test_secondary_f1_filters_to_the_allowed_list_and_skips_images_left_empty(tm
     assert summary["images_scored_secondary"] == 1 and summary["f1_secondary"] == 0.0
 
 
-def test_validation_reports_every_violation_with_its_line_and_rejects(tmp_path):
+def test_2025_rules_report_every_violation_with_its_line_and_reject(tmp_path):
     many = ";".join(f"C{i:07d}" for i in range(101))
     pred = write(tmp_path / "pred.csv", "ID,CUIs\na,C0000001\nb,C0000001;C0000001\na,C0000002\n"
                  f"c,{many}\nzzz,C0000003\nd,C1,C2\n\ne,c0000005;C0000005;\n")
-    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"])
+    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"], rules="2025")
     text = "\n".join(report.errors)
     assert "line 3: concept repeated for 'b': C0000001" in text
     assert "line 4: duplicate image ID 'a' (first on line 2)" in text
@@ -105,8 +106,8 @@ def test_validation_reports_every_violation_with_its_line_and_rejects(tmp_path):
     assert "1 missing (f)" in text
     assert any("line 9" in w and "letter cases" in w for w in report.warnings)
     assert any("line 9" in w and "stray ';'" in w for w in report.warnings)
-    result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--ids",
-                        str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
+    result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--rules", "2025",
+                        "--ids", str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
     assert result.returncode == 1 and "REJECTED" in result.stderr
 
 
@@ -186,3 +187,159 @@ def test_bertscore_runs_from_a_local_model_folder(tmp_path):
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
     with pytest.raises(errors.UserError, match="--bertscore_layers"):
         evaluate.caption_scores(gt, pred, str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# BLEURT and the 2026 aggregates
+# ---------------------------------------------------------------------------------------------
+
+SENTENCES = ["axial ct of the brain showing a mass", "chest x ray with a small nodule in the right lung",
+             "mri of the knee with a torn meniscus", "ultrasound of the liver showing a cyst",
+             "coronal ct of the abdomen with contrast", "pet scan showing uptake in the lymph nodes",
+             "angiogram of the left coronary artery", "plain radiograph of the pelvis number views"]
+
+
+def build_tiny_bleurt(folder: Path) -> Path:
+    """A tiny random BLEURT laid out like lucadiliello/BLEURT-20-D12: the package's own classes, and a
+    sentencepiece vocabulary (spm.model) with the tokenizer_config.json the package writes."""
+    import sentencepiece
+    import torch
+
+    model_class, _, _ = evaluate.bleurt_classes()  # the package imports only once mended
+    from bleurt_pytorch import BleurtConfig
+
+    folder.mkdir(parents=True)
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4), model_prefix=str(folder / "spm"), vocab_size=80, model_type="unigram",
+        hard_vocab_limit=False, pad_id=0, pad_piece="[PAD]", unk_id=1, unk_piece="[UNK]", bos_id=-1, eos_id=-1,
+        control_symbols=["[CLS]", "[SEP]", "[MASK]"], minloglevel=2)
+    (folder / "spm.vocab").unlink()
+    specials = {"bos_token": "[CLS]", "cls_token": "[CLS]", "eos_token": "[SEP]", "sep_token": "[SEP]",
+                "mask_token": "[MASK]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
+    files.write_text_atomic(folder / "tokenizer_config.json", json.dumps(
+        {**specials, "do_lower_case": False, "split_by_punct": False, "sp_model_kwargs": {},
+         "tokenizer_class": "BleurtSPTokenizer", "vocab_type": "spm"}))
+    vocab_size = sentencepiece.SentencePieceProcessor(model_file=str(folder / "spm.model")).get_piece_size()
+    torch.manual_seed(0)
+    # Wider than default initial weights, so that different pairs get clearly different scores.
+    config = BleurtConfig(vocab_size=vocab_size, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=2, intermediate_size=64, initializer_range=0.3,
+                          architectures=["BleurtForSequenceClassification"])
+    model_class(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_bleurt(tmp_path_factory) -> Path:
+    return build_tiny_bleurt(tmp_path_factory.mktemp("bleurt") / "tiny-bleurt")
+
+
+# Nine pairs: one full batch of 8 and one of 1; 'c' is an empty pair, 'i' an empty prediction.
+BLEURT_GT = {"a": "Axial CT of the brain, showing a mass.", "b": "Chest X-ray (PA): small nodule.", "c": "",
+             "d": "MRI of the knee", "e": "Ultrasound of the liver showing a cyst", "f": "PET scan",
+             "g": "Angiogram of the left coronary artery", "h": "Plain radiograph of the pelvis, 2 views",
+             "i": "Coronal CT of the abdomen"}
+BLEURT_PRED = {"a": "axial ct of the brain showing a mass", "b": "mri of the knee", "c": "", "d": "MRI of the knee.",
+               "e": "ultrasound", "f": "pet scan showing uptake in the lymph nodes", "g": "angiogram",
+               "h": "chest x ray", "i": ""}
+
+
+def test_bleurt_scores_every_image_from_a_saved_model_in_batches(tiny_bleurt):
+    import math
+
+    summary, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    per = {r["ID"]: r["bleurt"] for r in rows}
+    assert list(per) == list(BLEURT_GT) and all(math.isfinite(s) for s in per.values())
+    assert summary["bleurt"] == pytest.approx(sum(per.values()) / 9)
+    assert len({round(s, 6) for s in per.values()}) > 5  # the pairs are told apart
+    again, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    assert again["bleurt"] == summary["bleurt"]
+    # Padding must not change a score: batches of 8 (padded to the longest pair) equal one pair at a time.
+    gts = [evaluate.preprocess_caption(BLEURT_GT[i]) for i in BLEURT_GT]
+    preds = [evaluate.preprocess_caption(BLEURT_PRED[i]) for i in BLEURT_GT]
+    one_by_one = evaluate.bleurt_scores(gts, preds, str(tiny_bleurt), batch_size=1)
+    assert one_by_one == pytest.approx(list(per.values()), abs=1e-5)
+
+
+def test_bleurt_puts_empty_captions_through_the_model_like_the_organisers(tiny_bleurt):
+    import torch
+
+    _, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    per = {r["ID"]: r for r in rows}
+    assert per["c"]["rouge1"] == 1.0  # ROUGE scores an empty pair 1 ...
+    net, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    with torch.inference_mode():
+        direct = net(**tokenizer([""], [""], return_tensors="pt")).logits.item()
+    assert per["c"]["bleurt"] == pytest.approx(direct, abs=1e-6) and per["c"]["bleurt"] != 1.0  # ... BLEURT does not
+
+
+def test_bleurt_tokenizer_reads_the_sentencepiece_vocabulary_as_sentencepiece_does(tiny_bleurt):
+    """transformers 4 (the organisers') tokenized with sentencepiece itself; transformers 5 converts spm.model."""
+    import sentencepiece
+
+    _, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_bleurt / "spm.model"))
+    cls, sep = sp.piece_to_id("[CLS]"), sp.piece_to_id("[SEP]")
+    texts = [evaluate.preprocess_caption(t) for t in [*BLEURT_GT.values(), *BLEURT_PRED.values()]]
+    texts += [" leading space", "two  spaces", "ﬁbrosis ＣＴ µm", "unseen words zebra"]
+    for text in texts:
+        assert tokenizer(text)["input_ids"] == [cls, *sp.encode(text), sep], text
+    pair = tokenizer("chest x ray", "mri")
+    n = len(sp.encode("chest x ray"))
+    assert pair["input_ids"] == [cls, *sp.encode("chest x ray"), sep, *sp.encode("mri"), sep]
+    assert pair["token_type_ids"] == [0] * (n + 2) + [1] * (len(sp.encode("mri")) + 1)
+
+
+def test_bleurt_model_folder_problems_are_one_line_errors(tmp_path, tiny_bleurt):
+    with pytest.raises(errors.UserError, match="no config.json"):
+        evaluate.load_bleurt(str(tmp_path))
+    (tmp_path / "config.json").write_text((tiny_bleurt / "config.json").read_text())
+    with pytest.raises(errors.UserError, match="has no tokenizer"):
+        evaluate.load_bleurt(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.environ.get("JJVMED_BLEURT_MODEL"),
+                    reason="set JJVMED_BLEURT_MODEL to a local lucadiliello/BLEURT-20-D12 folder")
+def test_bleurt_20_d12_gives_the_scores_its_package_publishes():
+    scores = evaluate.bleurt_scores(["a bird chirps by the window", "this is a random sentence"],
+                                    ["a bird chirps by the window", "this looks like a random sentence"],
+                                    os.environ["JJVMED_BLEURT_MODEL"])
+    assert scores == pytest.approx([0.9604414105415344, 0.8080050349235535], abs=1e-4)
+
+
+def test_relevance_and_factuality_are_reported_as_partial_naming_the_missing_parts(tmp_path, tiny_bleurt, capsys):
+    summary, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED)
+    assert "relevance" not in summary and "factuality" not in summary
+    assert summary["relevance_partial"] == {"value": summary["rouge1"], "parts": "1 of 4",
+                                            "skipped": ["BERTScore", "MedImageInsight", "BLEURT"]}
+    assert summary["factuality_partial"] == {"value": None, "parts": "0 of 2", "skipped": ["MedCAT", "AlignScore"]}
+    gt = tmp_path / "gt.csv"
+    files.write_csv_atomic(gt, ["ID", "Caption"], BLEURT_GT.items())
+    pred = tmp_path / "pred.csv"
+    files.write_csv_atomic(pred, ["ID", "Caption"], BLEURT_PRED.items())
+    assert evaluate.main(["captions", "--gt", str(gt), "--pred", str(pred), "--bleurt_model", str(tiny_bleurt)]) == 0
+    out = capsys.readouterr().out
+    with_bleurt, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    expected = (with_bleurt["rouge1"] + with_bleurt["bleurt"]) / 2
+    assert with_bleurt["relevance_partial"]["value"] == pytest.approx(expected)
+    assert (f"relevance (partial: 2 of 4 parts; skipped BERTScore, MedImageInsight)  {expected:.4f}  not the "
+            "official score") in out
+    assert "factuality (skipped: MedCAT, AlignScore)" in out
+
+
+def test_concepts_and_captions_exit_1_on_a_rejected_file_and_still_print_the_scores(tmp_path, capsys):
+    gt = write(tmp_path / "gt.csv", "ID,CUIs\nimg_10,C0040405\nimg_2,C0817096\nimg_1,C0024485\n")
+    in_order = write(tmp_path / "in_order.csv", "ID,CUIs\nimg_10,C0040405\nimg_2,\nimg_1,C0024485\n")
+    natural = write(tmp_path / "natural.csv", "ID,CUIs\nimg_1,C0024485\nimg_2,\nimg_10,C0040405\n")
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(in_order)]) == 0
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(natural)]) == 1
+    captured = capsys.readouterr()
+    assert "line 2: ID order: expected 'img_10' at position 1, found 'img_1'" in captured.err
+    assert "REJECTED" in captured.out and captured.out.count("f1                      0.6667") == 2
+    assert evaluate.main(["concepts", "--gt", str(gt), "--pred", str(natural), "--rules", "2025"]) == 0
+    gt_captions = write(tmp_path / "gt_captions.csv", "ID,Caption\nimg_10,a\nimg_2,b\n")
+    unquoted = write(tmp_path / "unquoted.csv", 'ID,Caption\nimg_10,"a, b" (c)\nimg_2,b\n')
+    result = run_script("evaluate.py", "captions", "--gt", str(gt_captions), "--pred", str(unquoted), "--json")
+    out = json.loads(result.stdout)
+    assert result.returncode == 1 and not out["accepted"] and out["rouge1"] < 1.0
+    assert out["errors"] == ["line 2: the caption contains a comma but is not enclosed in double quotes"]

@@ -1,0 +1,443 @@
+"""The organisers' file rules: reading submissions, the pre-check the upload platform runs, the upload zip.
+
+Two sets of rules:
+- "2026" (the default): every rejection rule of the 2026 pre-check (header exactly `ID,CUIs` /
+  `ID,Caption`, two fields on every row, no whitespace around IDs and CUIs, no blank line, UTF-8
+  without BOM, CUIs shaped `C` + digits, quoted captions with commas, rows in exactly the order of
+  the expected ID list), plus the rules of the scoring step that runs after it (at most 100
+  concepts; an ID containing 'ID' is skipped as a header by the concept scorer).
+- "2025": the older, more lenient reader (any row whose first field contains 'ID' is a header, a
+  bare `ID` row is allowed, order is free), for files made for earlier editions.
+
+All violations are reported, each with its line number; the platform itself stops at the first.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import re
+import time
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import errors
+import files
+from images import list_images
+
+RULES = ("2026", "2025")
+TASKS = ("concepts", "captions")
+HEADERS = {"concepts": ["ID", "CUIs"], "captions": ["ID", "Caption"]}
+MAX_CONCEPTS = 100
+CUI_SHAPE = re.compile(r"^C\d{7}$")  # a UMLS CUI
+CUI_2026 = re.compile(r"C\d+")  # what the 2026 pre-check accepts (case-sensitive, any number of digits)
+# Characters str.splitlines() breaks at besides \r and \n. The pre-check finds blank lines and pairs rows
+# with raw lines through splitlines(), while the csv reader does not break there.
+ODD_LINE_BREAKS = "\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+ZIP_MEMBER = "submission.csv"
+ZIP_EARLIEST = 315_619_200  # 1980-01-02: zip dates cannot be older than 1980
+
+Rows = list[tuple[int, list[str]]]
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)  # the platform would reject the file
+    warnings: list[str] = field(default_factory=list)  # accepted, but probably not what you meant
+    rules: str = "2026"
+
+    @property
+    def accepted(self) -> bool:
+        return not self.errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files the way the official scorer does (also the 2025 rules' reader)
+# ---------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str | Path) -> Rows:
+    """(line number, fields) of every CSV record; a file that is not UTF-8 is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise errors.UserError(f"{path} does not exist")
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            rows = []
+            for fields in reader:
+                rows.append((reader.line_num, fields))
+            return rows
+    except UnicodeDecodeError as e:
+        raise errors.UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    except csv.Error as e:
+        raise errors.UserError(f"{path} is not a readable CSV: {e}") from None
+
+
+def is_header(fields: list[str]) -> bool:
+    return bool(fields) and "ID" in fields[0]  # the official concept reader's rule, for any row
+
+
+def concept_pairs(rows: Rows) -> dict[str, tuple[str, ...]]:
+    """ID -> concepts, as the official reader builds them (empty items kept, not yet upper-cased)."""
+    pairs: dict[str, tuple[str, ...]] = {}
+    for _, fields in rows:
+        if not fields or is_header(fields) or len(fields) > 2:
+            continue
+        pairs[fields[0]] = tuple(c.strip() for c in fields[1].split(";")) if len(fields) == 2 else ()
+    return pairs
+
+
+def caption_pairs(rows: Rows) -> dict[str, str]:
+    """ID -> caption: the second field, as the official reader keeps it."""
+    return {fields[0]: fields[1] for _, fields in rows if len(fields) >= 2 and not is_header(fields)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The expected IDs
+# ---------------------------------------------------------------------------------------------
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """The expected IDs, in the file's order: the first column of the organisers' ids.csv or a ground truth.
+
+    A first row whose first field is `ID` is the header. IDs are stripped and blank rows skipped, as
+    the organisers' own reader does; a UTF-8 BOM is tolerated. The order is kept exactly: the 2026
+    pre-check wants the rows in this order.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise errors.UserError(f"ID list {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise errors.UserError(f"ID list {path} is not UTF-8 (byte {e.start})") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    ids: list[str] = []
+    first_line: dict[str, int] = {}
+    try:
+        for fields in reader:
+            image_id = fields[0].strip() if fields else ""
+            if not image_id or (reader.line_num == 1 and image_id.lower() == "id"):
+                continue
+            if image_id in first_line:
+                raise errors.UserError(f"ID list {path}: image ID {image_id!r} is listed twice (lines "
+                                       f"{first_line[image_id]} and {reader.line_num})")
+            first_line[image_id] = reader.line_num
+            ids.append(image_id)
+    except csv.Error as e:
+        raise errors.UserError(f"ID list {path} is not a readable CSV: {e}") from None
+    if not ids:
+        raise errors.UserError(f"ID list {path} lists no image IDs")
+    return ids
+
+
+def expected_ids(source: str | Path) -> list[str]:
+    """Image IDs from a ground-truth/ID CSV (first column, its order) or an image folder (natural order)."""
+    source = Path(source)
+    if source.is_dir():
+        return [i for i, _ in list_images(source)]
+    return read_id_list(source)
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2025 rules: the official scorer's reader, all violations
+# ---------------------------------------------------------------------------------------------
+
+
+def check_ids(rows: Rows, expected: list[str] | None, report: Report) -> None:
+    seen: dict[str, int] = {}
+    expected_set = set(expected or [])
+    for line, fields in rows:
+        if not fields or is_header(fields):
+            continue
+        image_id = fields[0]
+        if image_id in seen:
+            report.errors.append(f"line {line}: duplicate image ID {image_id!r} (first on line {seen[image_id]})")
+            continue
+        seen[image_id] = line
+        if expected is not None and image_id not in expected_set:
+            report.errors.append(f"line {line}: unknown image ID {image_id!r}")
+    if expected is None:
+        return
+    missing = [i for i in expected if i not in seen]
+    header_like = [i for i in missing if "ID" in i]
+    if header_like:
+        report.errors.append(f"{len(header_like)} image IDs contain 'ID', so the evaluator skips their rows as "
+                             f"headers: {', '.join(header_like[:5])}")
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        report.errors.append(f"{len(seen)} image IDs but the test set has {len(expected)}: {len(missing)} missing "
+                             f"({shown})")
+
+
+def data_rows(rows: Rows, report: Report) -> Iterator[tuple[int, list[str]]]:
+    """The rows the evaluator reads as data: blank lines are reported, header-like rows skipped."""
+    for line, fields in rows:
+        if not fields:
+            report.errors.append(f"line {line}: blank line")
+        elif not is_header(fields):
+            yield line, fields
+
+
+def validate_concepts(rows: Rows, expected: list[str] | None) -> Report:
+    """The 2025 rules for a concept file."""
+    report = Report(rules="2025")
+    for line, fields in data_rows(rows, report):
+        if len(fields) > 2:
+            report.errors.append(f"line {line}: {len(fields)} fields; a row is ID or ID,CUI;CUI;... "
+                                 "(separate CUIs with ';', not ',')")
+            continue
+        if len(fields) == 1:
+            continue
+        concepts = [c.strip() for c in fields[1].split(";")]
+        named = [c for c in concepts if c]
+        if len(concepts) > MAX_CONCEPTS:
+            report.errors.append(f"line {line}: {len(concepts)} concepts for {fields[0]!r}; at most {MAX_CONCEPTS}")
+        dupes = sorted({c for c in named if named.count(c) > 1})
+        if dupes:
+            report.errors.append(f"line {line}: concept repeated for {fields[0]!r}: {', '.join(dupes)}")
+        if len({c.upper() for c in named}) < len(set(named)):
+            report.warnings.append(f"line {line}: the same CUI in two letter cases for {fields[0]!r}")
+        if named and len(named) < len(concepts):
+            report.warnings.append(f"line {line}: empty item (a stray ';') for {fields[0]!r} counts as a wrong "
+                                   "concept")
+        odd = [c for c in named if not CUI_SHAPE.match(c.upper())]
+        if odd:
+            report.warnings.append(f"line {line}: not shaped like a CUI (C + 7 digits): {', '.join(odd[:5])}")
+    check_ids(rows, expected, report)
+    return report
+
+
+def validate_captions(rows: Rows, expected: list[str] | None) -> Report:
+    """The 2025 rules for a caption file."""
+    report = Report(rules="2025")
+    if not rows or [f.strip() for f in rows[0][1]] != ["ID", "Caption"]:
+        report.errors.append("line 1: the header row must be ID,Caption")
+    for line, fields in data_rows(rows, report):
+        if len(fields) < 2:
+            report.errors.append(f"line {line}: no caption field for {fields[0]!r}")
+        elif len(fields) > 2:
+            report.warnings.append(f"line {line}: {len(fields)} fields; only the text before the first unquoted "
+                                   "comma is scored (quote captions that contain commas)")
+        elif not fields[1].strip():
+            report.warnings.append(f"line {line}: empty caption for {fields[0]!r}")
+    check_ids(rows, expected, report)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2026 rules: the platform's pre-check, line by line, all violations
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_2026(data: bytes, problems: list[tuple[int, str]]) -> str:
+    """The file's text as the pre-check reads it; a BOM or bytes that are not UTF-8 are reported, then
+    set aside so the rest of the file is still checked."""
+    if data.startswith(codecs.BOM_UTF8):
+        problems.append((1, "line 1: the file starts with a UTF-8 BOM, which the platform reads as part of the "
+                            "header: save it as UTF-8 without BOM"))
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        problems.append((line, f"line {line}: not UTF-8 (byte {e.start}); save the file as UTF-8"))
+        return data.decode("utf-8", errors="replace")
+
+
+def parse_records(text: str, problems: list[tuple[int, str]]) -> list[tuple[int, int, list[str]]]:
+    """(first line, last line, fields) of every CSV record, as the pre-check's csv reader yields them."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records = []
+    try:
+        for fields in reader:
+            first = records[-1][1] + 1 if records else 1
+            records.append((first, reader.line_num, fields))
+    except csv.Error as e:
+        line = (records[-1][1] + 1) if records else 1
+        problems.append((line, f"line {line}: not a readable CSV: {e}"))
+    return records
+
+
+def check_row_2026(task: str, line: int, fields: list[str], raw: str | None, raw_line: int,
+                   problems: list[tuple[int, str]], warnings: list[str]) -> None:
+    """The pre-check's per-row format rules (the ID rules are checked over the whole file).
+
+    `raw` is the text line the pre-check pairs with this row (line number `raw_line`), which is the
+    row's own line unless a row above spans several lines.
+    """
+    image_id = fields[0]
+    if len(fields) != 2:
+        count = f"{len(fields)} field" + ("" if len(fields) == 1 else "s")
+        if task == "concepts":
+            hint = ("write 'ID,' for an image with no concept" if len(fields) == 1
+                    else "separate CUIs with ';', not ','")
+            problems.append((line, f"line {line}: {count}; every row is exactly ID,CUIs ({hint})"))
+        else:
+            hint = ("write 'ID,' for an empty caption" if len(fields) == 1
+                    else "a caption that contains a comma must be enclosed in double quotes")
+            problems.append((line, f"line {line}: {count}; every row is exactly ID,Caption ({hint})"))
+    if image_id != image_id.strip():
+        problems.append((line, f"line {line}: whitespace around the ID {image_id!r}"))
+    if len(fields) != 2:
+        return
+    value = fields[1]
+    if task == "captions":
+        # The pre-check looks at the raw line, not the parsed field: the text after the first comma
+        # must start and end with a double quote when it holds another comma.
+        after = raw.split(",", 1)[1] if raw is not None and "," in raw else None
+        if after and "," in after and not (after.startswith('"') and after.endswith('"')):
+            shifted = (f" (the platform checks line {raw_line} of the file for this row: a row above spans several "
+                       "lines)" if raw_line != line else "")
+            problems.append((line, f"line {line}: the caption contains a comma but is not enclosed in double "
+                                   f"quotes{shifted}"))
+        if not value.strip():
+            warnings.append(f"line {line}: empty caption for {image_id.strip()!r}")
+        return
+    if value != value.strip():
+        problems.append((line, f"line {line}: whitespace around the CUIs field for {image_id.strip()!r}"))
+    if not value.strip():
+        return  # an empty CUIs field is allowed
+    parts = [p.strip() for p in value.split(";")]
+    if any(not p for p in parts):
+        problems.append((line, f"line {line}: empty CUI for {image_id.strip()!r} (a trailing ';' or ';;')"))
+    invalid = [p for p in parts if p and not CUI_2026.fullmatch(p)]
+    if invalid:
+        problems.append((line, f"line {line}: not a CUI (an upper-case C followed by digits): "
+                               f"{', '.join(repr(p) for p in invalid[:5])}"))
+    dupes = sorted({p for p in parts if p and parts.count(p) > 1})
+    if dupes:
+        problems.append((line, f"line {line}: concept repeated for {image_id.strip()!r}: {', '.join(dupes)}"))
+    if len(parts) > MAX_CONCEPTS:  # rejected by the scoring step that runs after the pre-check
+        problems.append((line, f"line {line}: {len(parts)} concepts for {image_id.strip()!r}; at most "
+                               f"{MAX_CONCEPTS} (the scoring step rejects the file)"))
+    odd = [p for p in parts if CUI_2026.fullmatch(p) and not CUI_SHAPE.match(p)]
+    if odd:
+        warnings.append(f"line {line}: accepted, but not a 7-digit UMLS CUI: {', '.join(odd[:5])}")
+
+
+def check_ids_2026(task: str, ids: list[tuple[int, str]], expected: list[str] | None,
+                   problems: list[tuple[int, str]], file_problems: list[str]) -> None:
+    """Every expected ID once, none unknown, in exactly the expected order."""
+    first_line: dict[str, int] = {}
+    unique: list[tuple[int, str]] = []
+    for line, image_id in ids:
+        if image_id in first_line:
+            problems.append((line, f"line {line}: duplicate image ID {image_id!r} (first on line "
+                                   f"{first_line[image_id]})"))
+            continue
+        first_line[image_id] = line
+        unique.append((line, image_id))
+        if task == "concepts" and "ID" in image_id:
+            problems.append((line, f"line {line}: the concept scorer skips the row of {image_id!r} as a header: "
+                                   "image IDs must not contain 'ID'"))
+    if expected is None:
+        return
+    expected_set = set(expected)
+    for line, image_id in unique:
+        if image_id not in expected_set:
+            problems.append((line, f"line {line}: unknown image ID {image_id!r}"))
+    # The platform compares the n-th distinct ID of the file with the n-th expected ID.
+    out_of_place = [(line, position, image_id) for position, (line, image_id) in enumerate(unique)
+                    if position >= len(expected) or expected[position] != image_id]
+    if out_of_place:
+        line, position, image_id = out_of_place[0]
+        wanted = repr(expected[position]) if position < len(expected) else "no further ID"
+        problems.append((line, f"line {line}: ID order: expected {wanted} at position {position + 1}, found "
+                               f"{image_id!r}; {len(out_of_place)} of {len(unique)} rows are out of place (rows "
+                               "must follow the order of the expected ID list exactly)"))
+    missing = [i for i in expected if i not in first_line]
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        file_problems.append(f"{len(missing)} of the {len(expected)} expected image IDs are missing ({shown})")
+
+
+def validate_2026(task: str, path: str | Path, expected: list[str] | None) -> Report:
+    """Every rejection rule of the 2026 pre-check, with line numbers; see the module docstring."""
+    path = Path(path)
+    if not path.is_file():
+        raise errors.UserError(f"{path} does not exist")
+    problems: list[tuple[int, str]] = []
+    file_problems: list[str] = []
+    warnings: list[str] = []
+    text = decode_2026(path.read_bytes(), problems)
+    lines = text.splitlines()
+    # The pre-check's blank-line rule, as written: any line after the first that is empty or only
+    # whitespace (a line equal to the first one is exempt).
+    for number, raw in enumerate(lines[1:], start=2):
+        if not raw.strip() and raw != lines[0]:
+            problems.append((number, f"line {number}: blank line"))
+    records = parse_records(text, problems)
+    header = HEADERS[task]
+    if not records:
+        problems.append((1, f"line 1: the file is empty; the first line must be the header {','.join(header)}"))
+    elif records[0][2] != header:
+        problems.append((1, f"line 1: the header row must be {','.join(header)}"))
+    ids: list[tuple[int, str]] = []
+    for index, (line, last, fields) in enumerate(records[1:], start=1):
+        if not fields or (len(fields) == 1 and not fields[0].strip()):
+            continue  # a blank line, reported above
+        if last > line:
+            warnings.append(f"line {line}: a line break inside a field; the platform checks the file line by line, "
+                            "so keep every row on one line")
+        odd = sorted({f"U+{ord(c):04X}" for value in fields for c in value if c in ODD_LINE_BREAKS})
+        if odd:
+            warnings.append(f"line {line}: {', '.join(odd)}, which the platform's checks count as a line break; "
+                            "remove it")
+        # The pre-check pairs the n-th record with the n-th raw line (it assumes one line per row).
+        raw = lines[index] if index < len(lines) else None
+        check_row_2026(task, line, fields, raw, index + 1, problems, warnings)
+        ids.append((line, fields[0].strip()))
+    check_ids_2026(task, ids, expected, problems, file_problems)
+    problems.sort(key=lambda p: p[0])  # stable: the order found within a line is kept
+    return Report(errors=[message for _, message in problems] + file_problems, warnings=warnings, rules="2026")
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+
+def validate_file(task: str, path: str | Path, expected: list[str] | None, rules: str = "2026") -> Report:
+    """Check a submission file against the organisers' rules; expected=None skips the ID set and order checks."""
+    if task not in TASKS:
+        raise errors.UserError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
+    if rules not in RULES:
+        raise errors.UserError(f"unknown rules {rules!r}; one of {', '.join(RULES)}")
+    if rules == "2026":
+        return validate_2026(task, path, expected)
+    rows = read_rows(path)
+    return validate_concepts(rows, expected) if task == "concepts" else validate_captions(rows, expected)
+
+
+def log_report(report: Report, name: str, limit: int = 50) -> None:
+    verdict = "accepted" if report.accepted else f"REJECTED ({len(report.errors)} problems)"
+    lines = [f"{name}: the official checks say {verdict} ({report.rules} rules)"]
+    lines += [f"  error: {e}" for e in report.errors[:limit]]
+    if len(report.errors) > limit:
+        lines.append(f"  ... and {len(report.errors) - limit} more errors")
+    lines += [f"  warning: {w}" for w in report.warnings[:limit]]
+    if len(report.warnings) > limit:
+        lines.append(f"  ... and {len(report.warnings) - limit} more warnings")
+    errors.log("\n".join(lines))
+
+
+def write_zip(csv_path: str | Path, zip_path: str | Path) -> Path:
+    """The upload: a zip holding only `submission.csv`, the CSV's bytes unchanged, written atomically."""
+    csv_path, zip_path = Path(csv_path), Path(zip_path)
+    if not csv_path.is_file():
+        raise errors.UserError(f"{csv_path} does not exist")
+    if zip_path.suffix.lower() != ".zip":
+        raise errors.UserError(f"the upload file must end in .zip, not {zip_path.name!r}")
+    data = csv_path.read_bytes()
+    info = zipfile.ZipInfo(ZIP_MEMBER, date_time=time.localtime(max(csv_path.stat().st_mtime, ZIP_EARLIEST))[:6])
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16  # a plain readable file when unpacked
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr(info, data)
+    return files.write_bytes_atomic(zip_path, buffer.getvalue())
