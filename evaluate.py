@@ -363,6 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the result as JSON")
     for p in (c, k):
         p.add_argument("--per_image", help="write each image's scores to this CSV")
+    r = sub.add_parser("report", help="error analysis: one self-contained HTML page with the scores, a per-CUI "
+                       "table and a card per image")
+    r.add_argument("--out", required=True, help="the HTML file to write")
+    r.add_argument("--image_dir", help="folder of the images, for the cards' thumbnails")
+    r.add_argument("--concepts_gt", help="concept ground truth, ID,CUIs")
+    r.add_argument("--concepts_pred", help="your concept run, ID,CUIs")
+    r.add_argument("--gt_manual", help="manual ground truth (ID,CUIs) for the secondary F1")
+    r.add_argument("--allowed_cuis", help="CUIs counted by the secondary F1 (as for the concepts command)")
+    r.add_argument("--concepts_method", action="append", metavar="NAME=CSV", help="another concept method's ID,CUIs "
+                   "file, shown and scored on each card beside --concepts_pred (repeatable)")
+    r.add_argument("--captions_gt", help="caption ground truth, ID,Caption")
+    r.add_argument("--captions_pred", help="your caption run, ID,Caption")
+    r.add_argument("--bertscore_model", help="local folder of microsoft/deberta-xlarge-mnli for BERTScore")
+    r.add_argument("--bertscore_layers", type=int, help="layer bert-score uses (known models: automatic)")
+    r.add_argument("--cui_mapping_file", default=str(Path(__file__).resolve().parent / "data" / "cui_names.csv"),
+                   help="names shown beside the CUIs: CUI plus a name column (default: data/cui_names.csv)")
+    r.add_argument("--title", help="the page's title")
+    r.add_argument("--limit", type=int, help="only the first N ground-truth images, in ID order")
     return parser
 
 
@@ -402,6 +420,8 @@ def validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "report":
+        return run_report(args)
     if args.command == "validate":
         return validate(args)
     gt_rows, pred_rows = read_rows(args.gt), read_rows(args.pred)
@@ -427,6 +447,97 @@ def main(argv: list[str] | None = None) -> int:
             log_report(report, args.pred, limit=10)
         print_summary(f"{args.command}: {args.pred} vs {args.gt}", summary, report)
     return 0 if report.accepted else 1
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`report`: the official scores and one card per ground-truth image, written as one HTML page."""
+    import report
+    from cui_mapper import CuiMapper
+    from images import id_sort_key
+
+    concepts, captions = bool(args.concepts_gt or args.concepts_pred), bool(args.captions_gt or args.captions_pred)
+    if not concepts and not captions:
+        raise errors.UserError("report needs --concepts_gt and --concepts_pred, --captions_gt and --captions_pred, "
+                               "or both pairs")
+    if concepts and not (args.concepts_gt and args.concepts_pred):
+        raise errors.UserError("give both --concepts_gt and --concepts_pred")
+    if captions and not (args.captions_gt and args.captions_pred):
+        raise errors.UserError("give both --captions_gt and --captions_pred")
+    if (args.gt_manual or args.concepts_method) and not concepts:
+        raise errors.UserError("--gt_manual and --concepts_method need --concepts_gt and --concepts_pred")
+    if args.limit is not None and args.limit < 1:
+        raise errors.UserError(f"--limit must be at least 1, not {args.limit}")
+    methods = {}
+    for spec in args.concepts_method or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path:
+            raise errors.UserError(f"--concepts_method {spec}: write it as NAME=CSV")
+        methods[name.strip()] = concept_pairs(read_rows(path))
+    try:
+        cui_names = CuiMapper.from_csv(args.cui_mapping_file).names
+    except ValueError as e:
+        raise errors.UserError(str(e)) from None
+
+    c_gt_rows = read_rows(args.concepts_gt) if concepts else []
+    c_pred_rows = read_rows(args.concepts_pred) if concepts else []
+    k_gt_rows = read_rows(args.captions_gt) if captions else []
+    k_pred_rows = read_rows(args.captions_pred) if captions else []
+    c_gt, c_pred = concept_pairs(c_gt_rows), concept_pairs(c_pred_rows)
+    k_gt, k_pred = caption_pairs(k_gt_rows), caption_pairs(k_pred_rows)
+    all_ids = sorted(dict.fromkeys([*c_gt, *k_gt]), key=id_sort_key)
+    ids = all_ids[:args.limit] if args.limit else all_ids
+    keep = set(ids)
+    scores: dict[str, dict[str, float]] = {i: {} for i in ids}
+    summary: dict = {"run": {"images": len(ids) if len(ids) == len(all_ids) else f"first {len(ids):,} of "
+                             f"{len(all_ids):,} (--limit)"}}
+
+    def check(report_: Report) -> str:
+        if args.limit:
+            return "not run with --limit"
+        problems = f"REJECTED ({len(report_.errors)} problems, listed by the validate command)"
+        return "accepted" if report_.accepted else problems
+
+    if concepts:
+        summary["run"]["concepts"] = f"{args.concepts_pred} vs {args.concepts_gt}"
+        gt = {i: c for i, c in c_gt.items() if i in keep}
+        manual = ({i: c for i, c in concept_pairs(read_rows(args.gt_manual)).items() if i in keep}
+                  if args.gt_manual else None)
+        concept_summary, rows = concept_scores(gt, c_pred, manual, allowed_list(args.allowed_cuis))
+        for name, pred in methods.items():
+            method_summary, method_rows = concept_scores(gt, pred)
+            concept_summary[f"f1 {name}"] = method_summary["f1"]
+            rows += [{"ID": r["ID"], f"f1 {name}": r["f1"]} for r in method_rows]
+        verdict = check(validate_concepts(c_pred_rows, [f[0] for _, f in c_gt_rows if f and not is_header(f)]))
+        summary["concepts"] = {**concept_summary, "submission check": verdict}
+        for row in rows:
+            scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
+    if captions:
+        summary["run"]["captions"] = f"{args.captions_pred} vs {args.captions_gt}"
+        caption_summary, rows = caption_scores({i: c for i, c in k_gt.items() if i in keep}, k_pred,
+                                               args.bertscore_model, args.bertscore_layers)
+        verdict = check(validate_captions(k_pred_rows, [f[0] for _, f in k_gt_rows if f and not is_header(f)]))
+        summary["captions"] = {**caption_summary, "submission check": verdict}
+        for row in rows:
+            scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
+
+    paths = dict(list_images(args.image_dir)) if args.image_dir else {}
+    if args.image_dir and not keep & paths.keys():
+        errors.log(f"warning: no image in {args.image_dir} has a ground-truth ID; the cards have no thumbnails")
+    cards = [report.Card(
+        image_id=i,
+        image_path=paths.get(i),
+        gt_caption=k_gt.get(i),
+        pred_caption=k_pred.get(i, "") if i in k_gt else None,
+        gt_cuis=c_gt.get(i),
+        pred_cuis=c_pred.get(i, ()) if i in c_gt else None,
+        scores=scores[i],
+        methods={name: pred.get(i, ()) for name, pred in methods.items()} if i in c_gt else {},
+    ) for i in ids]
+    title = args.title or "Error analysis: " + ", ".join(Path(p).name for p in (args.concepts_pred,
+                                                                               args.captions_pred) if p)
+    out = report.write_report(args.out, title=title, summary=summary, cards=cards, cui_names=cui_names)
+    errors.log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(cards):,} images)")
+    return 0
 
 
 if __name__ == "__main__":
