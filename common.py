@@ -562,11 +562,11 @@ def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Pat
 
 
 def check_submission(task: str, path: str | Path, ids: list[str]) -> bool:
-    """Run the platform's checks on a file this run wrote; log what they say."""
-    import evaluate
+    """Run the platform's 2026 pre-check on a file this run wrote (IDs and their order too); log what it says."""
+    from submission import log_report, validate_file
 
-    report = evaluate.validate_file(SUBMISSION_TASK.get(task, task), path, ids)
-    evaluate.log_report(report, str(path), limit=10)
+    report = validate_file(SUBMISSION_TASK.get(task, task), path, ids)
+    log_report(report, str(path), limit=10)
     return report.accepted
 
 

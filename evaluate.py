@@ -23,6 +23,7 @@ from pathlib import Path
 
 import errors
 import files
+import images
 from submission import (
     RULES,
     Report,
@@ -507,7 +508,7 @@ def run_report(args: argparse.Namespace) -> int:
             method_summary, method_rows = concept_scores(gt, pred)
             concept_summary[f"f1 {name}"] = method_summary["f1"]
             rows += [{"ID": r["ID"], f"f1 {name}": r["f1"]} for r in method_rows]
-        verdict = check(validate_concepts(c_pred_rows, [f[0] for _, f in c_gt_rows if f and not is_header(f)]))
+        verdict = check(validate_file("concepts", args.concepts_pred, read_id_list(args.concepts_gt)))
         summary["concepts"] = {**concept_summary, "submission check": verdict}
         for row in rows:
             scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
@@ -515,12 +516,12 @@ def run_report(args: argparse.Namespace) -> int:
         summary["run"]["captions"] = f"{args.captions_pred} vs {args.captions_gt}"
         caption_summary, rows = caption_scores({i: c for i, c in k_gt.items() if i in keep}, k_pred,
                                                args.bertscore_model, args.bertscore_layers)
-        verdict = check(validate_captions(k_pred_rows, [f[0] for _, f in k_gt_rows if f and not is_header(f)]))
+        verdict = check(validate_file("captions", args.captions_pred, read_id_list(args.captions_gt)))
         summary["captions"] = {**caption_summary, "submission check": verdict}
         for row in rows:
             scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
 
-    paths = dict(list_images(args.image_dir)) if args.image_dir else {}
+    paths = dict(images.list_images(args.image_dir)) if args.image_dir else {}
     if args.image_dir and not keep & paths.keys():
         errors.log(f"warning: no image in {args.image_dir} has a ground-truth ID; the cards have no thumbnails")
     cards = [report.Card(
@@ -541,4 +542,4 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(errors.run_cli(main))
+    sys.exit(errors.run_cli(main, hint=""))
