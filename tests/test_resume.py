@@ -10,15 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REAL_IMAGES, ROOT, read_csv, run_script
-
-import errors
+from conftest import REAL_IMAGES, ROOT, read_csv, run_in_process, run_script, tiny_args
 
 
 def base_args(tiny_model: Path, out: Path) -> list[str]:
     # batch 1 and longer answers make the run slow enough to be stopped half-way
-    return ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
-            "--adapter_repo", "none", "--max_new_tokens", "48", "--batch_size", "1", "--num_workers", "1"]
+    return tiny_args(tiny_model, out, REAL_IMAGES, "--max_new_tokens", "48", "--batch_size", "1", "--num_workers", "1")
 
 
 def journal_records(path: Path) -> int:
@@ -75,14 +72,14 @@ def test_ctrl_c_stops_after_the_batch_with_exit_130_and_a_resume_hint(tiny_model
 
 def test_a_torn_last_journal_line_is_dropped_and_redone(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
-    args = base_args(tiny_model, out)[:-6] + ["--max_new_tokens", "8", "--num_workers", "0", "--limit", "4"]
-    assert errors.run_cli(__import__("generate_captions").main, args) == 0
+    args = tiny_args(tiny_model, out, REAL_IMAGES, "--limit", "4")
+    assert run_in_process("generate_captions.py", *args).returncode == 0
     first = read_csv(out)
     journal = out.with_name("captions.journal.jsonl")
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join(lines[:-2]) + lines[-2][:15])  # the kill hit in the middle of a write
     out.unlink()
-    assert errors.run_cli(__import__("generate_captions").main, args + ["--resume_from_checkpoint", "auto"]) == 0
+    assert run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto").returncode == 0
     assert read_csv(out) == first
     records = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
     assert sorted(r["id"] for r in records) == [r[0] for r in first[1:]]  # no ID twice, none lost
@@ -90,8 +87,8 @@ def test_a_torn_last_journal_line_is_dropped_and_redone(tiny_model, tmp_path):
 
 def test_damaged_journal_lines_are_set_aside_and_only_their_images_redone(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
-    args = base_args(tiny_model, out)[:-6] + ["--max_new_tokens", "8", "--num_workers", "0", "--limit", "4"]
-    assert errors.run_cli(__import__("generate_captions").main, args) == 0
+    args = tiny_args(tiny_model, out, REAL_IMAGES, "--limit", "4")
+    assert run_in_process("generate_captions.py", *args).returncode == 0
     first = read_csv(out)
     journal = out.with_name("captions.journal.jsonl")
     lines = journal.read_text().splitlines()
