@@ -154,16 +154,16 @@ def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str =
     from model import load_base_model, load_processor, resolve_device_and_dtype
 
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
-    if device_map == "auto":  # the tower is small: one GPU, not the 8B model's spread over all of them
-        device_map = {"": f"cuda:{torch.cuda.current_device()}"}
+    target = device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"
+    # Only the tower (0.3 B parameters) goes to the GPU; the language model (16 GB for the 8B one) is
+    # read into host memory and freed at once, so a small card is enough.
+    device_map = {"model.vision_tower": target, "model.multi_modal_projector": "cpu", "model.language_model": "cpu",
+                  "lm_head": "cpu"}
     processor = load_processor(base_model_path)
     model = load_base_model(base_model_path, device_map, torch_dtype, load_in_4bit=False)
     encoder = vision_encoder_from(model, processor)
     encoder.tower.eval()
-    # Free the language model (16 GB for the 8B one): only the tower is used from here on.
     del model
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return encoder
 
 
@@ -229,6 +229,13 @@ def embed_items(encoder: VisionEncoder, items: list[tuple[str, str]], pooling: s
     kept = [i for i, _ in items if i in vectors]
     matrix = torch.stack([vectors[i] for i in kept]).numpy() if kept else np.zeros((0, 0), np.float32)
     return Embeddings(kept, matrix, {i: failed[i] for i, _ in items if i in failed})
+
+
+def default_embeddings_path(output_csv: str | Path) -> Path:
+    """Where a generate run keeps its images' embeddings: beside the output, `<stem>.embeddings.npz`.
+    With the journal's raw text, it is all a later re-fusion needs (no GPU)."""
+    out = Path(output_csv)
+    return out.with_name(f"{out.stem}.embeddings.npz")
 
 
 def parts_dir(output: Path) -> Path:
@@ -579,6 +586,18 @@ def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
     return sims, rows
 
 
+def check_compatible(index: ConceptIndex, emb: Embeddings) -> None:
+    """Query vectors must be made like the index's: same size, pooling and layer (the model path may differ)."""
+    made = index.meta.get("embeddings", {})
+    if emb.vectors.size and emb.vectors.shape[1] != index.vectors.shape[1]:
+        raise UserError(f"the embeddings have {emb.vectors.shape[1]} dimensions, the index {index.vectors.shape[1]}: "
+                        "made with another model?")
+    for key in ("pooling", "feature_layer"):
+        if key in made and key in emb.meta and made[key] != emb.meta[key]:
+            raise UserError(f"the embeddings were made with {key} {emb.meta[key]!r}, the index with {made[key]!r}; "
+                            "embed them the same way")
+
+
 @dataclass(frozen=True)
 class ImageScores:
     """What each method says about a set of images, before weights and thresholds."""
@@ -597,12 +616,10 @@ def image_scores(index: ConceptIndex, emb: Embeddings, ids: list[str], generated
     """Neighbours, probe probabilities and generated CUIs for `ids` (embedded or not)."""
     from scipy.sparse import csr_matrix
 
+    check_compatible(index, emb)
     position = {i: n for n, i in enumerate(emb.ids)}
     embedded = np.array([i in position for i in ids], bool)
     dim = index.vectors.shape[1]
-    if emb.vectors.size and emb.vectors.shape[1] != dim:
-        raise UserError(f"the embeddings have {emb.vectors.shape[1]} dimensions, the index {dim}: made with another "
-                        "model?")
     queries = np.zeros((len(ids), dim), np.float32)
     if embedded.any():
         queries[embedded] = emb.vectors[[position[i] for i, e in zip(ids, embedded, strict=True) if e]]

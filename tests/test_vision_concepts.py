@@ -28,7 +28,9 @@ import vision_concepts as vc
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
 SHAPES = ("circle", "triangle")
-CUIS = {"red": "C9000001", "green": "C9000002", "blue": "C9000003", "circle": "C9000011", "triangle": "C9000012",
+# Colours and shapes stand for CUIs of the secondary-score list (modalities, body regions), so the
+# secondary F1 is exercised too; stripes for one outside it.
+CUIS = {"red": "C0040405", "green": "C0024485", "blue": "C0041618", "circle": "C0817096", "triangle": "C0000726",
         "stripes": "C9000021"}
 SPLITS = {"train": 48, "valid": 24, "test": 24}
 # Small batches and chunks, so the resume test can stop a run between chunks.
@@ -81,10 +83,14 @@ def f1(gt_csv: Path, pred: dict[str, list[str]] | Path) -> float:
 def run(tiny_model, tmp_path_factory) -> Path:
     """The whole path through the CLI: embed three splits, fit, generate concepts for validation, tune."""
     root = tmp_path_factory.mktemp("vision")
-    for seed, (split, n) in enumerate(SPLITS.items()):
-        from files import write_csv_atomic
+    from files import write_csv_atomic
 
+    for seed, (split, n) in enumerate(SPLITS.items()):
         write_csv_atomic(root / f"{split}_concepts.csv", ["ID", "CUIs"], make_split(root / split, n, seed))
+    # The manual ground truth: modality and body region only.
+    manual = [[i, ";".join(c for c in cuis.split(";") if c in evaluate.ALLOWED_CUIS_2025)]
+              for i, cuis in read_csv(root / "valid_concepts.csv")[1:]]
+    write_csv_atomic(root / "valid_concepts_manual.csv", ["ID", "CUIs"], manual)
     (root / "test" / "broken.png").write_bytes(b"not a png")
     for split in SPLITS:
         assert cli("embed", "--image_dir", str(root / split), "--output", str(root / f"{split}.npz"),
@@ -101,7 +107,8 @@ def run(tiny_model, tmp_path_factory) -> Path:
         "--max_new_tokens", "4", "--num_workers", "0", "--batch_size", "12"]) == 0
     assert cli("tune", "--index_dir", str(root / "index"), "--valid_embeddings", str(root / "valid.npz"),
                "--valid_concepts", str(root / "valid_concepts.csv"), "--valid_generated",
-               str(root / "generated_valid.csv"), "--output", str(root / "settings.json")) == 0
+               str(root / "generated_valid.csv"), "--valid_manual", str(root / "valid_concepts_manual.csv"),
+               "--output", str(root / "settings.json")) == 0
     return root
 
 
@@ -124,6 +131,10 @@ def test_tuning_reports_each_method_and_settings_that_predict(run, capsys):
     assert {"knn", "probe", "knn+probe", "generated", "union", "intersection", "weighted vote"} <= set(names)
     assert settings["methods"]["knn"]["weights"] == {"knn": 1.0, "probe": 0.0, "generated": 0.0}
     assert settings["methods"]["fused"]["f1"] == max(r["f1"] for r in settings["table"])
+    # with the manual ground truth, the secondary F1 (modality and body region) of every row
+    assert all("f1_secondary" in row for row in settings["table"])
+    assert settings["methods"]["knn"]["f1_secondary"] >= 0.9
+    assert next(r for r in settings["table"] if r["method"] == "generated")["f1_secondary"] < 0.2
 
 
 def test_tuning_never_picks_settings_worse_than_a_single_method(run):
@@ -233,3 +244,31 @@ def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, t
     base = vc.load_embeddings(run / "valid.npz")
     assert with_adapter.ids == base.ids[:6]
     assert np.allclose(with_adapter.vectors, base.vectors[:6], atol=1e-6)
+
+
+def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
+    """CUI A is right at scores 0.8 and wrong at 0.6; CUI B right at 0.3 and wrong at 0.1: no single
+    threshold gets both, one each does, and the held-out halves confirm it."""
+    n = 200
+    rng = np.random.default_rng(0)
+    has_a, has_b = rng.random(n) < 0.5, rng.random(n) < 0.5
+    ids = [f"img_{i}" for i in range(n)]
+    # images with neither have the row 'ID,', which an empty prediction matches
+    gt = {i: tuple(c for c, on in (("C0000001", a), ("C0000002", b)) if on) or ("",)
+          for i, a, b in zip(ids, has_a, has_b, strict=True)}
+    score_a = np.where(has_a, 0.8, 0.6).astype(np.float32)
+    score_b = np.where(has_b, 0.3, 0.1).astype(np.float32)
+    cols = np.array([[0, 1]] * n)
+    scores = np.stack([score_a, score_b], 1)
+    space = ["C0000001", "C0000002"]
+    s = vc.ImageScores(ids, space, np.ones(n, bool), np.zeros((n, 0)), np.zeros((n, 0)), None, None, None)
+    r = vc.Ranked(cols, scores)
+    t = vc.truth_for(r, s, gt)
+    threshold, keep_top, f1_global = vc.best_global_threshold(r, t)
+    cand = vc.Candidate("knn", vc.Fusion(knn=1.0), threshold, keep_top, f1_global)
+    tuned = vc.with_cui_thresholds(cand, s, r, t, gt)
+    assert f1_global < 0.9 and tuned.f1 == pytest.approx(1.0)
+    assert tuned.cui_thresholds and "held-out halves" in tuned.note
+    per_col = {space.index(c): v for c, v in tuned.cui_thresholds.items()}
+    assert vc.f1_per_image(r, t, vc.threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
+        tuned.f1)
