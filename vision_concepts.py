@@ -937,8 +937,8 @@ def tune(index: ConceptIndex, valid: Embeddings, gt: dict[str, tuple[str, ...]],
     if best.f1 > chosen["fused"].f1 + 1e-12:
         chosen["fused"] = best
 
-    table = [report_row(name, cand, index, s, gt, manual) for name, (cand, _, _) in found.items()]
-    table += [report_row(f"{m} (chosen)", c, index, s, gt, manual) for m, c in chosen.items()]
+    table = [report_row(name, cand, s, gt, manual) for name, (cand, _, _) in found.items()]
+    table += [report_row(f"{m} (chosen)", c, s, gt, manual) for m, c in chosen.items()]
     methods = {}
     for m, c in chosen.items():
         row = next(r for r in table if r["method"] == f"{m} (chosen)")
@@ -961,7 +961,7 @@ def settings_of(c: Candidate) -> dict:
             "cui_thresholds": c.cui_thresholds, "note": c.note}
 
 
-def report_row(name: str, c: Candidate, index: ConceptIndex, s: ImageScores, gt: dict, manual: dict | None) -> dict:
+def report_row(name: str, c: Candidate, s: ImageScores, gt: dict, manual: dict | None) -> dict:
     """One table row, scored by evaluate.concept_scores on the predictions as the CSV would hold them."""
     pred = predict_from_scores(s, settings_of(c))
     as_read = {i: tuple(cuis) if cuis else ("",) for i, cuis in pred.items()}  # 'ID,' reads as ('',)
