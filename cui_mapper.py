@@ -11,8 +11,10 @@ used without the model: by generate_concepts.py (also in --from_natural_csv mode
 Matching goes from most to least certain, and stops at the first level that gives one CUI:
 CUI token, exact name, normalized name (case, accents, punctuation, hyphens, British spelling,
 plurals), lenient name (UMLS qualifiers like "Structure of" or "(disorder)" dropped), word order,
-built-in synonyms/abbreviations/Spanish names, word-by-word translation and abbreviation
-expansion, a phrase made of several known concepts ("chest CT"), and last a fuzzy match for typos.
+anatomy form ("cyst of the spleen", "spleen cyst" -> "Splenic cyst"), built-in
+synonyms/abbreviations/Spanish names, word-by-word translation and abbreviation expansion
+(SPECT, MRCP, CTA, TEE, AP ...), a phrase made of several known concepts ("chest CT"), and last a
+fuzzy match for typos.
 A key that two CUIs share at the same level is ambiguous and maps to nothing at that level.
 """
 
@@ -69,8 +71,23 @@ ALIASES: dict[str, list[str]] = {
                  "angiografia", "arteriografia"],
     "C0032743": ["pet", "pet scan", "positron emission tomography", "tomografia por emision de positrones"],
     "C0920367": ["oct", "optical coherence tomography", "tomografia de coherencia optica"],
-    "C0013516": ["echocardiogram", "echo", "ecocardiografia", "ecocardiograma"],
-    "C0243032": ["mra", "mr angiography", "angiorresonancia"],
+    # A specific echo technique falls back to Echocardiography when the file lacks its own CUI
+    # (a name in the file outranks any alias, so a file that has it gets it).
+    "C0013516": ["echocardiogram", "echo", "ecocardiografia", "ecocardiograma", "transthoracic echocardiography",
+                 "transesophageal echocardiography", "ecocardiografia transtoracica",
+                 "ecocardiografia transesofagica"],
+    "C0243032": ["mra", "mr angiography", "mr angiogram", "magnetic resonance angiogram", "angiorresonancia"],
+    # nuclear medicine
+    "C0034606": ["scintigraphy", "scintigram", "scintiscan", "nuclear medicine", "nuclear medicine imaging",
+                 "nuclear medicine scan", "nuclear scan", "isotope scan", "radioisotope scan", "bone scan",
+                 "bone scintigraphy", "skeletal scintigraphy", "gammagrafia", "gammagrafia osea",
+                 "medicina nuclear"],
+    "C1699633": ["pet ct", "pet tc", "petct", "positron emission tomography computed tomography"],
+    "C3472245": ["spect ct", "spect tc"],
+    # cholangiography and venography
+    "C0994163": ["magnetic resonance cholangiography", "mr cholangiography", "colangiorresonancia",
+                 "colangiopancreatografia por resonancia magnetica"],
+    "C1690005": ["mr venography", "mrv", "magnetic resonance venography", "venorresonancia"],
     "C0449900": ["contrast", "with contrast", "contrast enhanced", "contrast medium", "contrast agent", "contraste",
                  "medio de contraste", "con contraste"],
     # body regions (the secondary-score list)
@@ -165,7 +182,19 @@ ALIASES: dict[str, list[str]] = {
 WORD_EXPANSIONS = {
     "ct": "computed tomography", "mr": "magnetic resonance", "mri": "magnetic resonance imaging",
     "pet": "positron emission tomography", "cxr": "chest x ray", "axr": "abdominal x ray", "ap": "anteroposterior",
-    "pa": "posteroanterior", "lat": "lateral", "lt": "left", "rt": "right", "bil": "bilateral",
+    "pa": "posteroanterior",
+    # imaging techniques: nuclear medicine, cholangiography, angiography, contrast studies, endoscopy, echo
+    "spect": "single photon emission computed tomography", "mrcp": "magnetic resonance cholangiopancreatography",
+    "ercp": "endoscopic retrograde cholangiopancreatography", "ptc": "percutaneous transhepatic cholangiography",
+    "cta": "computed tomography angiography", "mra": "magnetic resonance angiography",
+    "mrv": "magnetic resonance venography", "dsa": "digital subtraction angiography",
+    "ivu": "intravenous urography", "ivp": "intravenous pyelography", "hsg": "hysterosalpingography",
+    "eus": "endoscopic ultrasound", "tee": "transesophageal echocardiography",
+    "toe": "transesophageal echocardiography", "tte": "transthoracic echocardiography",
+    "oct": "optical coherence tomography", "cbct": "cone beam computed tomography",
+    "hrct": "high resolution computed tomography", "cect": "contrast enhanced computed tomography",
+    "dwi": "diffusion weighted imaging",
+    "lat": "lateral", "lt": "left", "rt": "right", "bil": "bilateral",
     "lll": "left lower lobe", "lul": "left upper lobe", "rll": "right lower lobe", "rul": "right upper lobe",
     "rml": "right middle lobe", "ivc": "inferior vena cava", "svc": "superior vena cava", "lv": "left ventricle",
     "rv": "right ventricle", "lad": "left anterior descending artery", "rca": "right coronary artery",
@@ -193,12 +222,40 @@ WORD_EXPANSIONS = {
     "metastasis": "metastasis", "carcinoma": "carcinoma", "neumonia": "pneumonia", "neumotorax": "pneumothorax",
     "ganglio": "node", "linfatico": "lymph", "tiroides": "thyroid", "prostata": "prostate", "utero": "uterus",
     "ovario": "ovary", "recto": "rectum", "esofago": "esophagus", "traquea": "trachea", "bronquio": "bronchus",
-    "pelvis": "pelvis", "abdomen": "abdomen", "contraste": "contrast", "cateter": "catheter",
+    "pelvis": "pelvis", "abdomen": "abdomen", "contraste": "contrast", "cateter": "catheter", "tc": "ct",
+    "gammagrafia": "scintigraphy", "vesicula": "gallbladder",
 }
+
+# Anatomical adjectives to their organ, and interchangeable finding words, for the anatomy-form
+# key: "hepatic cyst", "cyst of the liver" and "Liver cyst" are one concept.
+ORGAN_ADJECTIVES = {
+    "hepatic": "liver", "renal": "kidney", "nephric": "kidney", "pulmonary": "lung", "pulmonic": "lung",
+    "splenic": "spleen", "gastric": "stomach", "cardiac": "heart", "cerebral": "brain", "encephalic": "brain",
+    "femoral": "femur", "tibial": "tibia", "fibular": "fibula", "humeral": "humerus", "ulnar": "ulna",
+    "sacral": "sacrum", "mandibular": "mandible", "maxillary": "maxilla", "tracheal": "trachea",
+    "bronchial": "bronchus", "laryngeal": "larynx", "pharyngeal": "pharynx", "esophageal": "esophagus",
+    "duodenal": "duodenum", "jejunal": "jejunum", "ileal": "ileum", "cecal": "cecum", "colonic": "colon",
+    "rectal": "rectum", "appendiceal": "appendix", "pancreatic": "pancreas", "intestinal": "intestine",
+    "pericardial": "pericardium", "pleural": "pleura", "peritoneal": "peritoneum", "mediastinal": "mediastinum",
+    "vesical": "bladder", "uterine": "uterus", "ovarian": "ovary", "testicular": "testis", "prostatic": "prostate",
+    "mammary": "breast", "orbital": "orbit", "nasal": "nose", "lingual": "tongue", "aortic": "aorta",
+    "arterial": "artery", "venous": "vein", "osseous": "bone", "muscular": "muscle", "cutaneous": "skin",
+    "abdominal": "abdomen", "thoracic": "chest", "thorax": "chest", "pelvic": "pelvis", "vertebral": "vertebra",
+    "spinal": "spine", "ventricular": "ventricle", "atrial": "atrium", "axillary": "axilla", "inguinal": "groin",
+    "thyroidal": "thyroid",
+}
+FINDING_WORDS = {"infarct": "infarction", "tumor": "neoplasm", "neoplasia": "neoplasm", "stone": "calculus",
+                 "dilation": "dilatation", "bleed": "hemorrhage", "bleeding": "hemorrhage"}
+# "X of/in the Y" names the same concept as "Y X".
+OF_WORDS = {"of", "in", "within", "involving", "affecting", "de", "del"}
+# Direction pairs a file may spell as one word or two ("Anterior-Posterior", "anteroposterior").
+JOINED_PAIRS = {("anterior", "posterior"): "anteroposterior", ("antero", "posterior"): "anteroposterior",
+                ("posterior", "anterior"): "posteroanterior", ("postero", "anterior"): "posteroanterior"}
 
 # Words that carry no concept of their own: ignored for word order and for multi-concept phrases.
 FILLER_WORDS = {"of", "the", "a", "an", "in", "on", "at", "to", "with", "and", "or", "de", "del", "la", "el",
-                "los", "las", "y", "con", "en", "scan", "image", "imaging", "view", "study", "showing"}
+                "los", "las", "y", "con", "en", "scan", "image", "imaging", "view", "study", "showing", "projection",
+                "plane"}
 # UMLS qualifiers dropped by the lenient key ("Structure of X", "Entire X", "X (disorder)").
 QUALIFIER_WORDS = {"structure", "entire", "disorder", "substance", "device", "finding", "procedure"}
 
@@ -256,7 +313,12 @@ def normal_word(word: str) -> str:
 def tokens(text: str) -> list[str]:
     """Lower-case, accent-free, punctuation-free words, singular and in American spelling."""
     text = strip_accents(text).casefold().replace("'s ", " ")
-    return [normal_word(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
+    words = [normal_word(w) for w in re.sub(r"[^0-9a-z]+", " ", text).split()]
+    for i in range(len(words) - 1, 0, -1):
+        joined = JOINED_PAIRS.get((words[i - 1], words[i]))
+        if joined:
+            words[i - 1:i + 1] = [joined]
+    return words
 
 
 @lru_cache(maxsize=200_000)
@@ -277,11 +339,36 @@ def bag_key(text: str) -> str:
     return " ".join(sorted({w for w in words if w not in FILLER_WORDS}))
 
 
+def anatomy_key(text: str) -> str:
+    """Finding-of-organ phrasings in one order: "cyst of the spleen", "splenic cyst" -> "spleen cyst".
+
+    Order is kept ("Renal pelvis" is not "Pelvic kidney"): what follows "of"/"in" goes first, UMLS's
+    inverted names are turned round ("Tomography, Emission-Computed, Single-Photon" -> "Single-Photon
+    Emission-Computed Tomography"), organ adjectives become the organ.
+    """
+    text = " ".join(reversed(text.split(",")))
+    words = [w for w in lenient_key(text).split() if w in OF_WORDS or w not in FILLER_WORDS]
+    return " ".join(form_word(w) for w in invert_of(words))
+
+
+def form_word(word: str) -> str:
+    """One form per word: organ adjective -> organ, finding synonyms, the image -> its technique (-gram -> -graphy)."""
+    word = ORGAN_ADJECTIVES.get(word, FINDING_WORDS.get(word, word))
+    return word[:-4] + "graphy" if word.endswith("gram") and len(word) > 7 else word
+
+
+def invert_of(words: list[str]) -> list[str]:
+    for i, w in enumerate(words):
+        if w in OF_WORDS:
+            return invert_of(words[i + 1:]) + words[:i]
+    return words
+
+
 @dataclass(frozen=True)
 class Match:
     cui: str
     name: str
-    method: str  # cui | exact | normalized | lenient | word_order | alias | rewritten | fuzzy
+    method: str  # cui | exact | normalized | lenient | word_order | anatomy | alias | rewritten | fuzzy
 
 
 class KeyIndex:
@@ -313,7 +400,7 @@ class CuiMapper:
     def __init__(self, entries: Iterable[tuple[str, str, list[str]]]):
         self.names: dict[str, str] = {}  # CUI -> its first (preferred) name
         self.exact: dict[str, str] = {}
-        self.normalized, self.lenient, self.word_order = KeyIndex(), KeyIndex(), KeyIndex()
+        self.normalized, self.lenient, self.word_order, self.anatomy = KeyIndex(), KeyIndex(), KeyIndex(), KeyIndex()
         synonyms: list[tuple[str, str]] = []
         for cui, name, syns in entries:
             cui = cui.strip().upper()
@@ -345,6 +432,7 @@ class CuiMapper:
         self.normalized.add(normalize(text), cui, tier)
         self.lenient.add(lenient_key(text), cui, tier)
         self.word_order.add(bag_key(text), cui, tier)
+        self.anatomy.add(anatomy_key(text), cui, tier)
 
     @classmethod
     def from_csv(cls, path: str | Path) -> CuiMapper:
@@ -384,7 +472,8 @@ class CuiMapper:
             return Match(cui, self.names[cui], "exact")
         for index, make_key, method in ((self.normalized, normalize, "normalized"),
                                         (self.lenient, lenient_key, "lenient"),
-                                        (self.word_order, bag_key, "word_order")):
+                                        (self.word_order, bag_key, "word_order"),
+                                        (self.anatomy, anatomy_key, "anatomy")):
             key = make_key(text)
             cui = index.get(key)
             if cui:

@@ -1,0 +1,274 @@
+"""Concepts from the vision tower, on synthetic images whose CUIs are what they show.
+
+Every image is a filled shape (circle or triangle) in one colour (red, green, blue), plain or
+striped; each of these visual properties is one CUI. The embeddings come from the real tiny
+LLaVA's vision tower (random weights still separate colour, shape and stripes), so kNN and the
+probe can find the CUIs, while the tiny model's generated text maps to nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, read_csv
+
+import concept_index
+import errors
+import evaluate
+import generate_concepts
+import vision_concepts as vc
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
+SHAPES = ("circle", "triangle")
+# Colours and shapes stand for CUIs of the secondary-score list (modalities, body regions), so the
+# secondary F1 is exercised too; stripes for one outside it.
+CUIS = {"red": "C0040405", "green": "C0024485", "blue": "C0041618", "circle": "C0817096", "triangle": "C0000726",
+        "stripes": "C9000021"}
+SPLITS = {"train": 48, "valid": 24, "test": 24}
+# Small batches and chunks, so the resume test can stop a run between chunks.
+EMBED_FLAGS = ["--batch_size", "4", "--chunk_size", "8", "--num_workers", "0"]
+
+
+def draw(rng: np.random.Generator, colour: str, shape: str, stripes: bool, size: int = 112):
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (size, size), (int(rng.integers(0, 40)),) * 3)
+    d = ImageDraw.Draw(img)
+    r = 34
+    cx, cy = (size // 2 + int(x) for x in rng.integers(-3, 4, 2))
+    fill = tuple(int(v + rng.integers(-10, 10)) for v in COLOURS[colour])
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    else:
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    if stripes:
+        for x in range(0, size, 8):
+            d.line([(x, 0), (x, size)], fill=(255, 255, 255), width=2)
+    return img
+
+
+def make_split(folder: Path, n: int, seed: int) -> list[list[str]]:
+    """n images cycling through every colour x shape x texture; returns their ID,CUIs rows."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        colour, shape, stripes = list(COLOURS)[i % 3], SHAPES[(i // 3) % 2], (i // 6) % 2 == 1
+        image_id = f"{folder.name}_{i + 1}"
+        draw(rng, colour, shape, stripes).save(folder / f"{image_id}.png")
+        rows.append([image_id, ";".join([CUIS[colour], CUIS[shape]] + ([CUIS["stripes"]] if stripes else []))])
+    return rows
+
+
+def cli(*argv: str) -> int:
+    return errors.run_cli(concept_index.main, list(argv))
+
+
+def f1(gt_csv: Path, pred: dict[str, list[str]] | Path) -> float:
+    gt = evaluate.concept_pairs(evaluate.read_rows(gt_csv))
+    if isinstance(pred, Path):
+        pred = evaluate.concept_pairs(evaluate.read_rows(pred))
+    return evaluate.concept_scores(gt, {i: tuple(c) for i, c in pred.items()})[0]["f1"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model, tmp_path_factory) -> Path:
+    """The whole path through the CLI: embed three splits, fit, generate concepts for validation, tune."""
+    root = tmp_path_factory.mktemp("vision")
+    from files import write_csv_atomic
+
+    for seed, (split, n) in enumerate(SPLITS.items()):
+        write_csv_atomic(root / f"{split}_concepts.csv", ["ID", "CUIs"], make_split(root / split, n, seed))
+    # The manual ground truth: modality and body region only.
+    manual = [[i, ";".join(c for c in cuis.split(";") if c in evaluate.ALLOWED_CUIS_2025)]
+              for i, cuis in read_csv(root / "valid_concepts.csv")[1:]]
+    write_csv_atomic(root / "valid_concepts_manual.csv", ["ID", "CUIs"], manual)
+    (root / "test" / "broken.png").write_bytes(b"not a png")
+    for split in SPLITS:
+        assert cli("embed", "--image_dir", str(root / split), "--output", str(root / f"{split}.npz"),
+                   "--base_model_path", str(tiny_model), *EMBED_FLAGS) == 0
+    assert cli("fit", "--train_embeddings", str(root / "train.npz"), "--train_concepts",
+               str(root / "train_concepts.csv"), "--output_dir", str(root / "index"), "--probe_steps", "300",
+               "--probe_learning_rate", "0.01") == 0
+    # The generate-style baseline: what the tiny model's generated text maps to, with the CUIs named.
+    (root / "names.csv").write_text("CUI,Name\n" + "".join(f"{c},{n}\n" for n, c in CUIS.items()))
+    assert errors.run_cli(generate_concepts.main, [
+        "--image_dir", str(root / "valid"), "--output_csv", str(root / "generated_valid.csv"),
+        "--output_csv_natural", str(root / "generated_valid_natural.csv"), "--cui_mapping_file",
+        str(root / "names.csv"), "--base_model_path", str(tiny_model), "--adapter_repo", "none",
+        "--max_new_tokens", "4", "--num_workers", "0", "--batch_size", "12"]) == 0
+    assert cli("tune", "--index_dir", str(root / "index"), "--valid_embeddings", str(root / "valid.npz"),
+               "--valid_concepts", str(root / "valid_concepts.csv"), "--valid_generated",
+               str(root / "generated_valid.csv"), "--valid_manual", str(root / "valid_concepts_manual.csv"),
+               "--output", str(root / "settings.json")) == 0
+    return root
+
+
+def test_knn_and_probe_find_what_the_images_show_where_generated_text_finds_nothing(run):
+    results = {}
+    for method in ("knn", "probe", "fused"):
+        out = run / f"test_{method}.csv"
+        assert cli("predict", "--index_dir", str(run / "index"), "--settings", str(run / "settings.json"),
+                   "--method", method, "--embeddings", str(run / "test.npz"), "--output_csv", str(out)) == 0
+        results[method] = f1(run / "test_concepts.csv", out)
+    assert results["knn"] >= 0.9 and results["probe"] >= 0.9 and results["fused"] >= 0.9, results
+    assert f1(run / "valid_concepts.csv", run / "generated_valid.csv") < 0.2
+    assert f1(run / "valid_concepts.csv", {}) == 0.0  # the empty prediction
+
+
+def test_tuning_reports_each_method_and_settings_that_predict(run, capsys):
+    settings = json.loads((run / "settings.json").read_text())
+    assert set(settings["methods"]) == {"knn", "probe", "fused"}
+    names = [row["method"] for row in settings["table"]]
+    assert {"knn", "probe", "knn+probe", "generated", "union", "intersection", "weighted vote"} <= set(names)
+    assert settings["methods"]["knn"]["weights"] == {"knn": 1.0, "probe": 0.0, "generated": 0.0}
+    assert settings["methods"]["fused"]["f1"] == max(r["f1"] for r in settings["table"])
+    # with the manual ground truth, the secondary F1 (modality and body region) of every row
+    assert all("f1_secondary" in row for row in settings["table"])
+    assert settings["methods"]["knn"]["f1_secondary"] >= 0.9
+    assert next(r for r in settings["table"] if r["method"] == "generated")["f1_secondary"] < 0.2
+
+
+def test_tuning_never_picks_settings_worse_than_a_single_method(run):
+    """Here the generated concepts are right for half the images and the index has no probe: fused
+    must still score at least the best of kNN and generated on the tuning split, as evaluate.py scores it."""
+    index = vc.load_index(run / "index")
+    index = vc.ConceptIndex(index.cuis, index.ids[:12], index.vectors[:12], index.label_ptr[:13],
+                            index.label_idx[:index.label_ptr[12]], None, index.meta)  # a weak kNN
+    valid = vc.load_embeddings(run / "valid.npz")
+    gt = vc.read_concept_csv(run / "valid_concepts.csv")
+    truth = vc.read_cui_sets(run / "valid_concepts.csv")
+    ids = sorted(truth)
+    generated = {i: truth[i] if n % 2 else ["C9000099"] for n, i in enumerate(ids)}
+    settings, _ = vc.tune(index, valid, gt, generated)
+    scores = {m: f1(run / "valid_concepts.csv", vc.predict_concepts(index, s, valid, generated))
+              for m, s in settings["methods"].items()}
+    assert scores["fused"] >= max(scores["knn"], f1(run / "valid_concepts.csv", generated)) - 1e-9, scores
+    assert scores["fused"] == pytest.approx(settings["methods"]["fused"]["f1"], abs=1e-4)
+
+
+def test_a_bad_image_is_reported_and_the_run_goes_on(run):
+    emb = vc.load_embeddings(run / "test.npz")
+    assert "broken" in emb.failed and "broken" not in emb.ids
+    assert len(emb.ids) == SPLITS["test"]
+    assert read_csv(run / "test.errors.csv")[1][0] == "broken"
+    rows = dict(map(tuple, read_csv(run / "test_knn.csv")[1:]))
+    assert rows["broken"] == "" and len(rows) == SPLITS["test"] + 1  # a row for it, no concept
+
+
+def test_resume_after_a_kill_gives_the_same_embeddings_file(run, tiny_model, tmp_path, capsys):
+    out = tmp_path / "train.npz"
+    parts = out.with_name("train.npz.parts")
+    args = [sys.executable, str(ROOT / "concept_index.py"), "embed", "--image_dir", str(run / "train"), "--output",
+            str(out), "--base_model_path", str(tiny_model), *EMBED_FLAGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not list(parts.glob("chunk-*.npz")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = len(list(parts.glob("chunk-*.npz")))
+    assert 1 <= done < SPLITS["train"] // 8 and not out.exists(), "the run should have been killed half-way"
+
+    assert cli(*args[2:]) == 2  # an unfinished run is never silently redone...
+    assert "--resume_from_checkpoint auto" in capsys.readouterr().err  # ...the error says how to continue it
+    resumed = subprocess.run([*args, "--resume_from_checkpoint", "auto"], env=env, capture_output=True, text=True,
+                             timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {done} of 6 chunks already embedded" in resumed.stderr
+    full, got = vc.load_embeddings(run / "train.npz"), vc.load_embeddings(out)
+    assert got.ids == full.ids and np.array_equal(got.vectors, full.vectors)
+    assert not parts.exists()
+
+
+def test_the_fast_f1_used_for_tuning_is_the_official_one():
+    rng = np.random.default_rng(0)
+    space = [f"C{n:07d}" for n in range(12)]
+    ids = [f"img_{n}" for n in range(300)]
+    gt = {}
+    for n, i in enumerate(ids):
+        picked = tuple(rng.choice(space, size=int(rng.integers(1, 5)), replace=False))
+        gt[i] = ("",) if n % 25 == 0 else picked + ("",) if n % 40 == 1 else picked  # 'ID,' and 'ID,C1;' rows
+    scores = np.sort(rng.random((len(ids), 12)).astype(np.float32) * (rng.random((len(ids), 12)) < 0.6), 1)[:, ::-1]
+    cols = np.argsort(rng.random((len(ids), 12)), 1)
+    cols[scores <= 0] = -1
+    r = vc.Ranked(cols, scores.copy())
+    s = vc.ImageScores(ids, space, np.ones(len(ids), bool), np.zeros((len(ids), 0)), np.zeros((len(ids), 0)), None,
+                       None, None)
+    t = vc.truth_for(r, s, gt)
+    for threshold in (0.05, 0.3, 0.7):
+        for keep_top in (False, True):
+            fast = vc.f1_per_image(r, t, threshold, keep_top)
+            for n, i in enumerate(ids):
+                pred = [space[c] for c, v in zip(cols[n], scores[n], strict=True) if c >= 0 and v >= threshold]
+                if not pred and keep_top and cols[n, 0] >= 0:
+                    pred = [space[cols[n, 0]]]
+                assert fast[n] == pytest.approx(evaluate.image_f1(gt[i], tuple(pred) or ("",)))
+    # The threshold search gives the best of all thresholds, as the plain F1 above scores them.
+    threshold, keep_top, best = vc.best_global_threshold(r, t)
+    brute = max(vc.f1_per_image(r, t, x, top).mean() for x in vc.THRESHOLDS for top in (False, True))
+    assert best == pytest.approx(brute) == pytest.approx(vc.f1_per_image(r, t, threshold, keep_top).mean())
+
+
+def test_user_errors_are_one_line(run, tmp_path, capsys):
+    assert cli("fit", "--train_embeddings", str(tmp_path / "none.npz"), "--train_concepts",
+               str(run / "train_concepts.csv"), "--output_dir", str(tmp_path / "i")) == 2
+    assert "does not exist" in capsys.readouterr().err
+    settings = json.loads((run / "settings.json").read_text())
+    settings["methods"]["fused"]["weights"]["generated"] = 0.5
+    (tmp_path / "s.json").write_text(json.dumps(settings))
+    assert cli("predict", "--index_dir", str(run / "index"), "--settings", str(tmp_path / "s.json"), "--embeddings",
+               str(run / "test.npz"), "--output_csv", str(tmp_path / "p.csv")) == 2
+    err = capsys.readouterr().err
+    assert "add --generated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, tiny_adapter):
+    """The index is built from the base model; the generate run has the adapter loaded (it targets the
+    language model and the projector only), and must get the same features from it."""
+    from images import list_images
+    from model import ModelSpec, load_model
+
+    items = list_images(run / "valid")[:6]
+    model, processor, _ = load_model(ModelSpec(str(tiny_model), str(tiny_adapter), device="cpu"))
+    with_adapter = vc.embed_items(vc.vision_encoder_from(model, processor), items, "mean", 4, 0)
+    base = vc.load_embeddings(run / "valid.npz")
+    assert with_adapter.ids == base.ids[:6]
+    assert np.allclose(with_adapter.vectors, base.vectors[:6], atol=1e-6)
+
+
+def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
+    """CUI A is right at scores 0.8 and wrong at 0.6; CUI B right at 0.3 and wrong at 0.1: no single
+    threshold gets both, one each does, and the held-out halves confirm it."""
+    n = 200
+    rng = np.random.default_rng(0)
+    has_a, has_b = rng.random(n) < 0.5, rng.random(n) < 0.5
+    ids = [f"img_{i}" for i in range(n)]
+    # images with neither have the row 'ID,', which an empty prediction matches
+    gt = {i: tuple(c for c, on in (("C0000001", a), ("C0000002", b)) if on) or ("",)
+          for i, a, b in zip(ids, has_a, has_b, strict=True)}
+    score_a = np.where(has_a, 0.8, 0.6).astype(np.float32)
+    score_b = np.where(has_b, 0.3, 0.1).astype(np.float32)
+    cols = np.array([[0, 1]] * n)
+    scores = np.stack([score_a, score_b], 1)
+    space = ["C0000001", "C0000002"]
+    s = vc.ImageScores(ids, space, np.ones(n, bool), np.zeros((n, 0)), np.zeros((n, 0)), None, None, None)
+    r = vc.Ranked(cols, scores)
+    t = vc.truth_for(r, s, gt)
+    threshold, keep_top, f1_global = vc.best_global_threshold(r, t)
+    cand = vc.Candidate("knn", vc.Fusion(knn=1.0), threshold, keep_top, f1_global)
+    tuned = vc.with_cui_thresholds(cand, s, r, t, gt)
+    assert f1_global < 0.9 and tuned.f1 == pytest.approx(1.0)
+    assert tuned.cui_thresholds and "held-out halves" in tuned.note
+    per_col = {space.index(c): v for c, v in tuned.cui_thresholds.items()}
+    assert vc.f1_per_image(r, t, vc.threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
+        tuned.f1)
