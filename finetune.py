@@ -307,8 +307,11 @@ def merge_ledgers(parts: list[Ledger]) -> Ledger:
 
 def load_ledger(checkpoint: str | None, size: int) -> Ledger:
     """The ledger saved with a checkpoint, or an empty one (a new run, or one started before ledgers)."""
-    path = Path(checkpoint) / PROGRESS_FILE if checkpoint else None
-    if path is None or not path.is_file():
+    if checkpoint is None:
+        return Ledger(size)
+    path = Path(checkpoint) / PROGRESS_FILE
+    if not path.is_file():
+        errors.log(f"{checkpoint} has no {PROGRESS_FILE}: examples_trained and samples_trained count from here")
         return Ledger(size)
     ledger = Ledger.from_json(json.loads(path.read_text()))
     if ledger.size != size:

@@ -253,7 +253,9 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupte
     stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
     assert 1 <= stopped_at < 6
 
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert finetune.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back after training
     resumed = json.loads((out / "finetune_summary.json").read_text())
     reference = json.loads((uninterrupted / "adapter" / "finetune_summary.json").read_text())
     assert resumed["resumed_from_step"] == stopped_at
