@@ -1,14 +1,22 @@
-"""finetune.py: answer-only loss, data problems counted, QLoRA, and a tiny model that learns."""
+"""finetune.py: answer-only loss, data problems counted, QLoRA, a tiny model that learns, unreadable images,
+signals and resume, several processes, the loss curve and --help."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import SHARED_DATA, read_csv
+import torch
+from conftest import ROOT, SHARED_DATA, read_csv
 from PIL import Image
+from safetensors.torch import load_file
 
 import common
 import errors
@@ -153,6 +161,168 @@ def test_training_resumes_from_its_latest_checkpoint(tiny_model, tmp_path):
     state_file.write_text(json.dumps(state))
     assert finetune.main([*args, "--max_steps", "3", "--resume_from_checkpoint", "auto"]) == 0
     summary = json.loads((out / "finetune_summary.json").read_text())
-    assert summary["steps"] == 3
+    assert summary["global_step"] == 3 and summary["resumed_from_step"] == 2
     final_state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert {"step": 2, "resume_marker": 1} in final_state["log_history"]
+
+
+def small_args(images: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    """A fast run: batch 1, no accumulation, no workers, no gradient checkpointing."""
+    return ["--image_dir", str(images), "--captions_csv", str(images.with_suffix(".csv")), "--base_model_path",
+            str(model), "--output_dir", str(out), "--batch_size", "1", "--gradient_accumulation_steps", "1",
+            "--num_workers", "0", "--no-gradient_checkpointing", "--logging_steps", "1", *extra]
+
+
+def truncated_jpeg(path: Path) -> None:
+    """A JPEG whose header is intact and whose pixel data stops half-way: only full decoding notices."""
+    noise = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_file_that_is_not_an_image_is_listed_and_skipped_and_the_rest_trains(tiny_model, tmp_path, capsys):
+    images = colour_split(tmp_path / "imgs", 2, seed=0)  # 8 images
+    (images / "green_1.png").write_text("not an image: a text file with an image's name\n")
+    out = tmp_path / "adapter"
+    assert finetune.main(small_args(images, tiny_model, out, "--max_steps", "2", "--batch_size", "2")) == 0
+    assert "skipped: image cannot be read: 1 (1 examples)" in capsys.readouterr().err
+    assert read_csv(out / "finetune_errors.csv") == [
+        ["ID", "Error"], ["green_1", f"UnidentifiedImageError: cannot identify image file '{images / 'green_1.png'}'"]]
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["examples"] == {"caption": 7} and summary["unreadable_images"] == 1
+    assert summary["skipped"] == {"image cannot be read (listed in finetune_errors.csv)": 1}
+    # 2 steps of 2 rows from one shuffled epoch of 7: 4 different examples.
+    assert (summary["global_step"], summary["samples_trained"], summary["examples_trained"]) == (2, 4, 4)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_an_image_that_fails_only_when_decoded_is_replaced_counted_and_listed(tiny_model, tmp_path, capsys):
+    images = colour_split(tmp_path / "imgs", 1, seed=0)  # red_0, green_0, blue_0, yellow_0
+    (images / "blue_0.png").unlink()
+    truncated_jpeg(images / "blue_0.jpg")
+    out = tmp_path / "adapter"
+    # One epoch of 4 examples in 2 steps of 2; a DataLoader worker decodes, so the failure crosses processes.
+    args = small_args(images, tiny_model, out, "--epochs", "1", "--batch_size", "2", "--num_workers", "1")
+    assert finetune.main(args) == 0
+    assert "skipped: image cannot be read" not in capsys.readouterr().err  # the header check let it through
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["examples"] == {"caption": 4} and summary["global_step"] == 2
+    assert summary["samples_trained"] == 4  # full batches: a stand-in took the broken image's place
+    assert summary["examples_trained"] == 3 and summary["unreadable_images"] == 1
+    rows = read_csv(out / "finetune_errors.csv")
+    assert [r[0] for r in rows] == ["ID", "blue_0"] and rows[1][1].startswith("OSError: image file is truncated")
+
+
+def interrupted_run(argv: list[str], signum: int) -> subprocess.CompletedProcess:
+    """Start finetune.py, send `signum` as soon as training has started, return how it ended."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    seen = []
+    for line in proc.stderr:  # lines may start with progress-bar output, hence `in`
+        seen.append(line)
+        if "training started at step 0" in line:
+            proc.send_signal(signum)
+            break
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + err)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tmp_path_factory) -> Path:
+    """The reference: 3 images x 2 epochs = 6 steps in one go."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    images = colour_split(root / "imgs", 1, seed=0)
+    (images / "yellow_0.png").unlink()
+    assert finetune.main(small_args(images, tiny_model, root / "adapter", "--epochs", "2")) == 0
+    return root
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_the_resumed_run_ends_as_an_uninterrupted_one(
+        tiny_model, tmp_path, uninterrupted, signum):
+    images = uninterrupted / "imgs"
+    out = tmp_path / "adapter"
+    argv = small_args(images, tiny_model, out, "--epochs", "2")
+    result = interrupted_run(argv, signum)
+    assert result.returncode == 128 + signum, result.stderr[-3000:]  # 143 for SIGTERM, 130 for Ctrl-C
+    assert f"stopped by {signum.name} at step" in result.stderr
+    assert f"python {ROOT / 'finetune.py'} {' '.join(argv)} --resume_from_checkpoint auto" in result.stderr
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and not (out / "adapter_model.safetensors").exists()
+    stopped_at = json.loads((checkpoints[0] / "trainer_state.json").read_text())["global_step"]
+    assert 1 <= stopped_at < 6
+
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert finetune.main([*argv, "--resume_from_checkpoint", "auto"]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back after training
+    resumed = json.loads((out / "finetune_summary.json").read_text())
+    reference = json.loads((uninterrupted / "adapter" / "finetune_summary.json").read_text())
+    assert resumed["resumed_from_step"] == stopped_at
+    for key in ("global_step", "samples_trained", "examples_trained"):
+        assert resumed[key] == reference[key], key  # counts cover the steps before the stop too
+    assert reference["global_step"] == 6 and reference["samples_trained"] == 6
+    # Same seed, same data order, same weights: the resume continued the run instead of starting another.
+    ours = load_file(out / "adapter_model.safetensors")
+    theirs = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5) for k in ours)
+
+
+def test_torchrun_two_cpu_processes_train_one_adapter_with_the_global_batch(tiny_model, tmp_path):
+    images = colour_split(tmp_path / "imgs", 2, seed=0)
+    (images / "red_1.png").write_bytes(b"")  # each process must agree on what is skipped
+    out = tmp_path / "adapter"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    argv = small_args(images, tiny_model, out, "--max_steps", "2", "--gradient_accumulation_steps", "2")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(ROOT / "finetune.py"), *argv], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "global batch: 4 = 1 per device x 2 accumulation x 2 processes" in result.stderr
+    assert result.stderr.count("adapter saved to") == 1  # only rank 0 writes
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert (summary["world_size"], summary["global_batch_size"], summary["global_step"]) == (2, 4, 2)
+    assert summary["samples_trained"] == 8 and summary["examples"] == {"caption": 7}
+    assert [r[0] for r in read_csv(out / "finetune_errors.csv")] == ["ID", "red_1"]
+    model, _, _ = load_model(ModelSpec(str(tiny_model), str(out), device="cpu"))  # checks every tensor landed
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_the_loss_curve_is_a_png_with_a_validation_panel_when_scores_exist(tiny_model, tmp_path):
+    images = colour_split(tmp_path / "imgs", 1, seed=0)
+    out = tmp_path / "adapter"
+    assert finetune.main(small_args(images, tiny_model, out, "--max_steps", "3")) == 0
+    summary = json.loads((out / "finetune_summary.json").read_text())
+    assert summary["loss_curve"] == str(out / "loss_curve.png")
+    losses = [e["loss"] for e in json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+              if "loss" in e]
+    assert len(losses) == 3  # every step is on the curve, the first included
+    with Image.open(out / "loss_curve.png") as plain:
+        assert plain.format == "PNG" and plain.size == (700, 400)
+    history = [{"step": s, "loss": 3.0 / s} for s in range(1, 11)]
+    png = finetune.loss_curve_png(history, {"caption_rouge1": 0.31, "concepts_f1": 0.42, "caption_images": 5}, "t")
+    path = tmp_path / "with_validation.png"
+    path.write_bytes(png)
+    with Image.open(path) as panels:
+        assert panels.size == (900, 400)  # the second panel
+
+
+def test_every_option_is_explained_in_help_with_its_default():
+    parser = finetune.build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) == 31
+    unexplained = [a.option_strings[0] for a in options
+                   if not a.help or not ("default" in a.help or a.required)]
+    assert unexplained == []
+    text = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60).stdout
+    assert "(default: 5e-05)" in text and "(default: xtuner/llava-llama-3-8b-v1_1-transformers)" in text
+
+
+def test_help_loads_neither_torch_nor_matplotlib():
+    code = ("import sys, finetune; finetune.build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.stdout.strip() == "[]", result.stderr
