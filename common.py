@@ -443,7 +443,7 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
                     journal.append(records, identities)
                     for r in records:
                         if not r.ok:
-                            bar.write(f"warning: {r.id}: {r.error}")
+                            bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
                     generated += len(records)
                     bar.update(len(records))
                     if stop.signum is not None:

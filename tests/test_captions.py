@@ -101,7 +101,7 @@ def test_resume_auto_without_journal_starts_fresh(tiny_model, tmp_path, capsys):
         (["--generation_kwargs", '{"num_beamz": 3}'], "unknown generate() settings: num_beamz"),
         (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--resume_from_checkpoint", "/no/such/journal.jsonl"], "no such journal"),
-        (["--base_model_path", "/no/such/model"], "cannot load"),
+        (["--base_model_path", "/no/such/model"], "/no/such/model: no such folder"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line_and_no_traceback(tiny_model, tmp_path, args, message):
