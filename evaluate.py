@@ -19,6 +19,7 @@ import json
 import re
 import string
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import errors
@@ -450,12 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.accepted else 1
 
 
-def run_report(args: argparse.Namespace) -> int:
-    """`report`: the official scores and one card per ground-truth image, written as one HTML page."""
-    import report
-    from cui_mapper import CuiMapper
-    from images import id_sort_key
+# The report, step by step: check the options, read the files, score, make one card per image, write the page.
 
+def check_report_options(args: argparse.Namespace) -> None:
     concepts, captions = bool(args.concepts_gt or args.concepts_pred), bool(args.captions_gt or args.captions_pred)
     if not concepts and not captions:
         raise errors.UserError("report needs --concepts_gt and --concepts_pred, --captions_gt and --captions_pred, "
@@ -468,6 +466,25 @@ def run_report(args: argparse.Namespace) -> int:
         raise errors.UserError("--gt_manual and --concepts_method need --concepts_gt and --concepts_pred")
     if args.limit is not None and args.limit < 1:
         raise errors.UserError(f"--limit must be at least 1, not {args.limit}")
+
+
+@dataclass
+class ReportData:
+    """What the report shows, as read from the files (an absent pair of files reads as empty)."""
+
+    concepts_gt: dict[str, tuple[str, ...]]
+    concepts_pred: dict[str, tuple[str, ...]]
+    captions_gt: dict[str, str]
+    captions_pred: dict[str, str]
+    methods: dict[str, dict[str, tuple[str, ...]]]  # --concepts_method NAME -> its concepts by ID
+    cui_names: dict[str, str]
+    ids: list[str]  # the images shown: the ground truth's IDs in natural order, the first --limit of them
+    ground_truth_images: int  # all of them
+
+
+def read_report_data(args: argparse.Namespace) -> ReportData:
+    from cui_mapper import CuiMapper
+
     methods = {}
     for spec in args.concepts_method or []:
         name, sep, path = spec.partition("=")
@@ -478,65 +495,98 @@ def run_report(args: argparse.Namespace) -> int:
         cui_names = CuiMapper.from_csv(args.cui_mapping_file).names
     except ValueError as e:
         raise errors.UserError(str(e)) from None
+    c_gt_rows, c_pred_rows, k_gt_rows, k_pred_rows = (read_rows(path) if path else [] for path in (
+        args.concepts_gt, args.concepts_pred, args.captions_gt, args.captions_pred))
+    c_gt, k_gt = concept_pairs(c_gt_rows), caption_pairs(k_gt_rows)
+    all_ids = sorted(dict.fromkeys([*c_gt, *k_gt]), key=images.id_sort_key)
+    return ReportData(c_gt, concept_pairs(c_pred_rows), k_gt, caption_pairs(k_pred_rows), methods, cui_names,
+                      all_ids[:args.limit] if args.limit else all_ids, len(all_ids))
 
-    c_gt_rows = read_rows(args.concepts_gt) if concepts else []
-    c_pred_rows = read_rows(args.concepts_pred) if concepts else []
-    k_gt_rows = read_rows(args.captions_gt) if captions else []
-    k_pred_rows = read_rows(args.captions_pred) if captions else []
-    c_gt, c_pred = concept_pairs(c_gt_rows), concept_pairs(c_pred_rows)
-    k_gt, k_pred = caption_pairs(k_gt_rows), caption_pairs(k_pred_rows)
-    all_ids = sorted(dict.fromkeys([*c_gt, *k_gt]), key=id_sort_key)
-    ids = all_ids[:args.limit] if args.limit else all_ids
-    keep = set(ids)
-    scores: dict[str, dict[str, float]] = {i: {} for i in ids}
-    summary: dict = {"run": {"images": len(ids) if len(ids) == len(all_ids) else f"first {len(ids):,} of "
-                             f"{len(all_ids):,} (--limit)"}}
 
-    def check(report_: Report) -> str:
-        if args.limit:
-            return "not run with --limit"
-        problems = f"REJECTED ({len(report_.errors)} problems, listed by the validate command)"
-        return "accepted" if report_.accepted else problems
+def submission_verdict(report: Report, limited: bool) -> str:
+    if limited:
+        return "not run with --limit"
+    problems = f"REJECTED ({len(report.errors)} problems, listed by the validate command)"
+    return "accepted" if report.accepted else problems
 
-    if concepts:
-        summary["run"]["concepts"] = f"{args.concepts_pred} vs {args.concepts_gt}"
-        gt = {i: c for i, c in c_gt.items() if i in keep}
-        manual = ({i: c for i, c in concept_pairs(read_rows(args.gt_manual)).items() if i in keep}
-                  if args.gt_manual else None)
-        concept_summary, rows = concept_scores(gt, c_pred, manual, allowed_list(args.allowed_cuis))
-        for name, pred in methods.items():
-            method_summary, method_rows = concept_scores(gt, pred)
-            concept_summary[f"f1 {name}"] = method_summary["f1"]
-            rows += [{"ID": r["ID"], f"f1 {name}": r["f1"]} for r in method_rows]
-        verdict = check(validate_file("concepts", args.concepts_pred, read_id_list(args.concepts_gt)))
-        summary["concepts"] = {**concept_summary, "submission check": verdict}
-        for row in rows:
-            scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
-    if captions:
-        summary["run"]["captions"] = f"{args.captions_pred} vs {args.captions_gt}"
-        caption_summary, rows = caption_scores({i: c for i, c in k_gt.items() if i in keep}, k_pred,
-                                               args.bertscore_model, args.bertscore_layers)
-        verdict = check(validate_file("captions", args.captions_pred, read_id_list(args.captions_gt)))
-        summary["captions"] = {**caption_summary, "submission check": verdict}
-        for row in rows:
-            scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
 
-    paths = dict(images.list_images(args.image_dir)) if args.image_dir else {}
-    if args.image_dir and not keep & paths.keys():
-        errors.log(f"warning: no image in {args.image_dir} has a ground-truth ID; the cards have no thumbnails")
-    cards = [report.Card(
+def report_concept_scores(args: argparse.Namespace, data: ReportData) -> tuple[dict, list[dict]]:
+    """The concepts part of the page's summary and each image's scores, other methods' F1 included."""
+    keep = set(data.ids)
+    gt = {i: c for i, c in data.concepts_gt.items() if i in keep}
+    manual = ({i: c for i, c in concept_pairs(read_rows(args.gt_manual)).items() if i in keep}
+              if args.gt_manual else None)
+    summary, rows = concept_scores(gt, data.concepts_pred, manual, allowed_list(args.allowed_cuis))
+    for name, pred in data.methods.items():
+        method_summary, method_rows = concept_scores(gt, pred)
+        summary[f"f1 {name}"] = method_summary["f1"]
+        rows += [{"ID": r["ID"], f"f1 {name}": r["f1"]} for r in method_rows]
+    verdict = submission_verdict(validate_file("concepts", args.concepts_pred, read_id_list(args.concepts_gt)),
+                                 bool(args.limit))
+    return {**summary, "submission check": verdict}, rows
+
+
+def report_caption_scores(args: argparse.Namespace, data: ReportData) -> tuple[dict, list[dict]]:
+    """The captions part of the page's summary and each image's scores."""
+    keep = set(data.ids)
+    summary, rows = caption_scores({i: c for i, c in data.captions_gt.items() if i in keep}, data.captions_pred,
+                                   args.bertscore_model, args.bertscore_layers)
+    verdict = submission_verdict(validate_file("captions", args.captions_pred, read_id_list(args.captions_gt)),
+                                 bool(args.limit))
+    return {**summary, "submission check": verdict}, rows
+
+
+def report_scores(args: argparse.Namespace, data: ReportData) -> tuple[dict, dict[str, dict[str, float]]]:
+    """The page's summary, and image ID -> its scores."""
+    shown = len(data.ids)
+    run: dict = {"images": shown if shown == data.ground_truth_images else f"first {shown:,} of "
+                 f"{data.ground_truth_images:,} (--limit)"}
+    summary: dict = {"run": run}
+    rows: list[dict] = []
+    if args.concepts_gt:
+        run["concepts"] = f"{args.concepts_pred} vs {args.concepts_gt}"
+        summary["concepts"], concept_rows = report_concept_scores(args, data)
+        rows += concept_rows
+    if args.captions_gt:
+        run["captions"] = f"{args.captions_pred} vs {args.captions_gt}"
+        summary["captions"], caption_rows = report_caption_scores(args, data)
+        rows += caption_rows
+    scores: dict[str, dict[str, float]] = {i: {} for i in data.ids}
+    for row in rows:
+        scores[row["ID"]].update({k: v for k, v in row.items() if isinstance(v, float)})
+    return summary, scores
+
+
+def report_cards(data: ReportData, scores: dict[str, dict[str, float]], image_dir: str | None) -> list:
+    """One report.Card per image shown, with its thumbnail when image_dir holds it."""
+    import report
+
+    paths = dict(images.list_images(image_dir)) if image_dir else {}
+    if image_dir and not set(data.ids) & paths.keys():
+        errors.log(f"warning: no image in {image_dir} has a ground-truth ID; the cards have no thumbnails")
+    return [report.Card(
         image_id=i,
         image_path=paths.get(i),
-        gt_caption=k_gt.get(i),
-        pred_caption=k_pred.get(i, "") if i in k_gt else None,
-        gt_cuis=c_gt.get(i),
-        pred_cuis=c_pred.get(i, ()) if i in c_gt else None,
+        gt_caption=data.captions_gt.get(i),
+        pred_caption=data.captions_pred.get(i, "") if i in data.captions_gt else None,
+        gt_cuis=data.concepts_gt.get(i),
+        pred_cuis=data.concepts_pred.get(i, ()) if i in data.concepts_gt else None,
         scores=scores[i],
-        methods={name: pred.get(i, ()) for name, pred in methods.items()} if i in c_gt else {},
-    ) for i in ids]
+        methods={name: pred.get(i, ()) for name, pred in data.methods.items()} if i in data.concepts_gt else {},
+    ) for i in data.ids]
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """`report`: the official scores and one card per ground-truth image, written as one HTML page."""
+    import report
+
+    check_report_options(args)
+    data = read_report_data(args)
+    summary, scores = report_scores(args, data)
+    cards = report_cards(data, scores, args.image_dir)
     title = args.title or "Error analysis: " + ", ".join(Path(p).name for p in (args.concepts_pred,
                                                                                args.captions_pred) if p)
-    out = report.write_report(args.out, title=title, summary=summary, cards=cards, cui_names=cui_names)
+    out = report.write_report(args.out, title=title, summary=summary, cards=cards, cui_names=data.cui_names)
     errors.log(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, {len(cards):,} images)")
     return 0
 

@@ -37,6 +37,7 @@ import threading
 import time
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from pathlib import Path
 import common
 import errors
 import files
+from cui_mapper import CuiMapper
 from generation import generate_batches
 from images import id_sort_key, list_images, load_image, make_loader
 from model import (
@@ -473,8 +475,9 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     return value
 
 
-def resume_command(script: str, argv: list[str]) -> str:
-    """The command that continues this run: its own arguments with --resume_from_checkpoint auto."""
+def resume_command(script: str, argv: list[str], world: int) -> str:
+    """How to continue this run: its own arguments with --resume_from_checkpoint auto (under the same launcher
+    when there are several processes)."""
     kept: list[str] = []
     skip = False
     for arg in argv:
@@ -485,7 +488,8 @@ def resume_command(script: str, argv: list[str]) -> str:
             skip = True
             continue
         kept.append(arg)
-    return shlex.join([script, *kept, "--resume_from_checkpoint", "auto"])
+    again = shlex.join([script, *kept, "--resume_from_checkpoint", "auto"])
+    return f"the same launch command, same number of processes: {again}" if world > 1 else f"python {again}"
 
 
 def save_adapter(model, output_dir: str) -> None:
@@ -663,31 +667,46 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    script = sys.argv[0] if argv is None else "finetune.py"
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    if not args.captions_csv and not args.concepts_csv:
+# The steps of a run, in the order main() takes them: read the data, start the processes, drop the
+# examples whose images cannot be read, load the model with LoRA, train, then (rank 0 only) save the
+# adapter, score it on the validation images, and write the summary and the loss curve.
+
+def read_training_data(image_dir: str, captions_csv: str | None, concepts_csv: str | None,
+                       cui_mapping_file: str | None, language: str) -> tuple[CuiMapper | None, list[Example], Counter]:
+    """The CUI mapper (None without a mapping file), the training examples and the data problems counted."""
+    if not captions_csv and not concepts_csv:
         raise errors.UserError("give --captions_csv and/or --concepts_csv")
-    if args.concepts_csv and not args.cui_mapping_file:
+    if concepts_csv and not cui_mapping_file:
         raise errors.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
     # Read once: its names make the training answers and its index maps the validation answers.
-    mapper = common.load_mapper(args.cui_mapping_file) if args.cui_mapping_file else None
+    mapper = common.load_mapper(cui_mapping_file) if cui_mapping_file else None
     names = mapper.names if mapper else {}
-    examples, problems = build_examples(args.image_dir, args.captions_csv, args.concepts_csv, names, args.language)
+    examples, problems = build_examples(image_dir, captions_csv, concepts_csv, names, language)
+    return mapper, examples, problems
 
+
+def start_processes(args: argparse.Namespace) -> tuple:
+    """(Trainer settings, device map, dtype); creating the settings joins torchrun's / accelerate's process group."""
     import torch
 
     device_map, dtype = resolve_device_and_dtype(args.device, args.dtype)
     cuda = torch.cuda.is_available() and args.device != "cpu"
-    training_args = training_arguments(args, cuda, dtype)  # joins torchrun's / accelerate's process group
-    rank, world = training_args.process_index, training_args.world_size
-    main_process = rank == 0
+    training_args = training_arguments(args, cuda, dtype)
+    # Under a launcher each process holds the whole model on its own device (data parallel).
+    device_map = {"": str(training_args.device)} if training_args.world_size > 1 else device_map
+    return training_args, device_map, dtype
 
-    def say(message: str) -> None:
-        if main_process:
-            errors.log(message)
 
+def quiet(message: str) -> None:
+    """The log of every process but rank 0: one process speaks for all."""
+
+
+def drop_unreadable(examples: list[Example], problems: Counter, output_dir: str, rank: int, world: int,
+                    say: Callable[[str], None]) -> tuple[list[Example], dict[str, str]]:
+    """The examples whose images pass the header check, and image ID -> error for the others.
+
+    The unreadable images are listed in the errors file now, so the list is there while training runs.
+    """
     started = time.monotonic()
     bad_paths = check_training_images(examples, rank, world)
     unreadable = {e.image_id: bad_paths[e.image_path] for e in examples if e.image_path in bad_paths}
@@ -697,19 +716,21 @@ def main(argv: list[str] | None = None) -> int:
     for problem, n in problems.items():
         if n:
             say(f"  skipped or adjusted: {problem}: {n}")
-    errors_path = Path(args.output_dir) / ERRORS_FILE
+    errors_path = Path(output_dir) / ERRORS_FILE
     say(f"image check: {len({e.image_path for e in examples})} files in {time.monotonic() - started:.1f} s")
     if unreadable:
         say(f"  skipped: image cannot be read: {len(unreadable)} ({len(examples) - len(usable)} examples), "
             f"listed in {errors_path}")
-    if main_process:
-        write_errors_file(args.output_dir, unreadable)  # now, so the list is there while training runs
+    if rank == 0:
+        write_errors_file(output_dir, unreadable)
     if not usable:
         raise errors.UserError("no usable training examples; check the IDs in the CSVs against the image names"
                                + (f" and the unreadable images in {errors_path}" if unreadable else ""))
+    return usable, unreadable
 
-    # Under a launcher each process holds the whole model on its own device (data parallel).
-    device_map = {"": str(training_args.device)} if world > 1 else device_map
+
+def load_lora_model(args: argparse.Namespace, device_map: str | dict, dtype, say: Callable[[str], None]) -> tuple:
+    """(the base model with fresh LoRA weights, its processor)."""
     from transformers import set_seed
 
     set_seed(args.seed)  # before LoRA's random init, so --seed makes two runs the same
@@ -717,66 +738,138 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base_model(args.base_model_path, device_map, dtype, args.load_in_4bit)
     model = lora_model(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.load_in_4bit,
                        args.gradient_checkpointing)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"trainable LoRA parameters: {trainable:,}")
-    global_batch = args.batch_size * args.gradient_accumulation_steps * world
-    say(f"global batch: {global_batch} = {args.batch_size} per device x {args.gradient_accumulation_steps} "
-        f"accumulation x {world} process{'es' if world > 1 else ''}")
+    say(f"trainable LoRA parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    return model, processor
 
+
+def shared_checkpoint(value: str | None, output_dir: str, say: Callable[[str], None]) -> str | None:
+    """The checkpoint every process resumes from (None: start at step 0)."""
     # Rank 0 picks the checkpoint, so every process resumes from the same step; they all must see it.
-    resume = gather(resolve_resume(args.resume_from_checkpoint, args.output_dir))[0]
+    resume = gather(resolve_resume(value, output_dir))[0]
     if resume and not all(gather(Path(resume).is_dir())):
         raise errors.UserError(f"{resume} is not visible to every process: --output_dir must be on a file system "
                                "all nodes share")
-    if args.resume_from_checkpoint == "auto" and not resume:
-        say(f"no checkpoint in {args.output_dir} yet: training starts at step 0")
-    resumed_from = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else None
-    # Only rank 0 carries the counts of the steps before the resume, so merging never counts them twice.
-    ledger = load_ledger(resume if main_process else None, len(usable))
-    stop = StopSignals(distributed=world > 1)
-    trainer = make_trainer(model, training_args,
-                           TrainDataset(usable, processor, "vicuna", args.language, args.max_length),
-                           Collator(processor.tokenizer.pad_token_id), ledger, stop)
-    again = resume_command(script, argv)
-    again = f"the same launch command, same number of processes: {again}" if world > 1 else f"python {again}"
-    try:
-        with stop:
-            result = trainer.train(resume_from_checkpoint=resume)
-    except KeyboardInterrupt:
-        say(f"stopped at once, without a checkpoint for this step; to continue from the latest one:\n  {again}")
-        return 130
-    seen = merge_ledgers(gather(ledger))
-    state = trainer.state
-    if stop.agreed and state.global_step < state.max_steps:
-        say(f"stopped by {signal.Signals(stop.agreed).name} at step {state.global_step} of {state.max_steps}; "
-            f"checkpoint: {Path(args.output_dir) / f'checkpoint-{state.global_step}'}\nto continue:\n  {again}")
-        return 128 + stop.agreed
-    if not main_process:
-        return 0  # rank 0 writes the adapter, the errors file, the summary and the plot
+    if value == "auto" and not resume:
+        say(f"no checkpoint in {output_dir} yet: training starts at step 0")
+    return resume
 
-    save_adapter(model, args.output_dir)
-    failures = {**unreadable, **seen.failures}
-    errors_file = write_errors_file(args.output_dir, failures)
+
+def checkpoint_step(checkpoint: str | None) -> int | None:
+    """The optimizer step a checkpoint was saved at; None for no checkpoint."""
+    if checkpoint is None:
+        return None
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
+
+
+@dataclass
+class Trained:
+    """What training left: the loss, the steps, the log and what all processes fed the model."""
+
+    train_loss: float
+    global_step: int
+    max_steps: int
+    log_history: list[dict]
+    seen: Ledger
+    stopped_by: int  # the signal all processes stopped for, 0 if none
+
+
+def train(model, processor, examples: list[Example], training_args, resume: str | None, language: str,
+          max_length: int) -> Trained:
+    """Trainer.train on the examples: it changes `model`'s LoRA weights, nothing else it is given.
+
+    SIGINT/SIGTERM stop it at the end of an optimizer step (Trained.stopped_by); a second Ctrl-C raises
+    KeyboardInterrupt at once.
+    """
+    # Only rank 0 carries the counts of the steps before the resume, so merging never counts them twice.
+    ledger = load_ledger(resume if training_args.process_index == 0 else None, len(examples))
+    stop = StopSignals(distributed=training_args.world_size > 1)
+    trainer = make_trainer(model, training_args, TrainDataset(examples, processor, "vicuna", language, max_length),
+                           Collator(processor.tokenizer.pad_token_id), ledger, stop)
+    with stop:
+        result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+    return Trained(result.training_loss, state.global_step, state.max_steps, state.log_history,
+                   merge_ledgers(gather(ledger)), stop.agreed)
+
+
+def validation_scores(model, processor, args: argparse.Namespace, mapper: CuiMapper | None) -> dict | None:
+    """Scores on the validation images after training; None when there are none to score."""
+    if not (args.valid_image_dir and args.eval_images > 0):
+        return None
+    model.eval()  # no dropout while generating
+    return evaluate_adapter(model, processor, args, mapper)
+
+
+def batch_sizes(per_device: int, accumulation: int, world: int) -> dict[str, int]:
+    """The batch sizes the summary records; the global batch is what one optimizer step learns from."""
+    return {"world_size": world, "per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation,
+            "global_batch_size": per_device * accumulation * world}
+
+
+def run_summary(examples: list[Example], problems: Counter, failures: dict[str, str], trained: Trained,
+                batch: dict[str, int], resumed_from: int | None, validation: dict | None, errors_file: Path,
+                curve: Path) -> dict:
+    """finetune_summary.json's content."""
     skipped = {k: v for k, v in problems.items() if v}
     if failures:
         skipped[f"image cannot be read (listed in {ERRORS_FILE})"] = len(failures)
-    summary = {"examples": dict(counts), "skipped": skipped, "unreadable_images": len(failures),
-               "examples_trained": seen.examples, "samples_trained": seen.samples,
-               "train_loss": result.training_loss, "global_step": state.global_step,
-               "world_size": world, "per_device_batch_size": args.batch_size,
-               "gradient_accumulation_steps": args.gradient_accumulation_steps, "global_batch_size": global_batch}
+    summary = {"examples": dict(Counter(e.task for e in examples)), "skipped": skipped,
+               "unreadable_images": len(failures), "examples_trained": trained.seen.examples,
+               "samples_trained": trained.seen.samples, "train_loss": trained.train_loss,
+               "global_step": trained.global_step, **batch}
     if resumed_from is not None:
         summary["resumed_from_step"] = resumed_from
-    if args.valid_image_dir and args.eval_images > 0:
-        model.eval()
-        summary["validation"] = evaluate_adapter(model, processor, args, mapper)
-    title = (f"{Path(args.output_dir).name}: {state.global_step} steps, global batch {global_batch}, "
-             f"{seen.examples:,} examples")
-    curve = files.write_bytes_atomic(Path(args.output_dir) / LOSS_CURVE_FILE,
-                                     loss_curve_png(state.log_history, summary.get("validation"), title,
-                                                    resumed_from))
-    summary["errors_file"] = str(errors_file)
-    summary["loss_curve"] = str(curve)
+    if validation is not None:
+        summary["validation"] = validation
+    return {**summary, "errors_file": str(errors_file), "loss_curve": str(curve)}
+
+
+def write_loss_curve(output_dir: str, trained: Trained, validation: dict | None, global_batch: int,
+                     resumed_from: int | None) -> Path:
+    """loss_curve.png: the training loss over the steps, titled with the run's size."""
+    title = (f"{Path(output_dir).name}: {trained.global_step} steps, global batch {global_batch}, "
+             f"{trained.seen.examples:,} examples")
+    png = loss_curve_png(trained.log_history, validation, title, resumed_from)
+    return files.write_bytes_atomic(Path(output_dir) / LOSS_CURVE_FILE, png)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A training run, step by step; every process takes each step, rank 0 alone writes the results."""
+    script = sys.argv[0] if argv is None else "finetune.py"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    mapper, examples, problems = read_training_data(args.image_dir, args.captions_csv, args.concepts_csv,
+                                                    args.cui_mapping_file, args.language)
+    training_args, device_map, dtype = start_processes(args)
+    rank, world = training_args.process_index, training_args.world_size
+    say = errors.log if rank == 0 else quiet
+    usable, unreadable = drop_unreadable(examples, problems, args.output_dir, rank, world, say)
+    model, processor = load_lora_model(args, device_map, dtype, say)
+    batch = batch_sizes(args.batch_size, args.gradient_accumulation_steps, world)
+    say(f"global batch: {batch['global_batch_size']} = {args.batch_size} per device x "
+        f"{args.gradient_accumulation_steps} accumulation x {world} process{'es' if world > 1 else ''}")
+    resume = shared_checkpoint(args.resume_from_checkpoint, args.output_dir, say)
+    resumed_from = checkpoint_step(resume)
+    again = resume_command(script, argv, world)
+    try:
+        trained = train(model, processor, usable, training_args, resume, args.language, args.max_length)
+    except KeyboardInterrupt:
+        say(f"stopped at once, without a checkpoint for this step; to continue from the latest one:\n  {again}")
+        return 130
+    if trained.stopped_by and trained.global_step < trained.max_steps:
+        say(f"stopped by {signal.Signals(trained.stopped_by).name} at step {trained.global_step} of "
+            f"{trained.max_steps}; checkpoint: {Path(args.output_dir) / f'checkpoint-{trained.global_step}'}\n"
+            f"to continue:\n  {again}")
+        return 128 + trained.stopped_by
+    if rank != 0:
+        return 0  # rank 0 writes the adapter, the errors file, the summary and the plot
+
+    save_adapter(model, args.output_dir)
+    failures = {**unreadable, **trained.seen.failures}
+    errors_file = write_errors_file(args.output_dir, failures)
+    validation = validation_scores(model, processor, args, mapper)
+    curve = write_loss_curve(args.output_dir, trained, validation, batch["global_batch_size"], resumed_from)
+    summary = run_summary(usable, problems, failures, trained, batch, resumed_from, validation, errors_file, curve)
     files.write_text_atomic(Path(args.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))
     errors.log(json.dumps(summary, indent=2) + f"\nadapter saved to {args.output_dir}; use it with "
                f"--adapter_repo {args.output_dir}")

@@ -8,13 +8,11 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA, run_script
+from conftest import ROCO, needs_roco, run_script
 
 import errors
 import evaluate
 import files
-
-ROCO = SHARED_DATA / "roco_v1"
 
 
 def write(path: Path, text: str) -> Path:
@@ -60,6 +58,7 @@ def test_hand_computed_f1_values_and_the_official_readers_edge_cases(tmp_path):
     assert summary["f1"] == pytest.approx((0.4 + 2 / 3 + 1 + 0 + 1) / 5)
 
 
+@needs_roco
 def test_primary_f1_equals_the_official_definition_on_real_ground_truth_with_perturbed_predictions():
     gt = evaluate.concept_pairs(evaluate.read_rows(ROCO / "validation_concepts.csv"))
     vocabulary = sorted({c for cs in gt.values() for c in cs if c})
@@ -143,6 +142,7 @@ def test_caption_scores_handle_empty_pairs_and_hand_computed_rouge(tmp_path):
     assert "bertscore_f1" not in summary and any("bertscore" in s for s in summary["skipped"])
 
 
+@needs_roco
 def test_captions_command_scores_real_captions_and_checks_the_file(tmp_path):
     gt = ROCO / "validation_captions.csv"
     rows = evaluate.read_rows(gt)[:51]

@@ -7,12 +7,10 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, make_adapter, read_csv
+from conftest import REAL_IMAGES, make_adapter, read_csv, run_in_process, tiny_args
 from safetensors.torch import load_file, save_file
 
 import common
-import errors
-import generate_captions
 from model import ModelSpec, apply_adapter, load_model, load_processor, modernize_regex, stop_token_ids
 
 LEGACY = [
@@ -43,9 +41,10 @@ def write_legacy_adapter(adapter: Path, out: Path) -> Path:
 
 
 def caption_rows(tiny_model: Path, out: Path, *extra: str) -> list[list[str]]:
-    argv = ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
-            "--max_new_tokens", "10", "--num_workers", "0", "--limit", "6", "--batch_size", "3", *extra]
-    assert errors.run_cli(generate_captions.main, argv) == 0
+    """The CSV of a caption run on the first 6 images, 10 tokens each."""
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, REAL_IMAGES, "--max_new_tokens", "10",
+                                                                "--limit", "6", "--batch_size", "3", *extra))
+    assert result.returncode == 0, result.stderr
     return read_csv(out)
 
 
@@ -85,7 +84,7 @@ def test_prompts_match_the_adapter_training_format_and_the_native_chat_format():
 
 
 def test_lora_adapter_changes_captions_and_merged_gives_the_same_tokens(tiny_model, tiny_adapter, tmp_path):
-    base = caption_rows(tiny_model, tmp_path / "base.csv", "--adapter_repo", "none", "--prompt_template", "vicuna")
+    base = caption_rows(tiny_model, tmp_path / "base.csv", "--prompt_template", "vicuna")
     applied = caption_rows(tiny_model, tmp_path / "lora.csv", "--adapter_repo", str(tiny_adapter))
     merged = caption_rows(tiny_model, tmp_path / "merged.csv", "--adapter_repo", str(tiny_adapter),
                           "--merge_adapters")
@@ -125,17 +124,16 @@ def test_regex_targets_in_the_legacy_layout_are_renamed_too():
     assert modernize_regex(r".*model\.language_model\.layers.*") == r".*model\.language_model\.layers.*"
 
 
-def test_an_adapter_that_matches_no_module_is_refused(tiny_model, tiny_adapter, tmp_path, capsys):
+def test_an_adapter_that_matches_no_module_is_refused(tiny_model, tiny_adapter, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "adapter_config.json").write_text((tiny_adapter / "adapter_config.json").read_text())
     weights = load_file(tiny_adapter / "adapter_model.safetensors")
     renamed = {k.replace("self_attn", "attention"): v for k, v in weights.items()}
     save_file(renamed, broken / "adapter_model.safetensors")
-    argv = ["--image_dir", str(REAL_IMAGES), "--output_csv", str(tmp_path / "c.csv"), "--base_model_path",
-            str(tiny_model), "--adapter_repo", str(broken), "--limit", "1", "--num_workers", "0"]
-    assert errors.run_cli(generate_captions.main, argv) == 2
-    assert "the adapter did not apply" in capsys.readouterr().err
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, tmp_path / "c.csv", REAL_IMAGES,
+                                                                "--adapter_repo", str(broken), "--limit", "1"))
+    assert result.returncode == 2 and "the adapter did not apply" in result.stderr
     assert not (tmp_path / "c.csv").exists()
 
 

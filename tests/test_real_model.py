@@ -13,11 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, read_csv
-
-import errors
-import generate_captions
-import generate_concepts
+from conftest import REAL_IMAGES, read_csv, run_in_process
 
 BASE = os.environ.get("JJVMED_BASE_MODEL")
 ADAPTER = os.environ.get("JJVMED_ADAPTER")
@@ -38,11 +34,13 @@ def test_the_published_adapter_really_changes_the_model():
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(BASE, dtype=torch.bfloat16, device_map="auto")
-    ids = torch.tensor([[128000, 14711, 25, 220]], device=model.input_device(model))
+    from model import apply_adapter, input_device, resolve_adapter
+
+    llava = LlavaForConditionalGeneration.from_pretrained(BASE, dtype=torch.bfloat16, device_map="auto")
+    ids = torch.tensor([[128000, 14711, 25, 220]], device=input_device(llava))
     with torch.no_grad():
-        before = model(input_ids=ids).logits.float()
-        after = model.apply_adapter(model, model.resolve_adapter(ADAPTER, None))(input_ids=ids).logits.float()
+        before = llava(input_ids=ids).logits.float()
+        after = apply_adapter(llava, resolve_adapter(ADAPTER, None))(input_ids=ids).logits.float()
     assert not torch.allclose(before, after, atol=1e-3)
 
 
@@ -50,7 +48,8 @@ def test_real_captions_are_english_text_that_stops_on_its_own(few_images, tmp_pa
     out = tmp_path / "captions.csv"
     argv = ["--image_dir", str(few_images), "--output_csv", str(out), "--base_model_path", BASE,
             "--adapter_repo", ADAPTER, "--max_new_tokens", "100", *FOUR_BIT]
-    assert errors.run_cli(generate_captions.main, argv) == 0
+    result = run_in_process("generate_captions.py", *argv)
+    assert result.returncode == 0, result.stderr
     captions = [c for _, c in read_csv(out)[1:]]
     assert len(captions) == 3 and all(len(c.split()) >= 3 for c in captions)
     assert all(sum(ch.isascii() for ch in c) / len(c) > 0.95 for c in captions)
@@ -60,6 +59,7 @@ def test_real_captions_are_english_text_that_stops_on_its_own(few_images, tmp_pa
 def test_real_concepts_map_to_cuis(few_images, tmp_path):
     argv = ["--image_dir", str(few_images), "--output_csv", str(tmp_path / "c.csv"), "--output_csv_natural",
             str(tmp_path / "n.csv"), "--base_model_path", BASE, "--adapter_repo", ADAPTER, *FOUR_BIT]
-    assert errors.run_cli(generate_concepts.main, argv) == 0
+    result = run_in_process("generate_concepts.py", *argv)
+    assert result.returncode == 0, result.stderr
     rows = read_csv(tmp_path / "c.csv")[1:]
     assert sum(1 for _, cuis in rows if cuis) >= 2

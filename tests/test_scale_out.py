@@ -9,18 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, ROOT, SHARED_DATA, read_csv
-
-import errors
-import generate_captions
-import generate_concepts
-
-ROCOV2 = str(SHARED_DATA / "rocov2" / "cui_mapping.csv")
+from conftest import REAL_IMAGES, ROCOV2, ROOT, needs_rocov2, read_csv, run_in_process, tiny_args
 
 
 def model_args(tiny_model: Path, out: Path) -> list[str]:
-    return ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
-            "--adapter_repo", "none", "--max_new_tokens", "8", "--batch_size", "3", "--num_workers", "0"]
+    """The tiny-model caption run every test here compares, in batches of 3."""
+    return tiny_args(tiny_model, out, REAL_IMAGES, "--batch_size", "3")
+
+
+def run_captions(*args: str) -> subprocess.CompletedProcess:
+    """generate_captions.py in this process: exit code and stderr."""
+    return run_in_process("generate_captions.py", *args)
 
 
 def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -32,7 +31,7 @@ def torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def single_captions(tiny_model, tmp_path_factory) -> list[list[str]]:
     out = tmp_path_factory.mktemp("single") / "captions.csv"
-    assert errors.run_cli(generate_captions.main, model_args(tiny_model, out)) == 0
+    assert run_captions(*model_args(tiny_model, out)).returncode == 0
     return read_csv(out)
 
 
@@ -47,64 +46,61 @@ def test_torchrun_two_processes_give_the_same_captions_as_one(tiny_model, tmp_pa
     assert first == [r[0] for r in single_captions[1::2]]  # every other image of the sorted IDs
 
 
+@needs_rocov2
 def test_torchrun_concepts_match_a_single_process_run(tiny_model, tmp_path):
     def args(folder: Path) -> list[str]:
         return [*model_args(tiny_model, folder / "concepts.csv"), "--output_csv_natural",
-                str(folder / "natural.csv"), "--cui_mapping_file", ROCOV2]
+                str(folder / "natural.csv"), "--cui_mapping_file", str(ROCOV2)]
 
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    assert errors.run_cli(generate_concepts.main, args(tmp_path / "one")) == 0
+    assert run_in_process("generate_concepts.py", *args(tmp_path / "one")).returncode == 0
     result = torchrun("generate_concepts.py", *args(tmp_path / "two"))
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("concepts.csv", "natural.csv"):
         assert read_csv(tmp_path / "two" / name) == read_csv(tmp_path / "one" / name)
 
 
-def test_manual_shards_and_merge_give_the_same_captions(tiny_model, tmp_path, single_captions, capsys):
+def test_manual_shards_and_merge_give_the_same_captions(tiny_model, tmp_path, single_captions):
     out = tmp_path / "captions.csv"
     for index in ("0", "1"):
-        assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--num_shards", "2",
-                                                       "--shard_index", index]) == 0
+        assert run_captions(*model_args(tiny_model, out), "--num_shards", "2", "--shard_index", index).returncode == 0
         assert not out.exists()  # a shard only fills its journal
-    assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, out), "--merge_shards"]) == 0
+    assert run_captions(*model_args(tiny_model, out), "--merge_shards").returncode == 0
     assert read_csv(out) == single_captions
 
 
-def test_merge_names_a_missing_or_incomplete_shard(tiny_model, tmp_path, capsys):
+def test_merge_names_a_missing_or_incomplete_shard(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
     args = model_args(tiny_model, out)
-    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "1"]) == 0
-    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
-    err = capsys.readouterr().err
-    assert "shard 0 of 3 is missing" in err and "shard 2 of 3 is missing" in err
+    assert run_captions(*args, "--num_shards", "3", "--shard_index", "1").returncode == 0
+    merge = run_captions(*args, "--merge_shards")
+    assert merge.returncode == 2
+    assert "shard 0 of 3 is missing" in merge.stderr and "shard 2 of 3 is missing" in merge.stderr
     for index in ("0", "2"):
-        assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", index]) == 0
+        assert run_captions(*args, "--num_shards", "3", "--shard_index", index).returncode == 0
     journal = tmp_path / "captions.shard-00002-of-00003.journal.jsonl"
     journal.write_text("".join(journal.read_text().splitlines(keepends=True)[:-2]))  # killed before the end
-    capsys.readouterr()
-    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
-    assert "shard 2 of 3 is incomplete: 2 of 6 images missing" in capsys.readouterr().err
+    merge = run_captions(*args, "--merge_shards")
+    assert merge.returncode == 2 and "shard 2 of 3 is incomplete: 2 of 6 images missing" in merge.stderr
     # rerunning the killed shard redoes only its missing images
-    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "3", "--shard_index", "2",
-                                                   "--resume_from_checkpoint", "auto"]) == 0
-    assert "generated now: 2" in capsys.readouterr().err
-    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 0
+    rerun = run_captions(*args, "--num_shards", "3", "--shard_index", "2", "--resume_from_checkpoint", "auto")
+    assert rerun.returncode == 0 and "generated now: 2" in rerun.stderr
+    assert run_captions(*args, "--merge_shards").returncode == 0
     assert len(read_csv(out)) == 19
 
 
-def test_shards_with_different_settings_are_not_merged(tiny_model, tmp_path, capsys):
+def test_shards_with_different_settings_are_not_merged(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
     args = model_args(tiny_model, out)
-    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "0"]) == 0
-    assert errors.run_cli(generate_captions.main, [*args, "--num_shards", "2", "--shard_index", "1",
-                                                   "--language", "en"]) == 0
-    assert errors.run_cli(generate_captions.main, [*args, "--merge_shards"]) == 2
-    assert "shard 1 was run with other settings" in capsys.readouterr().err
+    assert run_captions(*args, "--num_shards", "2", "--shard_index", "0").returncode == 0
+    assert run_captions(*args, "--num_shards", "2", "--shard_index", "1", "--language", "en").returncode == 0
+    merge = run_captions(*args, "--merge_shards")
+    assert merge.returncode == 2 and "shard 1 was run with other settings" in merge.stderr
 
 
 @pytest.mark.parametrize("extra, message", [(["--shard_index", "1"], "--shard_index needs --num_shards"),
                                             (["--num_shards", "2", "--shard_index", "2"], "between 0 and 1")])
-def test_bad_shard_arguments_are_clear_errors(tiny_model, tmp_path, capsys, extra, message):
-    assert errors.run_cli(generate_captions.main, [*model_args(tiny_model, tmp_path / "c.csv"), *extra]) == 2
-    assert message in capsys.readouterr().err
+def test_bad_shard_arguments_are_clear_errors(tiny_model, tmp_path, extra, message):
+    result = run_captions(*model_args(tiny_model, tmp_path / "c.csv"), *extra)
+    assert result.returncode == 2 and message in result.stderr
