@@ -37,7 +37,7 @@ from shards import Shard, gather_to_rank0, merge_shard_records, process_group, s
 # Task constants, defined once: the original tool's answer lengths, and the platform's limit.
 MAX_NEW_TOKENS = {"caption": 100, "concepts": 150}  # tokens
 MAX_CONCEPTS = 100  # CUIs per image; the platform rejects a row with more
-SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # evaluate.py's names for the tasks
+SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # submission.py's names for the tasks
 
 # ---------------------------------------------------------------------------------------------
 # Prompts, kept as data. `vicuna` is the adapter's training format; `llama3` is the base model's

@@ -175,7 +175,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import evaluate
+    import submission
     import vision_concepts as vc
 
     settings = vc.load_settings(args.settings, args.method)
@@ -188,8 +188,8 @@ def run_predict(args: argparse.Namespace) -> int:
     predictions = vc.predict_concepts(index, settings, emb, generated if vc.uses_generated(settings) else None,
                                       device=args.device)
     files.write_csv_atomic(args.output_csv, ["ID", "CUIs"], ([i, ";".join(c)] for i, c in predictions.items()))
-    report = evaluate.validate_file("concepts", args.output_csv, list(predictions))
-    evaluate.log_report(report, args.output_csv, limit=10)
+    report = submission.validate_file("concepts", args.output_csv, list(predictions))
+    submission.log_report(report, args.output_csv, limit=10)
     counts = [len(c) for c in predictions.values()]
     errors.log(f"images: {len(counts)}, CUIs per image: {sum(counts) / max(len(counts), 1):.2f}, without any: "
                f"{counts.count(0)}\nwrote: {Path(args.output_csv)}")

@@ -631,12 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_adapter(model, processor, args, mapper) -> dict:
-    """Generate for the first --eval_images validation images and score them with evaluate.py.
+    """Generate for the first --eval_images validation images and score them with scores.py.
 
     Uses the generation core and the prompts, token limits and post-processing of the generate
     scripts, so the scores say what those scripts would give.
     """
-    import evaluate
+    import scores
     from cui_mapper import parse_answer
 
     names = mapper.names if mapper else {}
@@ -655,13 +655,13 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
         if task == "caption":
             gt = {e.image_id: e.answer for e in chosen}
             pred = {i: common.clean_caption(t) for i, t in texts.items()}
-            summary, _ = evaluate.caption_scores(gt, pred)
+            summary, _ = scores.caption_scores(gt, pred)
             results["caption_rouge1"] = summary["rouge1"]
         else:
             truth = read_id_table(args.valid_concepts_csv, "CUIs")
             gt = {e.image_id: tuple(c.strip() for c in truth[e.image_id].split(";")) for e in chosen}
             pred = {i: tuple(mapper.map_phrases(parse_answer(t, mapper))[0]) for i, t in texts.items()}
-            summary, _ = evaluate.concept_scores(gt, pred)
+            summary, _ = scores.concept_scores(gt, pred)
             results["concepts_f1"] = summary["f1"]
         results[f"{task}_images"] = len(chosen)
     return results

@@ -4,7 +4,7 @@ One pass of the vision tower (no text generation) gives one vector per image. Tw
 CUIs from those vectors: the nearest training images (kNN, exact cosine search) and a linear probe
 trained on the training vectors. Their scores, and the CUIs the model's generated text maps to, are
 combined with weights and thresholds tuned on the validation split against the official primary F1
-(evaluate.image_f1 / concept_scores). This is what the 2025 winner did with CNN features:
+(scores.image_f1 / concept_scores). This is what the 2025 winner did with CNN features:
 retrieval, per-label thresholds, ensembles.
 
     train = embed_images(list_images("train/"), "train.npz", EmbedOptions())      # the GPU part
@@ -37,8 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-import evaluate
 import files
+import scores
+import submission
 from errors import UserError, log
 from images import ImageDataset, id_sort_key
 from model import DEFAULT_BASE_MODEL
@@ -48,7 +49,7 @@ INDEX_FORMAT = "jj-vmed-concept-index/1"
 SETTINGS_FORMAT = "jj-vmed-concept-settings/1"
 POOLINGS = ("mean", "cls")
 METHODS = ("knn", "probe", "fused")
-MAX_CONCEPTS = evaluate.MAX_CONCEPTS  # the evaluator rejects a row with more
+MAX_CONCEPTS = submission.MAX_CONCEPTS  # the evaluator rejects a row with more
 
 # The tuning grids. kNN: neighbours, and how much closer neighbours count (0: all the same; else
 # softmax of cosine / temperature: CLIP cosines of neighbours sit within a few hundredths).
@@ -351,7 +352,7 @@ def join_chunks(chunks: list[Embeddings], settings: dict, options: EmbedOptions)
 
 def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
     """ID -> concepts exactly as the official reader builds them (for ground truth)."""
-    pairs = evaluate.concept_pairs(evaluate.read_rows(path))
+    pairs = submission.concept_pairs(submission.read_rows(path))
     if not pairs:
         raise UserError(f"{path} has no ID,CUIs rows")
     return pairs
@@ -721,7 +722,7 @@ def truth_for(r: Ranked, s: ImageScores, gt: dict[str, tuple[str, ...]]) -> Trut
 
 
 def f1_per_image(r: Ranked, t: Truth, thresholds, keep_top: bool) -> np.ndarray:
-    """evaluate.image_f1 of every image for a threshold per ranked position (or one for all): exact,
+    """scores.image_f1 of every image for a threshold per ranked position (or one for all): exact,
     vectorised. An image with no CUI is written as 'ID,', which the official reader takes as ('',)."""
     chosen = (r.scores >= thresholds) & (r.cols >= 0)
     return f1_from_counts(chosen.sum(1), (chosen & t.hits).sum(1), r, t, keep_top)
@@ -825,7 +826,7 @@ class Candidate:
     fusion: Fusion
     threshold: float
     keep_top: bool
-    f1: float  # mean F1 on the tuning images (fast path; the report recomputes it with evaluate.py)
+    f1: float  # mean F1 on the tuning images (fast path; the report recomputes it with scores.py)
     cui_thresholds: dict[str, float] = field(default_factory=dict)
     note: str = ""
 
@@ -880,7 +881,7 @@ def tune(index: ConceptIndex, valid: Embeddings, gt: dict[str, tuple[str, ...]],
     """Choose k, weights, thresholds and fusion by maximising the official F1 on the validation split.
 
     Returns (settings, table): settings["methods"] holds knn, probe and fused, each usable by
-    predict_concepts; table has one row per candidate with its official F1 (evaluate.concept_scores;
+    predict_concepts; table has one row per candidate with its official F1 (scores.concept_scores;
     secondary F1 too with `manual`). Fused is the best of all candidates, single methods included,
     so on the tuning images it is never worse than the best single method.
     """
@@ -962,11 +963,11 @@ def settings_of(c: Candidate) -> dict:
 
 
 def report_row(name: str, c: Candidate, s: ImageScores, gt: dict, manual: dict | None) -> dict:
-    """One table row, scored by evaluate.concept_scores on the predictions as the CSV would hold them."""
+    """One table row, scored by scores.concept_scores on the predictions as the CSV would hold them."""
     pred = predict_from_scores(s, settings_of(c))
     as_read = {i: tuple(cuis) if cuis else ("",) for i, cuis in pred.items()}  # 'ID,' reads as ('',)
     manual_sub = {i: manual[i] for i in s.ids if i in manual} if manual is not None else None
-    summary, _ = evaluate.concept_scores(gt, as_read, manual_sub)
+    summary, _ = scores.concept_scores(gt, as_read, manual_sub)
     row = {"method": name, "f1": round(summary["f1"], 4), "settings": describe(c)}
     if manual_sub is not None:
         row["f1_secondary"] = round(summary["f1_secondary"], 4)

@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import evaluate  # noqa: E402
 import report  # noqa: E402
+import scores  # noqa: E402
 from cui_mapper import CuiMapper  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -38,7 +38,7 @@ def read_csv(path: Path) -> list[list[str]]:
 
 
 def image_paths(folder: Path) -> list[Path]:
-    real = sorted((SHARED / "real_images").glob("*.png"))
+    real = sorted((ROOT / "tests" / "data" / "real_images").glob("*.png"))
     if real:
         return real
     import numpy as np
@@ -115,12 +115,12 @@ def main() -> None:
         gt_captions, gt_concepts = ground_truth(args.images)
         pred_captions, pred_concepts = predictions(gt_captions, gt_concepts)
         start = time.perf_counter()
-        rouge = evaluate.rouge1_scores([evaluate.preprocess_caption(c) for c in gt_captions],
-                                       [evaluate.preprocess_caption(c) for c in pred_captions])
+        rouge = scores.rouge1_scores([scores.preprocess_caption(c) for c in gt_captions],
+                                       [scores.preprocess_caption(c) for c in pred_captions])
         cards = [report.Card(image_id=f"ImageCLEFmedical_Caption_2025_test_{i + 1}", image_path=paths[i % len(paths)],
                              gt_caption=gt_captions[i], pred_caption=pred_captions[i], gt_cuis=gt_concepts[i],
                              pred_cuis=pred_concepts[i],
-                             scores={"f1": evaluate.image_f1(gt_concepts[i], pred_concepts[i]), "rouge1": rouge[i]})
+                             scores={"f1": scores.image_f1(gt_concepts[i], pred_concepts[i]), "rouge1": rouge[i]})
                  for i in range(args.images)]
         scoring = time.perf_counter() - start
         summary = {"concepts": {"f1": sum(c.scores["f1"] for c in cards) / len(cards)},

@@ -13,6 +13,8 @@ from conftest import ROCO, needs_roco, run_script
 import errors
 import evaluate
 import files
+import scores
+import submission
 
 
 def write(path: Path, text: str) -> Path:
@@ -21,7 +23,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def pairs(text: str, tmp_path: Path, name: str) -> dict:
-    return evaluate.concept_pairs(evaluate.read_rows(write(tmp_path / name, text)))
+    return submission.concept_pairs(submission.read_rows(write(tmp_path / name, text)))
 
 
 def official_f1(gt_pairs: dict, candidate_pairs: dict) -> float:
@@ -46,7 +48,7 @@ def test_hand_computed_f1_values_and_the_official_readers_edge_cases(tmp_path):
     gt = pairs("ID,CUIs\na,C1;C2;C3\nb,C1\nc,\nd,\ne\nf,C7\n", tmp_path, "gt.csv")
     pred = pairs("ID,CUIs\na,C1;c4\nb,c1;\nc,\nd\ne,C9\nf,C7;C7\n", tmp_path, "pred.csv")
     assert gt["c"] == ("",) and gt["e"] == () and pred["d"] == () and pred["b"] == ("c1", "")
-    summary, rows = evaluate.concept_scores(gt, pred)
+    summary, rows = scores.concept_scores(gt, pred)
     per = {r["ID"]: r["f1"] for r in rows}
     assert per["a"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 2))  # TP C1, FP C4, FN C2 C3 -> 0.4
     assert per["b"] == pytest.approx(2 / 3)  # the trailing ';' predicts '' -> a false positive
@@ -60,7 +62,7 @@ def test_hand_computed_f1_values_and_the_official_readers_edge_cases(tmp_path):
 
 @needs_roco
 def test_primary_f1_equals_the_official_definition_on_real_ground_truth_with_perturbed_predictions():
-    gt = evaluate.concept_pairs(evaluate.read_rows(ROCO / "validation_concepts.csv"))
+    gt = submission.concept_pairs(submission.read_rows(ROCO / "validation_concepts.csv"))
     vocabulary = sorted({c for cs in gt.values() for c in cs if c})
     rng = random.Random(7)
     pred = {}
@@ -73,7 +75,7 @@ def test_primary_f1_equals_the_official_definition_on_real_ground_truth_with_per
         if rng.random() < 0.05:
             continue  # image missing from the predictions
         pred[image_id] = tuple(kept)
-    summary, _ = evaluate.concept_scores(gt, pred)
+    summary, _ = scores.concept_scores(gt, pred)
     assert summary["images_scored"] == 8180
     assert summary["f1"] == pytest.approx(official_f1(gt, pred), abs=1e-12)
     assert 0.3 < summary["f1"] < 0.9
@@ -82,11 +84,11 @@ def test_primary_f1_equals_the_official_definition_on_real_ground_truth_with_per
 def test_secondary_f1_filters_to_the_allowed_list_and_skips_images_left_empty(tmp_path):
     manual = pairs("ID,CUIs\na,C0040405;C0817096\nb,\nc,C9999999\nd,C0024485\n", tmp_path, "manual.csv")
     pred = pairs("ID,CUIs\na,C0040405;C1234567\nb,C0040405\nc,C0040405\nd,c0024485\n", tmp_path, "pred.csv")
-    summary, _ = evaluate.concept_scores(manual, pred, manual=manual)
+    summary, _ = scores.concept_scores(manual, pred, manual=manual)
     # a: filtered gt {CT, Chest}, pred {CT} -> 2/3; b, c skipped (nothing allowed in gt); d: 1
     assert summary["images_scored_secondary"] == 2
     assert summary["f1_secondary"] == pytest.approx((2 / 3 + 1) / 2)
-    summary, _ = evaluate.concept_scores(manual, pred, manual=manual, allowed=("C0817096",))
+    summary, _ = scores.concept_scores(manual, pred, manual=manual, allowed=("C0817096",))
     assert summary["images_scored_secondary"] == 1 and summary["f1_secondary"] == 0.0
 
 
@@ -94,7 +96,7 @@ def test_2025_rules_report_every_violation_with_its_line_and_reject(tmp_path):
     many = ";".join(f"C{i:07d}" for i in range(101))
     pred = write(tmp_path / "pred.csv", "ID,CUIs\na,C0000001\nb,C0000001;C0000001\na,C0000002\n"
                  f"c,{many}\nzzz,C0000003\nd,C1,C2\n\ne,c0000005;C0000005;\n")
-    report = evaluate.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"], rules="2025")
+    report = submission.validate_file("concepts", pred, ["a", "b", "c", "d", "e", "f"], rules="2025")
     text = "\n".join(report.errors)
     assert "line 3: concept repeated for 'b': C0000001" in text
     assert "line 4: duplicate image ID 'a' (first on line 2)" in text
@@ -121,18 +123,18 @@ def test_a_valid_submission_against_an_image_folder_is_accepted(tmp_path):
 
 def test_ids_containing_ID_are_flagged_because_the_evaluator_skips_them(tmp_path):
     pred = write(tmp_path / "pred.csv", "ID,CUIs\nimg_ID_1,C0040405\n")
-    report = evaluate.validate_file("concepts", pred, ["img_ID_1"])
+    report = submission.validate_file("concepts", pred, ["img_ID_1"])
     assert any("contain 'ID'" in e for e in report.errors)
 
 
 def test_caption_preprocessing_is_the_official_one():
-    assert evaluate.preprocess_caption("CT, 12 mm (arrow); T2-weighted.") == "ct number mm arrow tnumberweighted"
+    assert scores.preprocess_caption("CT, 12 mm (arrow); T2-weighted.") == "ct number mm arrow tnumberweighted"
 
 
 def test_caption_scores_handle_empty_pairs_and_hand_computed_rouge(tmp_path):
     gt = {"a": "Chest x-ray.", "b": "", "c": "axial ct of the brain", "d": "mri"}
     pred = {"a": "chest x ray", "b": "", "c": "axial ct", "d": ""}
-    summary, rows = evaluate.caption_scores(gt, pred)
+    summary, rows = scores.caption_scores(gt, pred)
     per = {r["ID"]: r["rouge1"] for r in rows}
     # "chest xray" (punctuation removed) vs "chest x ray": P=1/3, R=1/2 -> F=0.4
     assert per["a"] == pytest.approx(0.4)
@@ -145,7 +147,7 @@ def test_caption_scores_handle_empty_pairs_and_hand_computed_rouge(tmp_path):
 @needs_roco
 def test_captions_command_scores_real_captions_and_checks_the_file(tmp_path):
     gt = ROCO / "validation_captions.csv"
-    rows = evaluate.read_rows(gt)[:51]
+    rows = submission.read_rows(gt)[:51]
     pred = tmp_path / "pred.csv"
     files.write_csv_atomic(pred, ["ID", "Caption"], ([f[0], f[1].upper()] for _, f in rows[1:]))
     gt_small = tmp_path / "gt.csv"
@@ -155,12 +157,12 @@ def test_captions_command_scores_real_captions_and_checks_the_file(tmp_path):
                         "--per_image", str(per_image))
     out = json.loads(result.stdout)
     assert out["accepted"] and out["rouge1"] == 1.0 and out["bleu4"] == pytest.approx(1.0)
-    assert len(evaluate.read_rows(per_image)) == 51
+    assert len(submission.read_rows(per_image)) == 51
 
 
 def test_a_caption_file_without_header_or_with_blank_lines_is_rejected(tmp_path):
     pred = write(tmp_path / "pred.csv", "a,CT of the chest\n\nb,\"MRI, axial\"\n")
-    report = evaluate.validate_file("captions", pred, ["a", "b"])
+    report = submission.validate_file("captions", pred, ["a", "b"])
     assert "line 1: the header row must be ID,Caption" in report.errors
     assert "line 2: blank line" in report.errors
 
@@ -182,11 +184,11 @@ def test_bertscore_runs_from_a_local_model_folder(tmp_path):
                          intermediate_size=64)).save_pretrained(folder)
     gt = {"a": "axial ct of the brain", "b": "chest x ray", "c": ""}
     pred = {"a": "axial ct of the brain", "b": "mass", "c": ""}
-    summary, rows = evaluate.caption_scores(gt, pred, str(folder), bertscore_layers=2)
+    summary, rows = scores.caption_scores(gt, pred, str(folder), bertscore_layers=2)
     per = {r["ID"]: r["bertscore_f1"] for r in rows}
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
     with pytest.raises(errors.UserError, match="--bertscore_layers"):
-        evaluate.caption_scores(gt, pred, str(folder))
+        scores.caption_scores(gt, pred, str(folder))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +207,7 @@ def build_tiny_bleurt(folder: Path) -> Path:
     import sentencepiece
     import torch
 
-    model_class, _, _ = evaluate.bleurt_classes()  # the package imports only once mended
+    model_class, _, _ = scores.bleurt_classes()  # the package imports only once mended
     from bleurt_pytorch import BleurtConfig
 
     folder.mkdir(parents=True)
@@ -247,27 +249,27 @@ BLEURT_PRED = {"a": "axial ct of the brain showing a mass", "b": "mri of the kne
 def test_bleurt_scores_every_image_from_a_saved_model_in_batches(tiny_bleurt):
     import math
 
-    summary, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    summary, rows = scores.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
     per = {r["ID"]: r["bleurt"] for r in rows}
     assert list(per) == list(BLEURT_GT) and all(math.isfinite(s) for s in per.values())
     assert summary["bleurt"] == pytest.approx(sum(per.values()) / 9)
     assert len({round(s, 6) for s in per.values()}) > 5  # the pairs are told apart
-    again, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    again, _ = scores.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
     assert again["bleurt"] == summary["bleurt"]
     # Padding must not change a score: batches of 8 (padded to the longest pair) equal one pair at a time.
-    gts = [evaluate.preprocess_caption(BLEURT_GT[i]) for i in BLEURT_GT]
-    preds = [evaluate.preprocess_caption(BLEURT_PRED[i]) for i in BLEURT_GT]
-    one_by_one = evaluate.bleurt_scores(gts, preds, str(tiny_bleurt), batch_size=1)
+    gts = [scores.preprocess_caption(BLEURT_GT[i]) for i in BLEURT_GT]
+    preds = [scores.preprocess_caption(BLEURT_PRED[i]) for i in BLEURT_GT]
+    one_by_one = scores.bleurt_scores(gts, preds, str(tiny_bleurt), batch_size=1)
     assert one_by_one == pytest.approx(list(per.values()), abs=1e-5)
 
 
 def test_bleurt_puts_empty_captions_through_the_model_like_the_organisers(tiny_bleurt):
     import torch
 
-    _, rows = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    _, rows = scores.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
     per = {r["ID"]: r for r in rows}
     assert per["c"]["rouge1"] == 1.0  # ROUGE scores an empty pair 1 ...
-    net, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    net, tokenizer = scores.load_bleurt(str(tiny_bleurt))
     with torch.inference_mode():
         direct = net(**tokenizer([""], [""], return_tensors="pt")).logits.item()
     assert per["c"]["bleurt"] == pytest.approx(direct, abs=1e-6) and per["c"]["bleurt"] != 1.0  # ... BLEURT does not
@@ -277,10 +279,10 @@ def test_bleurt_tokenizer_reads_the_sentencepiece_vocabulary_as_sentencepiece_do
     """transformers 4 (the organisers') tokenized with sentencepiece itself; transformers 5 converts spm.model."""
     import sentencepiece
 
-    _, tokenizer = evaluate.load_bleurt(str(tiny_bleurt))
+    _, tokenizer = scores.load_bleurt(str(tiny_bleurt))
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tiny_bleurt / "spm.model"))
     cls, sep = sp.piece_to_id("[CLS]"), sp.piece_to_id("[SEP]")
-    texts = [evaluate.preprocess_caption(t) for t in [*BLEURT_GT.values(), *BLEURT_PRED.values()]]
+    texts = [scores.preprocess_caption(t) for t in [*BLEURT_GT.values(), *BLEURT_PRED.values()]]
     texts += [" leading space", "two  spaces", "ﬁbrosis ＣＴ µm", "unseen words zebra"]
     for text in texts:
         assert tokenizer(text)["input_ids"] == [cls, *sp.encode(text), sep], text
@@ -292,23 +294,23 @@ def test_bleurt_tokenizer_reads_the_sentencepiece_vocabulary_as_sentencepiece_do
 
 def test_bleurt_model_folder_problems_are_one_line_errors(tmp_path, tiny_bleurt):
     with pytest.raises(errors.UserError, match="no config.json"):
-        evaluate.load_bleurt(str(tmp_path))
+        scores.load_bleurt(str(tmp_path))
     (tmp_path / "config.json").write_text((tiny_bleurt / "config.json").read_text())
     with pytest.raises(errors.UserError, match="has no tokenizer"):
-        evaluate.load_bleurt(str(tmp_path))
+        scores.load_bleurt(str(tmp_path))
 
 
 @pytest.mark.skipif(not os.environ.get("JJVMED_BLEURT_MODEL"),
                     reason="set JJVMED_BLEURT_MODEL to a local lucadiliello/BLEURT-20-D12 folder")
 def test_bleurt_20_d12_gives_the_scores_its_package_publishes():
-    scores = evaluate.bleurt_scores(["a bird chirps by the window", "this is a random sentence"],
+    found = scores.bleurt_scores(["a bird chirps by the window", "this is a random sentence"],
                                     ["a bird chirps by the window", "this looks like a random sentence"],
                                     os.environ["JJVMED_BLEURT_MODEL"])
-    assert scores == pytest.approx([0.9604414105415344, 0.8080050349235535], abs=1e-4)
+    assert found == pytest.approx([0.9604414105415344, 0.8080050349235535], abs=1e-4)
 
 
 def test_relevance_and_factuality_are_reported_as_partial_naming_the_missing_parts(tmp_path, tiny_bleurt, capsys):
-    summary, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED)
+    summary, _ = scores.caption_scores(BLEURT_GT, BLEURT_PRED)
     assert "relevance" not in summary and "factuality" not in summary
     assert summary["relevance_partial"] == {"value": summary["rouge1"], "parts": "1 of 4",
                                             "skipped": ["BERTScore", "MedImageInsight", "BLEURT"]}
@@ -319,7 +321,7 @@ def test_relevance_and_factuality_are_reported_as_partial_naming_the_missing_par
     files.write_csv_atomic(pred, ["ID", "Caption"], BLEURT_PRED.items())
     assert evaluate.main(["captions", "--gt", str(gt), "--pred", str(pred), "--bleurt_model", str(tiny_bleurt)]) == 0
     out = capsys.readouterr().out
-    with_bleurt, _ = evaluate.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
+    with_bleurt, _ = scores.caption_scores(BLEURT_GT, BLEURT_PRED, bleurt_model=str(tiny_bleurt))
     expected = (with_bleurt["rouge1"] + with_bleurt["bleurt"]) / 2
     assert with_bleurt["relevance_partial"]["value"] == pytest.approx(expected)
     assert (f"relevance (partial: 2 of 4 parts; skipped BERTScore, MedImageInsight)  {expected:.4f}  not the "

@@ -22,9 +22,10 @@ from conftest import ROOT, read_csv
 
 import concept_index
 import errors
-import evaluate
 import generate_concepts
+import submission
 import vision_concepts as vc
+from scores import ALLOWED_CUIS_2025, concept_scores, image_f1
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
 SHAPES = ("circle", "triangle")
@@ -73,10 +74,10 @@ def cli(*argv: str) -> int:
 
 
 def f1(gt_csv: Path, pred: dict[str, list[str]] | Path) -> float:
-    gt = evaluate.concept_pairs(evaluate.read_rows(gt_csv))
+    gt = submission.concept_pairs(submission.read_rows(gt_csv))
     if isinstance(pred, Path):
-        pred = evaluate.concept_pairs(evaluate.read_rows(pred))
-    return evaluate.concept_scores(gt, {i: tuple(c) for i, c in pred.items()})[0]["f1"]
+        pred = submission.concept_pairs(submission.read_rows(pred))
+    return concept_scores(gt, {i: tuple(c) for i, c in pred.items()})[0]["f1"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def run(tiny_model, tmp_path_factory) -> Path:
     for seed, (split, n) in enumerate(SPLITS.items()):
         write_csv_atomic(root / f"{split}_concepts.csv", ["ID", "CUIs"], make_split(root / split, n, seed))
     # The manual ground truth: modality and body region only.
-    manual = [[i, ";".join(c for c in cuis.split(";") if c in evaluate.ALLOWED_CUIS_2025)]
+    manual = [[i, ";".join(c for c in cuis.split(";") if c in ALLOWED_CUIS_2025)]
               for i, cuis in read_csv(root / "valid_concepts.csv")[1:]]
     write_csv_atomic(root / "valid_concepts_manual.csv", ["ID", "CUIs"], manual)
     (root / "test" / "broken.png").write_bytes(b"not a png")
@@ -212,7 +213,7 @@ def test_the_fast_f1_used_for_tuning_is_the_official_one():
                 pred = [space[c] for c, v in zip(cols[n], scores[n], strict=True) if c >= 0 and v >= threshold]
                 if not pred and keep_top and cols[n, 0] >= 0:
                     pred = [space[cols[n, 0]]]
-                assert fast[n] == pytest.approx(evaluate.image_f1(gt[i], tuple(pred) or ("",)))
+                assert fast[n] == pytest.approx(image_f1(gt[i], tuple(pred) or ("",)))
     # The threshold search gives the best of all thresholds, as the plain F1 above scores them.
     threshold, keep_top, best = vc.best_global_threshold(r, t)
     brute = max(vc.f1_per_image(r, t, x, top).mean() for x in vc.THRESHOLDS for top in (False, True))
