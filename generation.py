@@ -21,10 +21,10 @@ from errors import first_line, log
 from images import Batch
 from model import input_device, stop_token_ids
 
-# --batch_size auto on CPU. Batching on CPU saves the per-step Python and weight-reading cost but not
-# arithmetic: benchmarks/throughput.py measured batch 8 within noise of batch 16 on the tiny model,
-# and a smaller batch keeps memory low and the journal's checkpoints frequent.
-CPU_BATCH_SIZE = 8
+# --batch_size auto on CPU. A decoding step reads every weight whatever the batch (33 GB for the 8B
+# model in float32), so larger batches cost less per image; in the CPU race (README, Throughput) batch
+# 16 beat 8 by a median 1.6x, for ~0.2 GB more per image of the 8B's cache and activations.
+CPU_BATCH_SIZE = 16
 # --batch_size auto on CUDA: probe up to this many images per batch, then keep this share of the free
 # memory. Past ~256 the 8B model's prefill dominates and a bigger batch gains little (README, Throughput).
 AUTO_BATCH_CAP = 256
