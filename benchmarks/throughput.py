@@ -42,7 +42,7 @@ import common  # noqa: E402
 import generation  # noqa: E402
 from errors import UserError, first_line  # noqa: E402
 from images import Batch, ImageDataset, list_images, load_image  # noqa: E402
-from model import ModelSpec, input_device, load_model, load_processor, stop_token_ids  # noqa: E402
+from model import ModelSpec, input_device, load_model, load_processor, quantization_config, stop_token_ids  # noqa: E402
 from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "real_images"
@@ -267,6 +267,16 @@ def load_bundle(args, work: Path):
     label = f"LLaVA-LLaMA-3-8B shape, random weights ({device.type}, {str(dtype).removeprefix('torch.')})"
     if args.layers:
         label += f", {args.layers} text layers"
+    if args.load_in_4bit:
+        # bitsandbytes quantizes on load: save once, reload with the engine's quantization settings.
+        saved = work / "full"
+        model.save_pretrained(saved)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        model = LlavaForConditionalGeneration.from_pretrained(
+            saved, dtype=dtype, device_map={"": str(device)}, quantization_config=quantization_config(dtype)).eval()
+        label += ", 4-bit NF4"
     return model, processor, label
 
 
@@ -565,6 +575,7 @@ def main() -> int:
     parser.add_argument("--table", default=None, help="also write the table (markdown) to this file")
     parser.add_argument("--full_size", action="store_true", help="8B-shaped model with random weights (GPU)")
     parser.add_argument("--layers", type=int, default=None, help="with --full_size: fewer text layers (smoke test)")
+    parser.add_argument("--load_in_4bit", action="store_true", help="with --full_size: NF4 4-bit (needs bitsandbytes)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory at 200 vs 2000 images")
     parser.add_argument("--resume", action="store_true", help="also time a resume from a 20,000-record journal")
     parser.add_argument("--skip_throughput", action="store_true")
