@@ -28,10 +28,10 @@ from typing import Any
 
 from errors import UserError, exit_at_once, first_line, log
 from files import check_writable, lock_exclusive, write_csv_atomic
-from generation import Record, generate_batches
+from generation import Record, auto_batch_size, generate_batches, parse_batch_size
 from images import scan_folder
 from journal import default_journal_path, file_identity, open_journal
-from model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, load_model, resolve_device_and_dtype
+from model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, load_model, merge_by_default, resolve_device_and_dtype
 from shards import Shard, gather_to_rank0, merge_shard_records, process_group, shard_from
 
 # Task constants, defined once: the original tool's answer lengths, and the platform's limit.
@@ -124,9 +124,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                        help="hub ID or local folder of the LoRA adapter; 'none' runs the base model "
                        "(default: %(default)s)")
     model.add_argument("--lora_subfolder", default=None, help="subfolder of the adapter repo holding the adapter")
-    model.add_argument("--merge_adapters", action="store_true",
-                       help="merge the LoRA weights into the base model (faster generation); with "
-                       "--load_in_4bit the merge is done on unquantized weights, saved, then quantized")
+    model.add_argument("--merge_adapters", action=argparse.BooleanOptionalAction, default=None,
+                       help="merge the LoRA weights into the base model: each decoding step then skips the "
+                       "adapter's ~900 small extra operations (default: merged, except with --load_in_4bit, where "
+                       "the merge is done on unquantized weights, saved once, then quantized)")
     model.add_argument("--merged_cache_dir", default=None,
                        help="where merged unquantized models are kept for --merge_adapters --load_in_4bit "
                        "(default: ~/.cache/jj-vmed/merged)")
@@ -149,8 +150,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     prompt.add_argument("--prompt", default=None, help="your own instruction instead of the built-in one")
 
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--batch_size", type=int, default=4,
-                     help="images per generate call; halved automatically on CUDA out-of-memory (default: %(default)s)")
+    gen.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="N|auto",
+                     help="images per generate call, or auto: on a GPU the largest batch that fits (measured at "
+                     "the start), on CPU 8; halved automatically on CUDA out-of-memory (default: auto)")
+    gen.add_argument("--compile", action="store_true",
+                     help="static KV cache and a torch.compile'd decoding step: much faster on a GPU after a "
+                     "minute or two of compiling; slow on CPU. Same greedy text")
     gen.add_argument("--max_new_tokens", type=int, default=MAX_NEW_TOKENS[task],
                      help="longest answer in tokens (default: %(default)s)")
     gen.add_argument("--generation_kwargs", default=None, metavar="JSON",
@@ -208,7 +213,8 @@ class RunConfig:
     model: ModelSpec
     prompt: str  # the full prompt text, <image> included
     gen_kwargs: dict
-    batch_size: int = 4
+    batch_size: int | None = None  # None: auto
+    compile: bool = False  # static cache + compiled decoding step
     num_workers: int | None = None  # None: see cpu_split()
     seed: int = 0
     limit: int | None = None
@@ -261,13 +267,14 @@ def config_from_args(args: argparse.Namespace, task: str, other_outputs: tuple[s
     if shard and args.resume_from_checkpoint not in (None, "auto"):
         raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
     spec = ModelSpec(base_model_path=args.base_model_path, adapter=adapter, lora_subfolder=args.lora_subfolder,
-                     merge_adapters=args.merge_adapters, load_in_4bit=args.load_in_4bit, device=args.device,
+                     merge_adapters=merge_by_default(adapter, args.load_in_4bit) if args.merge_adapters is None
+                     else args.merge_adapters, load_in_4bit=args.load_in_4bit, device=args.device,
                      dtype=args.dtype, merged_cache_dir=args.merged_cache_dir)
     return RunConfig(task=task, image_dir=args.image_dir, output_csv=args.output_csv, model=spec,
                      prompt=build_prompt(template, instruction, prefill),
                      gen_kwargs=parse_generation_kwargs(args.generation_kwargs, args.max_new_tokens),
-                     batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed, limit=args.limit,
-                     ids_csv=args.ids_csv, zip_path=args.zip, checkpoint_dir=args.checkpoint_dir,
+                     batch_size=args.batch_size, compile=args.compile, num_workers=args.num_workers, seed=args.seed,
+                     limit=args.limit, ids_csv=args.ids_csv, zip_path=args.zip, checkpoint_dir=args.checkpoint_dir,
                      checkpoint_interval=args.checkpoint_interval, resume=args.resume_from_checkpoint,
                      force_resume=args.force_resume, overwrite=args.overwrite, shard=shard, merge=args.merge_shards,
                      other_outputs=other_outputs)
@@ -324,6 +331,7 @@ class RunResult:
     seconds: float
     generated: int  # images generated by this invocation
     stopped: int | None = None  # the signal that stopped the run early, if one did
+    batch_size: int | None = None  # the batch size used (what auto chose), when this invocation generated
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -399,7 +407,7 @@ def generate_run(cfg: RunConfig, selection: Selection, model_bundle=None) -> Run
         records.update(part["records"])
     stopped = next((p["stopped"] for p in parts if p["stopped"] is not None), None)
     return RunResult(selection.ids, records, mine.journal_path, max(p["seconds"] for p in parts),
-                     sum(p["generated"] for p in parts), stopped)
+                     sum(p["generated"] for p in parts), stopped, mine.batch_size)
 
 
 def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: ModelSpec,
@@ -413,19 +421,20 @@ def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: Mo
                                cfg.overwrite, cfg.checkpoint_interval)
         todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
         start = time.perf_counter()
-        generated = 0
+        generated, batch_size = 0, None
         try:
             if todo:
-                generated = generate_todo(cfg, todo, spec, journal, identities, stop, model_bundle)
+                generated, batch_size = generate_todo(cfg, todo, spec, journal, identities, stop, model_bundle)
         finally:
             journal.close()
         return RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated,
-                         stop.signum)
+                         stop.signum, batch_size)
 
 
 def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, journal, identities: dict,
-                  stop: StopSignals, model_bundle=None) -> int:
-    """Load the model and append the records of every batch to the journal; returns how many were written."""
+                  stop: StopSignals, model_bundle=None) -> tuple[int, int]:
+    """Load the model and append the records of every batch to the journal; returns how many were written
+    and the batch size."""
     import torch
     from tqdm import tqdm
 
@@ -433,13 +442,16 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
 
     torch.manual_seed(cfg.seed)
     model, processor, device = model_bundle or load_model(spec)
+    batch_size = cfg.batch_size or auto_batch_size(model, processor, cfg.prompt, cfg.gen_kwargs, len(todo),
+                                                   static_cache=cfg.compile).size
     generated = 0
     with cpu_split(device.type, cfg.num_workers) as workers:
-        loader = make_loader(todo, processor, cfg.prompt, cfg.batch_size, workers, pin_memory=device.type == "cuda")
+        loader = make_loader(todo, processor, cfg.prompt, batch_size, workers, pin_memory=device.type == "cuda")
         with tqdm(total=len(todo), unit="img", desc=cfg.task, dynamic_ncols=True, file=sys.stderr) as bar:
             stop.armed = True
             try:
-                for records in generate_batches(model, processor, guarded(loader), cfg.gen_kwargs):
+                for records in generate_batches(model, processor, guarded(loader), cfg.gen_kwargs,
+                                                "inductor" if cfg.compile else None, batch_size):
                     journal.append(records, identities)
                     for r in records:
                         if not r.ok:
@@ -450,7 +462,7 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
                         break
             finally:
                 stop.armed = False
-    return generated
+    return generated, batch_size
 
 
 def guarded(loader) -> Iterator:
@@ -579,7 +591,9 @@ def finish_run(cfg: RunConfig, selection: Selection, result: RunResult, outputs:
     lines = [f"images: {len(result.ids)} (generated now: {result.generated}, done before: {max(before, 0)}"
              + (f", not done yet: {result.missing}" if result.missing else "") + ")",
              f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else ""),
-             f"time: {result.seconds:.1f} s, {rate:.2f} images/s",
+             f"time: {result.seconds:.1f} s, {rate:.2f} images/s"
+             + (f", batch size {result.batch_size}{' (auto)' if cfg.batch_size is None else ''}"
+                f"{', compiled' if cfg.compile else ''}" if result.batch_size else ""),
              f"journal: {result.journal_path}"]
     for why, names in selection.skipped.items():
         lines.append(f"skipped, {why}: {len(names)} ({', '.join(repr(n) for n in names[:3])}"

@@ -147,6 +147,16 @@ class Batch:
     inputs: dict | None  # processor output (input_ids, attention_mask, pixel_values) or None
     failures: list[tuple[str, str]]  # (ID, error) for images that could not be read
 
+    def pin_memory(self) -> Batch:
+        """A copy with its tensors in page-locked memory, so the copies to the GPU run asynchronously.
+
+        The DataLoader (pin_memory=True) calls this on what the collate function returns; an object
+        without it comes back unpinned, and every `non_blocking=True` copy then waits.
+        """
+        if self.inputs is None:
+            return self
+        return Batch(self.ids, {k: v.pin_memory() for k, v in self.inputs.items()}, self.failures)
+
 
 class Collate:
     """Runs the processor in the DataLoader workers, so preprocessing overlaps generation."""

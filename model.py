@@ -34,6 +34,17 @@ class ModelSpec:
     merged_cache_dir: str | None = None
 
 
+def merge_by_default(adapter: str | None, load_in_4bit: bool) -> bool:
+    """Whether --merge_adapters is on when not given: merged, unless there is no adapter or the model is 4-bit.
+
+    Unmerged, PEFT runs the LoRA branch of all 224 adapted layers at every decoding step (~900 small
+    extra operations): on a CPU stand-in with the 8B's 32 layers, a decoding step took about twice as
+    long (benchmarks/adapter_merge.py; README, Throughput). With 4-bit weights a merge means merging
+    unquantized weights on the CPU and saving ~16 GB once, so there it stays a choice.
+    """
+    return adapter is not None and not load_in_4bit
+
+
 def resolve_device_and_dtype(device: str, dtype: str):
     """(device_map for from_pretrained, torch dtype, the device that inputs go to)."""
     import torch
