@@ -90,9 +90,17 @@ def resolve_template(template: str, adapter: str | None) -> str:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
-    """Add every option both generate scripts share. `task` picks the defaults."""
+    """Add every option both generate scripts share, in groups. `task` picks the defaults."""
+    add_io_options(parser.add_argument_group("input and output"), task)
+    add_checkpoint_options(parser.add_argument_group("checkpoint and resume"))
+    add_model_options(parser.add_argument_group("model"))
+    add_prompt_options(parser.add_argument_group("prompt"))
+    add_generation_options(parser.add_argument_group("generation"), task)
+    add_scale_options(parser.add_argument_group("scale-out (see README: several GPUs and machines)"))
+
+
+def add_io_options(io, task: str) -> None:
     default_out = "results/captions.csv" if task == "caption" else "results/concepts.csv"
-    io = parser.add_argument_group("input and output")
     io.add_argument("--image_dir", help="folder of images (jpg, jpeg, png, bmp, gif, tif, tiff, webp); "
                     "the image ID is the file name without its extension")
     io.add_argument("--output_csv", default=default_out, help="final CSV (default: %(default)s)")
@@ -104,7 +112,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                     help="also write the upload zip (only submission.csv inside) when the checks accept the file")
     io.add_argument("--limit", type=int, default=None, help="process only the first N images (a quick trial run)")
 
-    ck = parser.add_argument_group("checkpoint and resume")
+
+def add_checkpoint_options(ck) -> None:
     ck.add_argument("--checkpoint_dir", default=None,
                     help="folder for the journal of raw generations (default: beside --output_csv)")
     ck.add_argument("--checkpoint_interval", type=int, default=1,
@@ -117,7 +126,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                     help="resume even if the journal was written with different settings")
     ck.add_argument("--overwrite", action="store_true", help="discard an existing journal and start over")
 
-    model = parser.add_argument_group("model")
+
+def add_model_options(model) -> None:
     model.add_argument("--base_model_path", default=DEFAULT_BASE_MODEL,
                        help="hub ID or local folder of the LLaVA model (default: %(default)s)")
     model.add_argument("--adapter_repo", default=DEFAULT_ADAPTER,
@@ -140,7 +150,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                        help="weights dtype; auto = bfloat16 on GPUs that support it, float16 on older ones, "
                        "float32 on CPU (default: %(default)s)")
 
-    prompt = parser.add_argument_group("prompt")
+
+def add_prompt_options(prompt) -> None:
     prompt.add_argument("--prompt_template", choices=["auto", *PROMPT_TEMPLATES], default="auto",
                         help="auto = vicuna (the adapter's training format) with an adapter, llama3 without "
                         "(default: %(default)s)")
@@ -149,10 +160,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                         "(default: %(default)s)")
     prompt.add_argument("--prompt", default=None, help="your own instruction instead of the built-in one")
 
-    gen = parser.add_argument_group("generation")
+
+def add_generation_options(gen, task: str) -> None:
     gen.add_argument("--batch_size", type=parse_batch_size, default=None, metavar="N|auto",
                      help="images per generate call, or auto: on a GPU the largest batch that fits (measured at "
-                     "the start), on CPU 8; halved automatically on CUDA out-of-memory (default: auto)")
+                     "the start), on CPU 16; halved automatically on CUDA out-of-memory (default: auto)")
     gen.add_argument("--compile", action="store_true",
                      help="static KV cache and a torch.compile'd decoding step: much faster on a GPU after a "
                      "minute or two of compiling; slow on CPU. Same greedy text")
@@ -162,16 +174,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, task: str) -> None:
                      help='extra generate() settings merged over the greedy defaults, e.g. '
                      '\'{"num_beams": 3, "repetition_penalty": 1.1}\'')
     gen.add_argument("--seed", type=int, default=0, help="random seed, for sampling (default: %(default)s)")
-    scale = parser.add_argument_group("scale-out (see README: several GPUs and machines)")
+    gen.add_argument("--num_workers", type=int, default=None,
+                     help="processes decoding images while the model generates; 0 decodes in the main process "
+                     "(default: up to 4 with a GPU; on CPU half the cores, the model gets the other half)")
+
+
+def add_scale_options(scale) -> None:
     scale.add_argument("--num_shards", type=int, default=None,
                        help="without a launcher (job arrays): split the sorted images into N shards ...")
     scale.add_argument("--shard_index", type=int, default=None, help="... and process shard i (0-based)")
     scale.add_argument("--merge_shards", action="store_true",
                        help="build the final CSVs from all shards' journals (no model needed); refuses if a shard "
                        "is missing or incomplete")
-    gen.add_argument("--num_workers", type=int, default=None,
-                     help="processes decoding images while the model generates; 0 decodes in the main process "
-                     "(default: up to 4 with a GPU; on CPU half the cores, the model gets the other half)")
 
 
 def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, Any]:
