@@ -42,13 +42,13 @@ import files
 from errors import UserError, log
 from images import ImageDataset, id_sort_key
 from model import DEFAULT_BASE_MODEL
+from submission import MAX_CONCEPTS  # the platform rejects a row with more
 
 EMBEDDINGS_FORMAT = "jj-vmed-embeddings/1"
 INDEX_FORMAT = "jj-vmed-concept-index/1"
 SETTINGS_FORMAT = "jj-vmed-concept-settings/1"
 POOLINGS = ("mean", "cls")
 METHODS = ("knn", "probe", "fused")
-MAX_CONCEPTS = evaluate.MAX_CONCEPTS  # the evaluator rejects a row with more
 
 # The tuning grids. kNN: neighbours, and how much closer neighbours count (0: all the same; else
 # softmax of cosine / temperature: CLIP cosines of neighbours sit within a few hundredths).
