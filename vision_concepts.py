@@ -416,12 +416,17 @@ class ConceptIndex:
 @dataclass(frozen=True)
 class ProbeOptions:
     hidden: int = 0  # 0: linear
-    steps: int = 3000  # 0: no probe
-    batch_size: int = 512
+    epochs: int = 10  # passes over the training vectors at most; 0: no probe
+    batch_size: int = 2048
     learning_rate: float = 3e-3
     weight_decay: float = 1e-4
+    tolerance: float = 0.02  # stop when a pass lowers the mean training loss by less than this share
     seed: int = 0
     device: str = "auto"
+
+
+# A pass is at least this many steps, so a small training set still gets enough updates between checks.
+MIN_STEPS_PER_PASS = 50
 
 
 def resolve_device(device: str) -> str:
@@ -435,8 +440,16 @@ def resolve_device(device: str) -> str:
 
 
 def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
-    """Multi-label BCE on the training vectors (labels: scipy csr, images x CUIs): AdamW, cosine-decayed
-    learning rate, a fixed number of steps over shuffled batches."""
+    """Multi-label BCE on the training vectors (labels: scipy csr, images x CUIs): AdamW over shuffled
+    batches, in passes over the data, until a pass lowers the mean training loss by less than
+    `tolerance` of it (or after `epochs` passes).
+
+    The output biases start at each CUI's log-odds in the training set. From zero (probability 0.5
+    for all ~2,000 CUIs) the optimiser spent most of its steps just pushing the rare CUIs down; from
+    the prior, one pass at batch 2048 reaches about the F1 that 3,000 steps of 512 reached before.
+    """
+    import math
+
     import torch
 
     device = resolve_device(options.device)
@@ -451,32 +464,42 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
                                   torch.nn.Linear(options.hidden, n_cuis))
     else:
         net = torch.nn.Sequential(torch.nn.Linear(dim, n_cuis))
+    share = np.asarray(labels.sum(0), np.float64).ravel() / len(vectors)
+    share = np.clip(share, 0.5 / len(vectors), 1 - 0.5 / len(vectors))
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.from_numpy(np.log(share / (1 - share)).astype(np.float32)))
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(options.steps, 1))
     batch = min(options.batch_size, len(vectors))
+    steps_per_pass = max(math.ceil(len(vectors) / batch), MIN_STEPS_PER_PASS)
     order = rng.permutation(len(vectors))
     position = 0
-    loss = torch.tensor(float("nan"))
-    for _ in range(options.steps):
-        if position + batch > len(order):
-            order, position = rng.permutation(len(vectors)), 0
-        rows = order[position:position + batch]
-        position += batch
-        target = torch.from_numpy(labels[rows].toarray()).to(device)
-        x = (x_all[torch.from_numpy(rows).to(device)] - mean) / std
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    losses: list[float] = []
+    for _ in range(options.epochs):
+        total = torch.zeros((), device=device)
+        for _ in range(steps_per_pass):
+            if position + batch > len(order):
+                order, position = rng.permutation(len(vectors)), 0
+            rows = order[position:position + batch]
+            position += batch
+            target = torch.from_numpy(labels[rows].toarray()).to(device)
+            x = (x_all[torch.from_numpy(rows).to(device)] - mean) / std
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        losses.append(float(total) / steps_per_pass)
+        if len(losses) > 1 and losses[-2] - losses[-1] < options.tolerance * losses[-2]:
+            break
     layers = [m for m in net if isinstance(m, torch.nn.Linear)]
     tensors = {"mean": mean, "std": std, "w1": layers[0].weight, "b1": layers[0].bias}
     if len(layers) == 2:
         tensors |= {"w2": layers[1].weight, "b2": layers[1].bias}
-    info = {"hidden": options.hidden, "steps": options.steps, "batch_size": batch,
-            "learning_rate": options.learning_rate, "weight_decay": options.weight_decay,
-            "final_loss": float(loss.detach()), "dim": dim}
+    info = {"hidden": options.hidden, "passes": len(losses), "steps": len(losses) * steps_per_pass,
+            "batch_size": batch, "learning_rate": options.learning_rate, "weight_decay": options.weight_decay,
+            "tolerance": options.tolerance, "losses": [round(x, 6) for x in losses],
+            "final_loss": losses[-1] if losses else float("nan"), "dim": dim}
     return Probe({k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}, info)
 
 
@@ -498,13 +521,14 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str
     vectors = np.ascontiguousarray(train.vectors[keep])
     index = ConceptIndex(cuis, ids, vectors, label_ptr, label_idx, None, {})
     probe = None
-    if probe_options and probe_options.steps > 0:
+    if probe_options and probe_options.epochs > 0:
         import time
 
         start = time.perf_counter()
         probe = train_probe(vectors, index.label_matrix(), probe_options)
-        log(f"probe: {probe_options.steps} steps in {time.perf_counter() - start:.1f} s, final training loss "
-            f"{probe.info['final_loss']:.4f}")
+        log(f"probe: {probe.info['passes']} passes ({probe.info['steps']} steps of {probe.info['batch_size']}) in "
+            f"{time.perf_counter() - start:.1f} s, training loss per pass: "
+            + ", ".join(f"{x:.5f}" for x in probe.info["losses"]))
     meta = {"images": len(ids), "cuis": len(cuis), "dim": int(vectors.shape[1]),
             "images_without_concepts_row": missing_concepts, "concept_rows_without_image": missing_images,
             "embeddings": {k: v for k, v in train.meta.items() if k != "settings"}}
@@ -1049,7 +1073,7 @@ def predict_concepts(index: ConceptIndex, method_settings: dict, emb: Embeddings
     if fusion.generated and generated is None:
         raise UserError("these settings fuse the generated concepts: give the generated CUIs too")
     if fusion.probe and index.probe is None:
-        raise UserError("these settings use the probe, but the index has none (fit it with --probe_steps > 0)")
+        raise UserError("these settings use the probe, but the index has none (fit it with --probe_epochs > 0)")
     ids = sorted(set(emb.ids) | set(emb.failed) | set(generated or {}), key=id_sort_key)
     s = image_scores(index, emb, ids, generated if fusion.generated else None, max_k=fusion.k if fusion.knn else 1,
                      device=resolve_device(device))

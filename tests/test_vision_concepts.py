@@ -95,9 +95,9 @@ def run(tiny_model, tmp_path_factory) -> Path:
     for split in SPLITS:
         assert cli("embed", "--image_dir", str(root / split), "--output", str(root / f"{split}.npz"),
                    "--base_model_path", str(tiny_model), *EMBED_FLAGS) == 0
+    # the probe with its defaults, the ones a full-size fit uses
     assert cli("fit", "--train_embeddings", str(root / "train.npz"), "--train_concepts",
-               str(root / "train_concepts.csv"), "--output_dir", str(root / "index"), "--probe_steps", "300",
-               "--probe_learning_rate", "0.01") == 0
+               str(root / "train_concepts.csv"), "--output_dir", str(root / "index")) == 0
     # The generate-style baseline: what the tiny model's generated text maps to, with the CUIs named.
     (root / "names.csv").write_text("CUI,Name\n" + "".join(f"{c},{n}\n" for n, c in CUIS.items()))
     assert errors.run_cli(generate_concepts.main, [
@@ -272,3 +272,15 @@ def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
     per_col = {space.index(c): v for c, v in tuned.cui_thresholds.items()}
     assert vc.f1_per_image(r, t, vc.threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
         tuned.f1)
+
+
+def test_probe_training_stops_once_a_pass_barely_lowers_the_loss(run):
+    index = vc.load_index(run / "index")
+    for tolerance, epochs in ((0.02, 10), (0.0, 3)):
+        probe = vc.train_probe(index.vectors, index.label_matrix(), vc.ProbeOptions(epochs=epochs, tolerance=tolerance,
+                                                                                      device="cpu"))
+        losses = probe.info["losses"]
+        drops = [(a - b) / a for a, b in zip(losses, losses[1:], strict=False)]
+        assert all(d >= tolerance for d in drops[:-1])
+        assert len(losses) == epochs or drops[-1] < tolerance
+        assert losses[-1] < losses[0]
