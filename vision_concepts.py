@@ -39,7 +39,7 @@ import numpy as np
 
 import evaluate
 import files
-from errors import UserError, log
+from errors import UserError, first_line, log
 from images import ImageDataset, id_sort_key
 from model import DEFAULT_BASE_MODEL
 from submission import MAX_CONCEPTS  # the platform rejects a row with more
@@ -531,13 +531,22 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str
             + ", ".join(f"{x:.5f}" for x in probe.info["losses"]))
     meta = {"images": len(ids), "cuis": len(cuis), "dim": int(vectors.shape[1]),
             "images_without_concepts_row": missing_concepts, "concept_rows_without_image": missing_images,
-            "embeddings": {k: v for k, v in train.meta.items() if k != "settings"}}
+            "embeddings": {k: v for k, v in train.meta.items() if k != "settings"},
+            "fingerprint": fingerprint(ids, cuis, label_idx, probe)}
     index = replace(index, probe=probe, meta=meta)
     save_index(index, output_dir)
     if missing_concepts or missing_images:
         log(f"left out: {missing_concepts} embedded images without a concepts row, {missing_images} concept rows "
             "without an embedded image")
     return index
+
+
+def fingerprint(ids: list[str], cuis: list[str], label_idx: np.ndarray, probe: Probe | None) -> str:
+    """Which fit this is: settings tuned on one index are refused with another (a refit changes the probe)."""
+    h = hashlib.sha256("\n".join(ids).encode() + b"\0" + "\n".join(cuis).encode() + label_idx.tobytes())
+    for name, tensor in sorted((probe.tensors if probe else {}).items()):
+        h.update(name.encode() + np.ascontiguousarray(tensor).tobytes())
+    return h.hexdigest()[:16]
 
 
 def save_index(index: ConceptIndex, output_dir: str | Path) -> Path:
@@ -969,7 +978,7 @@ def tune(index: ConceptIndex, valid: Embeddings, gt: dict[str, tuple[str, ...]],
         methods[m] = settings_of(c) | {k: v for k, v in row.items() if k.startswith("f1")}
     settings = {
         "format": SETTINGS_FORMAT,
-        "index": {k: index.meta.get(k) for k in ("images", "cuis", "dim", "embeddings")},
+        "index": {k: index.meta.get(k) for k in ("images", "cuis", "dim", "fingerprint", "embeddings")},
         "tuned_on": {"images": len(ids), "left_out": left_out, "generated": generated is not None,
                      "manual": manual is not None},
         "methods": methods,
@@ -1024,20 +1033,62 @@ def format_table(table: list[dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_settings(path: str | Path, method: str) -> dict:
-    """One method's settings ('knn', 'probe' or 'fused') from a file written by tune."""
+def load_settings(path: str | Path, method: str, index: ConceptIndex | None = None) -> dict:
+    """One method's settings ('knn', 'probe' or 'fused') from a file written by tune; with `index`,
+    also check that they were tuned on that index and that it has what they use."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"concept settings {path} do not exist (make them with: concept_index.py tune)")
     try:
         settings = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({first_line(e)})") from None
     if not isinstance(settings, dict) or settings.get("format") != SETTINGS_FORMAT:
         raise UserError(f"{path} is not a settings file written by concept_index.py tune")
     if method not in settings["methods"]:
         raise UserError(f"{path} has no settings for --method {method} (it has: {', '.join(settings['methods'])})")
-    return settings["methods"][method]
+    chosen = settings["methods"][method]
+    if index is not None:
+        tuned = settings.get("index", {})
+        differ = [k for k in ("fingerprint", "images", "cuis", "dim")
+                  if tuned.get(k) is not None and index.meta.get(k) is not None and tuned[k] != index.meta[k]]
+        if differ:
+            what = ", ".join(f"{k} {tuned[k]} there, {index.meta[k]} here" for k in differ if k != "fingerprint")
+            raise UserError(f"{path} was tuned on another concept index ({what or 'it was fitted again since'}): "
+                            "run concept_index.py tune on this one")
+        check_usable(index, chosen)
+    return chosen
+
+
+def check_usable(index: ConceptIndex, method_settings: dict) -> None:
+    if fusion_of(method_settings).probe and index.probe is None:
+        raise UserError("these settings use the probe, but the concept index has none (fit it with --probe_epochs > 0)")
+
+
+def check_model_matches(base_model_path: str, index: ConceptIndex) -> None:
+    """Before any model loads: the model's config (when it is on disk) must make vectors like the index's,
+    so a mismatch fails now rather than after hours of generation."""
+    config_file = Path(base_model_path).expanduser() / "config.json"
+    if not config_file.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(base_model_path, "config.json")
+        if not isinstance(cached, str):
+            return  # not on disk: the model load says what is wrong
+        config_file = Path(cached)
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    dim = config.get("vision_config", {}).get("hidden_size")
+    layer = config.get("vision_feature_layer")
+    made = index.meta.get("embeddings", {})
+    if dim is not None and dim != index.vectors.shape[1]:
+        raise UserError(f"the vision tower of {base_model_path} gives {dim}-dimensional features, the concept index "
+                        f"has {index.vectors.shape[1]}: it was built with another model")
+    if layer is not None and made.get("feature_layer") not in (None, layer):
+        raise UserError(f"{base_model_path} feeds its projector layer {layer}, the concept index was built from layer "
+                        f"{made['feature_layer']}: embed with the same model")
 
 
 def uses_generated(method_settings: dict) -> bool:
@@ -1072,8 +1123,7 @@ def predict_concepts(index: ConceptIndex, method_settings: dict, emb: Embeddings
     fusion = fusion_of(method_settings)
     if fusion.generated and generated is None:
         raise UserError("these settings fuse the generated concepts: give the generated CUIs too")
-    if fusion.probe and index.probe is None:
-        raise UserError("these settings use the probe, but the index has none (fit it with --probe_epochs > 0)")
+    check_usable(index, method_settings)
     ids = sorted(set(emb.ids) | set(emb.failed) | set(generated or {}), key=id_sort_key)
     s = image_scores(index, emb, ids, generated if fusion.generated else None, max_k=fusion.k if fusion.knn else 1,
                      device=resolve_device(device))
