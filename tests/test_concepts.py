@@ -84,3 +84,12 @@ def test_the_default_mapping_file_is_the_shipped_one():
     args = generate_concepts.build_parser().parse_args([])
     assert Path(args.cui_mapping_file) == ROOT / "data" / "cui_names.csv"
     assert args.max_new_tokens == 150 and args.language == "es"
+    assert args.method == "generate"  # the generated text's CUIs unless a vision method is asked for
+
+
+def test_vision_flags_without_a_vision_method_are_refused_in_one_line(tmp_path, capsys):
+    code = concepts("--image_dir", str(REAL_IMAGES), "--output_csv", str(tmp_path / "c.csv"), "--concept_index",
+                    str(tmp_path), "--base_model_path", "/no/such/model")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--concept_index: only with --method knn, probe or fused" in err and len(err.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_csv
+from conftest import ROOT, read_csv, run_in_process
 
 import concept_index
 import errors
@@ -96,9 +96,9 @@ def run(tiny_model, tmp_path_factory) -> Path:
     for split in SPLITS:
         assert cli("embed", "--image_dir", str(root / split), "--output", str(root / f"{split}.npz"),
                    "--base_model_path", str(tiny_model), *EMBED_FLAGS) == 0
+    # the probe with its defaults, the ones a full-size fit uses
     assert cli("fit", "--train_embeddings", str(root / "train.npz"), "--train_concepts",
-               str(root / "train_concepts.csv"), "--output_dir", str(root / "index"), "--probe_steps", "300",
-               "--probe_learning_rate", "0.01") == 0
+               str(root / "train_concepts.csv"), "--output_dir", str(root / "index")) == 0
     # The generate-style baseline: what the tiny model's generated text maps to, with the CUIs named.
     (root / "names.csv").write_text("CUI,Name\n" + "".join(f"{c},{n}\n" for n, c in CUIS.items()))
     assert errors.run_cli(generate_concepts.main, [
@@ -140,7 +140,7 @@ def test_tuning_reports_each_method_and_settings_that_predict(run, capsys):
 
 def test_tuning_never_picks_settings_worse_than_a_single_method(run):
     """Here the generated concepts are right for half the images and the index has no probe: fused
-    must still score at least the best of kNN and generated on the tuning split, as evaluate.py scores it."""
+    must still score at least the best of kNN and generated on the tuning split, as scores.py scores it."""
     index = vc.load_index(run / "index")
     index = vc.ConceptIndex(index.cuis, index.ids[:12], index.vectors[:12], index.label_ptr[:13],
                             index.label_idx[:index.label_ptr[12]], None, index.meta)  # a weak kNN
@@ -273,3 +273,131 @@ def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
     per_col = {space.index(c): v for c, v in tuned.cui_thresholds.items()}
     assert vc.f1_per_image(r, t, vc.threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
         tuned.f1)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate_concepts.py --method knn|probe|fused
+# ---------------------------------------------------------------------------------------------
+
+
+def vision_args(run: Path, tiny_model: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return ["--image_dir", str(run / "test"), "--output_csv", str(out), "--method", method, "--concept_index",
+            str(run / "index"), "--concept_settings", str(run / "settings.json"), "--base_model_path",
+            str(tiny_model), "--adapter_repo", "none", "--num_workers", "0", *extra]
+
+
+def test_knn_and_probe_runs_label_the_images_in_the_ids_csv_order_without_generating_text(run, tiny_model, tmp_path):
+    ids = [r[0] for r in read_csv(run / "test_concepts.csv")[1:]] + ["broken"]
+    order = ids[1::2] + ids[::2]  # not the natural order
+    (tmp_path / "ids.csv").write_text("ID\n" + "".join(f"{i}\n" for i in order))
+    for method in ("knn", "probe"):
+        out = tmp_path / f"{method}.csv"
+        done = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, method, "--ids_csv",
+                                                                   str(tmp_path / "ids.csv"), "--zip",
+                                                                   str(tmp_path / f"{method}.zip")))
+        assert done.returncode == 0, done.stderr
+        assert "the official checks say accepted" in done.stderr
+        rows = read_csv(out)
+        assert rows[0] == ["ID", "CUIs"] and [r[0] for r in rows[1:]] == order
+        assert dict(map(tuple, rows[1:]))["broken"] == ""  # an unreadable image: a row, no concept
+        assert f1(run / "test_concepts.csv", out) >= 0.9, method
+        assert (tmp_path / f"{method}.zip").exists() and (tmp_path / f"{method}.embeddings.npz").exists()
+        assert not (tmp_path / f"{method}_natural.csv").exists() and not (tmp_path / f"{method}.journal.jsonl").exists()
+
+
+def test_a_knn_run_is_never_silently_redone_and_resumes_from_its_embeddings(run, tiny_model, tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "knn.csv"
+    first = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn"))
+    assert first.returncode == 0, first.stderr
+    written = read_csv(out)
+    again = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn"))
+    assert again.returncode == 2 and "--resume_from_checkpoint auto" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the embeddings are complete: nothing to load")
+
+    monkeypatch.setattr(vc, "load_vision_encoder", no_model)
+    out.unlink()
+    resumed = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn",
+                                                                  "--resume_from_checkpoint", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_csv(out) == written
+
+
+def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_model(run, tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    def second_load(*args, **kwargs):
+        raise AssertionError("the fused run embeds with the model it generated with")
+
+    monkeypatch.setattr(vc, "load_vision_encoder", second_load)
+    out = tmp_path / "fused.csv"
+    done = run_in_process("generate_concepts.py", *vision_args(
+        run, tiny_model, out, "fused", "--cui_mapping_file", str(run / "names.csv"), "--max_new_tokens", "4",
+        "--batch_size", "12", "--zip", str(tmp_path / "fused.zip")))
+    assert done.returncode == 0, done.stderr
+    assert "the official checks say accepted" in done.stderr and (tmp_path / "fused.zip").exists()
+    natural, fused = read_csv(tmp_path / "fused_natural.csv"), read_csv(out)
+    ids = sorted([r[0] for r in read_csv(run / "test_concepts.csv")[1:]] + ["broken"], key=vc.id_sort_key)
+    assert natural[0] == ["ID", "Concepts"] and [r[0] for r in natural[1:]] == ids == [r[0] for r in fused[1:]]
+    assert (tmp_path / "fused.journal.jsonl").exists()  # the raw text, as for --method generate
+    assert f1(run / "test_concepts.csv", out) >= 0.9
+
+    # Fused again from what the run kept, with no model at all: the same file.
+    refuse = ["--from_natural_csv", str(tmp_path / "fused_natural.csv"), "--method", "fused", "--concept_index",
+              str(run / "index"), "--embeddings", str(tmp_path / "fused.embeddings.npz"), "--cui_mapping_file",
+              str(run / "names.csv"), "--base_model_path", "/no/such/model"]
+    again = run_in_process("generate_concepts.py", *refuse, "--concept_settings", str(run / "settings.json"),
+                           "--output_csv", str(tmp_path / "again.csv"))
+    assert again.returncode == 0, again.stderr
+    assert read_csv(tmp_path / "again.csv") == fused
+
+    # New settings (the union of kNN and the generated CUIs) and an edited phrase list: the generated side counts.
+    settings = json.loads((run / "settings.json").read_text())
+    settings["methods"]["fused"] = {**settings["methods"]["knn"], "source": "union"}
+    settings["methods"]["fused"]["weights"] = {"knn": 1.0, "probe": 0.0, "generated": 1.0}
+    (tmp_path / "union.json").write_text(json.dumps(settings))
+    edited = [natural[0]] + [[i, "stripes"] if n == 0 else [i, p] for n, (i, p) in enumerate(natural[1:])]
+    from files import write_csv_atomic
+
+    write_csv_atomic(tmp_path / "fused_natural.csv", edited[0], edited[1:])
+    union = run_in_process("generate_concepts.py", *refuse, "--concept_settings", str(tmp_path / "union.json"),
+                           "--output_csv", str(tmp_path / "union.csv"))
+    assert union.returncode == 0, union.stderr
+    rows = read_csv(tmp_path / "union.csv")
+    assert CUIS["stripes"] not in fused[1][1].split(";")  # the first image is plain: only the edit says stripes
+    assert CUIS["stripes"] in rows[1][1].split(";")
+
+
+def test_a_missing_or_mismatched_concept_index_fails_in_one_line_before_the_model_loads(run, tmp_path):
+    base = ["--image_dir", str(run / "test"), "--output_csv", str(tmp_path / "c.csv"), "--base_model_path",
+            "/no/such/model", "--method", "knn"]
+    settings = json.loads((run / "settings.json").read_text())
+    settings["index"]["images"] += 1
+    (tmp_path / "other.json").write_text(json.dumps(settings))
+    cases = {
+        "needs --concept_index DIR": [],
+        "no index.npz in": ["--concept_index", str(tmp_path / "none"), "--concept_settings",
+                            str(run / "settings.json")],
+        "do not exist": ["--concept_index", str(run / "index"), "--concept_settings", str(tmp_path / "none.json")],
+        "tuned on another concept index": ["--concept_index", str(run / "index"), "--concept_settings",
+                                           str(tmp_path / "other.json")],
+    }
+    for expected, extra in cases.items():
+        done = run_in_process("generate_concepts.py", *base, *extra)
+        assert done.returncode == 2 and expected in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_probe_training_stops_once_a_pass_barely_lowers_the_loss(run):
+    index = vc.load_index(run / "index")
+    for tolerance, epochs in ((0.02, 10), (0.0, 3)):
+        probe = vc.train_probe(index.vectors, index.label_matrix(), vc.ProbeOptions(epochs=epochs, tolerance=tolerance,
+                                                                                      device="cpu"))
+        losses = probe.info["losses"]
+        drops = [(a - b) / a for a, b in zip(losses, losses[1:], strict=False)]
+        assert all(d >= tolerance for d in drops[:-1])
+        assert len(losses) == epochs or drops[-1] < tolerance
+        assert losses[-1] < losses[0]
