@@ -40,7 +40,7 @@ import numpy as np
 import files
 import scores
 from errors import UserError, first_line, log
-from images import ImageDataset, id_sort_key
+from images import Collate, ImageDataset, id_sort_key
 from model import DEFAULT_BASE_MODEL
 from submission import MAX_CONCEPTS, concept_pairs, read_rows
 
@@ -182,31 +182,14 @@ def pooled_features(encoder: VisionEncoder, pixel_values, pooling: str):
         return torch.nn.functional.normalize(vectors, dim=-1).cpu()
 
 
-class PixelCollate:
-    """Images -> pixel values in the DataLoader workers; an image the processor rejects fails alone."""
+class PixelCollate(Collate):
+    """Images -> pixel values only (no prompt) in the DataLoader workers; a bad image fails alone."""
 
     def __init__(self, image_processor):
         self.image_processor = image_processor
 
-    def process(self, images: list):
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-
-    def __call__(self, samples: list) -> tuple[list[str], object, list[tuple[str, str]]]:
-        good = [(i, img) for i, img, err in samples if err is None]
-        failures = [(i, err) for i, _, err in samples if err is not None]
-        if not good:
-            return [], None, failures
-        try:
-            return [i for i, _ in good], self.process([img for _, img in good]), failures
-        except Exception:  # noqa: BLE001 - find the image the processor cannot take, keep the others
-            kept = []
-            for image_id, img in good:
-                try:
-                    self.process([img])
-                    kept.append((image_id, img))
-                except Exception as e:  # noqa: BLE001
-                    failures.append((image_id, f"preprocessing failed: {type(e).__name__}: {e}"))
-            return [i for i, _ in kept], self.process([img for _, img in kept]) if kept else None, failures
+    def process(self, images: list) -> dict:
+        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
 
 
 def embed_items(encoder: VisionEncoder, items: list[tuple[str, str]], pooling: str, batch_size: int,
@@ -220,12 +203,13 @@ def embed_items(encoder: VisionEncoder, items: list[tuple[str, str]], pooling: s
                         pin_memory=getattr(encoder.device, "type", "cpu") == "cuda")
     vectors: dict[str, object] = {}
     failed: dict[str, str] = {}
-    for ids, pixels, failures in loader:
-        for image_id, error in failures:
+    for batch in loader:
+        for image_id, error in batch.failures:
             log(f"warning: {image_id}: cannot embed image: {error}")
             failed[image_id] = error
-        if pixels is not None:
-            vectors.update(zip(ids, pooled_features(encoder, pixels, pooling), strict=True))
+        if batch.inputs is not None:
+            pixels = batch.inputs["pixel_values"]
+            vectors.update(zip(batch.ids, pooled_features(encoder, pixels, pooling), strict=True))
     kept = [i for i, _ in items if i in vectors]
     matrix = torch.stack([vectors[i] for i in kept]).numpy() if kept else np.zeros((0, 0), np.float32)
     return Embeddings(kept, matrix, {i: failed[i] for i, _ in items if i in failed})
