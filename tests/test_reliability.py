@@ -296,3 +296,11 @@ def test_resume_counts_images_not_done_as_not_done(tiny_model, tmp_path):
     summary = stderr[stderr.index("images: 18"):]
     done = json.loads("[" + ",".join(out.with_name("captions.journal.jsonl").read_text().splitlines()[1:]) + "]")
     assert f"not done yet: {18 - len(done)}" in summary
+
+
+def test_the_progress_bar_and_the_summary_give_one_rate_of_generation(tiny_model, tmp_path):
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, tmp_path / "c.csv", REAL_IMAGES,
+                                                                "--limit", "3"))
+    assert result.returncode == 0
+    assert "img_s=" not in result.stderr  # the bar shows tqdm's own rate only
+    assert "images/s while generating" in result.stderr and "s loading)" in result.stderr
