@@ -2,7 +2,7 @@
 # GPU throughput check: the engine on a LLaVA-LLaMA-3-8B-shaped model with random bf16 weights (built on
 # the GPU), eager and --compile, at batch 32, auto, 8 and 1, 100 new tokens per image (forced), and the
 # table of images/s. One H100 or H200, no network; needs python3 with torch, transformers, pillow and
-# tokenizers only (no bitsandbytes, no scoring packages). Without ../shared/data it makes its own images.
+# tokenizers only (no bitsandbytes, no scoring packages). It cycles the images in tests/data/real_images.
 #
 #   bash benchmarks/gpu.sh            # the table is printed last, and written to $OUT/throughput.md if OUT is set
 #   bash benchmarks/gpu.sh --layers 1 --max_new_tokens 2 --batch_sizes 2 auto   # smoke test (later flags win)

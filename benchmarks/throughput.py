@@ -45,7 +45,7 @@ from images import Batch, ImageDataset, list_images, load_image  # noqa: E402
 from model import ModelSpec, input_device, load_model, load_processor, quantization_config, stop_token_ids  # noqa: E402
 from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
 
-DEFAULT_IMAGES = ROOT.parent / "shared" / "data" / "real_images"
+DEFAULT_IMAGES = ROOT / "tests" / "data" / "real_images"
 # Image i gets prompt i % 3: the caption and concept instructions the tool uses, and a short one.
 PROMPTS = [
     common.build_prompt("vicuna", common.INSTRUCTIONS[("caption", "es")]),
