@@ -6,13 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
-from conftest import REAL_IMAGES, ROOT, SHARED_DATA, read_csv
+from conftest import REAL_IMAGES, ROCOV2, ROOT, needs_rocov2, read_csv
 
 import errors
 import generate_concepts
 from images import id_sort_key
-
-ROCOV2 = SHARED_DATA / "rocov2" / "cui_mapping.csv"
 
 
 def concepts(*argv: str) -> int:
@@ -30,7 +28,7 @@ def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_pat
     shutil.copytree(REAL_IMAGES, images)
     (images / "broken.png").write_bytes(b"not a png")
     args = model_args(tiny_model, tmp_path, images) + ["--prompt_template", "vicuna"]
-    assert concepts(*args, "--cui_mapping_file", str(ROCOV2)) == 0
+    assert concepts(*args) == 0
     assert "the official checks say accepted" in capsys.readouterr().err
     expected = sorted([p.stem for p in REAL_IMAGES.glob("*.png")] + ["broken"], key=id_sort_key)
     natural = read_csv(tmp_path / "natural.csv")
@@ -38,7 +36,7 @@ def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_pat
     assert natural[0] == ["ID", "Concepts"] and cuis[0] == ["ID", "CUIs"]
     assert [r[0] for r in natural[1:]] == expected == [r[0] for r in cuis[1:]]
     assert dict(map(tuple, cuis[1:]))["broken"] == ""
-    known = {r[0] for r in read_csv(ROCOV2)[1:]}
+    known = {r[0] for r in read_csv(generate_concepts.DEFAULT_MAPPING)[1:]}
     for _, field in cuis[1:]:
         codes = field.split(";") if field else []
         assert len(codes) == len(set(codes)) <= 100 and set(codes) <= known
@@ -48,6 +46,7 @@ def test_model_run_writes_both_formats_with_every_image_once(tiny_model, tmp_pat
     assert header["settings"]["generation"]["max_new_tokens"] == 16
 
 
+@needs_rocov2
 def test_remapping_a_natural_csv_needs_no_model_and_reports_unmapped_phrases(tmp_path):
     natural = tmp_path / "natural.csv"
     natural.write_text(
