@@ -47,7 +47,7 @@ import errors
 import files
 from cui_mapper import CuiMapper
 from generation import generate_batches
-from images import id_sort_key, list_images, load_image, make_loader
+from images import id_sort_key, ignore_stop_signals, list_images, load_image, make_loader
 from model import (
     DEFAULT_BASE_MODEL,
     load_base_model,
@@ -223,6 +223,10 @@ class TrainDataset:
 
     def __getitem__(self, index: int) -> dict:
         """The example, or the next one that decodes in its place; the ones that failed travel with it."""
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:  # the Trainer's loader takes no worker_init_fn: do it here
+            ignore_stop_signals()
         failures: list[tuple[str, str]] = []
         for offset in range(len(self.examples)):
             i = (index + offset) % len(self.examples)

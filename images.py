@@ -188,6 +188,20 @@ class Collate:
             return Batch([i for i, _ in kept], inputs, failures)
 
 
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """In a decoding worker: leave Ctrl-C and SIGTERM to the main process.
+
+    Schedulers (Slurm at the time limit, torchrun) and a terminal's Ctrl-C signal every process of
+    the job. A worker that dies of it looks to the main process like a worker killed for lack of
+    memory, and the clean stop after the current batch turns into an error; the main process ends
+    the workers itself when it stops.
+    """
+    import signal
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+
+
 def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size: int, num_workers: int,
                 pin_memory: bool = False):
     from torch.utils.data import DataLoader
@@ -198,6 +212,7 @@ def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size
         shuffle=False,
         num_workers=num_workers,
         collate_fn=Collate(processor, prompt),
+        worker_init_fn=ignore_stop_signals,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,

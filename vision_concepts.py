@@ -40,7 +40,7 @@ import numpy as np
 import files
 import scores
 from errors import UserError, first_line, log
-from images import Collate, ImageDataset, id_sort_key
+from images import Collate, ImageDataset, id_sort_key, ignore_stop_signals
 from model import DEFAULT_BASE_MODEL
 from submission import MAX_CONCEPTS, concept_pairs, read_rows
 
@@ -199,7 +199,7 @@ def embed_items(encoder: VisionEncoder, items: list[tuple[str, str]], pooling: s
     from torch.utils.data import DataLoader
 
     loader = DataLoader(ImageDataset(items), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=PixelCollate(encoder.image_processor),
+                        collate_fn=PixelCollate(encoder.image_processor), worker_init_fn=ignore_stop_signals,
                         pin_memory=getattr(encoder.device, "type", "cpu") == "cuda")
     vectors: dict[str, object] = {}
     failed: dict[str, str] = {}

@@ -304,3 +304,17 @@ def test_the_progress_bar_and_the_summary_give_one_rate_of_generation(tiny_model
     assert result.returncode == 0
     assert "img_s=" not in result.stderr  # the bar shows tqdm's own rate only
     assert "images/s while generating" in result.stderr and "s loading)" in result.stderr
+
+
+def test_sigterm_to_the_whole_job_still_stops_cleanly_with_143(tiny_model, tmp_path):
+    """Schedulers signal every process of the job, the decoding workers too."""
+    out = tmp_path / "captions.csv"
+    args = [*slow_args(tiny_model, out), "--num_workers", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "generate_captions.py"), *args], start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_records(out.with_name("captions.journal.jsonl"), proc, 2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "stopped early" in stderr and "worker died" not in stderr
