@@ -36,7 +36,6 @@ from shards import Shard, gather_to_rank0, merge_shard_records, process_group, s
 
 # Task constants, defined once: the original tool's answer lengths, and the platform's limit.
 MAX_NEW_TOKENS = {"caption": 100, "concepts": 150}  # tokens
-MAX_CONCEPTS = 100  # CUIs per image; the platform rejects a row with more
 SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # submission.py's names for the tasks
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +362,10 @@ def run(cfg: RunConfig, write_outputs: Callable[[list[str], dict[str, Record]], 
     for path in (cfg.output_csv, *cfg.other_outputs, cfg.zip_path):
         if path and cfg.writes_csv:
             check_writable(path, "output")
+    if cfg.zip_path:
+        from submission import check_zip_path
+
+        check_zip_path(cfg.zip_path)
     if not cfg.merge:
         check_writable(cfg.journal_path, "checkpoint journal")
     selection = select_images(cfg.image_dir, cfg.ids_csv, cfg.limit)

@@ -31,6 +31,7 @@ import common
 from cui_mapper import CuiMapper, parse_answer, unmapped_report
 from errors import UserError, log, run_cli
 from files import check_writable, lock_exclusive, write_csv_atomic
+from submission import MAX_CONCEPTS, check_zip_path, read_id_list, write_zip
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
 METHODS = ("generate", "knn", "probe", "fused")
@@ -130,12 +131,25 @@ def read_natural_csv(path: str) -> list[tuple[str, list[str]]]:
         return rows
 
 
+def in_ids_order(rows: list[tuple[str, list[str]]], ids_csv: str | None, source: str) -> list[tuple[str, list[str]]]:
+    """Format-A rows in the order of --ids_csv (the platform's), or as the file has them."""
+    if not ids_csv:
+        return rows
+    by_id = dict(rows)
+    wanted = read_id_list(ids_csv)
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} are not in {source} "
+                        f"(first: {', '.join(missing[:5])})")
+    return [(i, by_id[i]) for i in wanted]
+
+
 def map_rows(rows: list[tuple[str, list[str]]], mapper: CuiMapper) -> tuple[list[list[str]], Counter]:
     """Format-B rows (ID, 'C1;C2') and a count of the phrases no CUI matched."""
     unmapped: Counter = Counter()
     out = []
     for image_id, phrases in rows:
-        cuis, missed = mapper.map_phrases(phrases, limit=common.MAX_CONCEPTS)
+        cuis, missed = mapper.map_phrases(phrases, limit=MAX_CONCEPTS)
         unmapped.update(missed)
         out.append([image_id, ";".join(cuis)])
     return out, unmapped
@@ -183,9 +197,12 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
     if vision and not args.embeddings:
         raise UserError("--from_natural_csv --method fused needs --embeddings PATH (the run's "
                         "<output stem>.embeddings.npz)")
+    if args.zip:
+        check_zip_path(args.zip)
     start = time.perf_counter()
     mapper = common.load_mapper(args.cui_mapping_file)
-    rows = read_natural_csv(args.from_natural_csv)
+    rows = in_ids_order(read_natural_csv(args.from_natural_csv), args.ids_csv, args.from_natural_csv)
+    rows = rows[: args.limit] if args.limit else rows
     if vision:
         import vision_concepts as vc
 
@@ -200,8 +217,6 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
         written = write_cuis(rows, mapper, args.output_csv)
     accepted = common.check_submission("concepts", args.output_csv, [i for i, _ in rows])
     if accepted and args.zip:
-        from submission import write_zip
-
         written.append(write_zip(args.output_csv, args.zip))
     log(f"images: {len(rows)}\ntime: {time.perf_counter() - start:.1f} s\n" + "\n".join(f"wrote: {p}" for p in written))
     return 0 if accepted else 1
@@ -299,6 +314,8 @@ def vision_run(args: argparse.Namespace, vision: VisionMethod) -> int:
                         "--output_csv_natural / --no-auto_map_cuis")
     if args.num_shards is not None or args.merge_shards:
         raise UserError(f"--method {args.method} needs no shards: one vision-tower pass over the images is quick")
+    if args.zip:
+        check_zip_path(args.zip)
     cfg = common.config_from_args(args, task="concepts")
     out = embeddings_path(args)
     for path in (cfg.output_csv, out, cfg.zip_path):
@@ -314,7 +331,7 @@ def vision_run(args: argparse.Namespace, vision: VisionMethod) -> int:
                                     ([i, ";".join(predictions.get(i, []))] for i in selection.ids)), out]
         accepted = common.check_submission("concepts", cfg.output_csv, selection.ids)
         if accepted and cfg.zip_path:
-            from submission import write_zip
+
 
             written.append(write_zip(cfg.output_csv, cfg.zip_path))
     counts = [len(predictions.get(i, [])) for i in selection.ids]

@@ -31,7 +31,7 @@ from images import list_images
 RULES = ("2026", "2025")
 TASKS = ("concepts", "captions")
 HEADERS = {"concepts": ["ID", "CUIs"], "captions": ["ID", "Caption"]}
-MAX_CONCEPTS = 100
+MAX_CONCEPTS = 100  # CUIs per image; the platform rejects a row with more
 CUI_SHAPE = re.compile(r"^C\d{7}$")  # a UMLS CUI
 CUI_2026 = re.compile(r"C\d+")  # what the 2026 pre-check accepts (case-sensitive, any number of digits)
 # Characters str.splitlines() breaks at besides \r and \n. The pre-check finds blank lines and pairs rows
@@ -426,13 +426,18 @@ def log_report(report: Report, name: str, limit: int = 50) -> None:
     errors.log("\n".join(lines))
 
 
+def check_zip_path(zip_path: str | Path) -> None:
+    """Called before a run too, so a misnamed --zip fails at once and not after the night's work."""
+    if Path(zip_path).suffix.lower() != ".zip":
+        raise errors.UserError(f"the upload file must end in .zip, not {Path(zip_path).name!r}")
+
+
 def write_zip(csv_path: str | Path, zip_path: str | Path) -> Path:
     """The upload: a zip holding only `submission.csv`, the CSV's bytes unchanged, written atomically."""
     csv_path, zip_path = Path(csv_path), Path(zip_path)
     if not csv_path.is_file():
         raise errors.UserError(f"{csv_path} does not exist")
-    if zip_path.suffix.lower() != ".zip":
-        raise errors.UserError(f"the upload file must end in .zip, not {zip_path.name!r}")
+    check_zip_path(zip_path)
     data = csv_path.read_bytes()
     info = zipfile.ZipInfo(ZIP_MEMBER, date_time=time.localtime(max(csv_path.stat().st_mtime, ZIP_EARLIEST))[:6])
     info.compress_type = zipfile.ZIP_DEFLATED

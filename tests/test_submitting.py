@@ -71,3 +71,20 @@ def test_no_zip_when_the_checks_reject_the_file(tiny_model, tmp_path):
                             "--zip", str(upload))
     assert result.returncode == 1
     assert "REJECTED" in result.stderr and not upload.exists()
+
+
+def test_remapping_a_natural_csv_follows_the_id_list(tmp_path):
+    natural = tmp_path / "natural.csv"
+    natural.write_text("ID,Concepts\n" + "".join(f"{i},Chest\n" for i in sorted(ORDER)), encoding="utf-8")
+    out = tmp_path / "concepts.csv"
+    ids = write_ids(tmp_path / "ids.csv", ORDER)
+    result = run_in_process("generate_concepts.py", "--from_natural_csv", str(natural), "--output_csv", str(out),
+                            "--ids_csv", str(ids))
+    assert result.returncode == 0, result.stderr
+    assert [r[0] for r in read_csv(out)[1:]] == ORDER
+
+
+def test_a_zip_name_that_is_not_a_zip_fails_before_the_run(tmp_path):
+    result = run_in_process("generate_captions.py", *tiny_args(tmp_path / "no-model", tmp_path / "c.csv"),
+                            "--zip", str(tmp_path / "upload.csv"))
+    assert result.returncode == 2 and "must end in .zip" in result.stderr and "no-model" not in result.stderr
