@@ -563,7 +563,9 @@ class StopSignals:
 
 def merge_shards(cfg: RunConfig, selection: Selection) -> RunResult:
     """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
-    records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids, cfg.task)
+    _, dtype = resolve_device_and_dtype(cfg.model.device, cfg.model.dtype)
+    records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids,
+                                  cfg.settings(str(dtype).removeprefix("torch.")), os.path.abspath(cfg.image_dir))
     log(f"merged the shards: {len(selection.ids)} images")
     return RunResult(selection.ids, records, default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent, 0.0, 0)
 

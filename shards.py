@@ -99,15 +99,18 @@ def shard_journals(output_csv: str | Path, checkpoint_dir: str | None) -> list[P
 
 
 def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_ids: list[str],
-                        task: str) -> dict[str, Record]:
-    """--merge_shards: every shard's records, refusing a missing, incomplete or mismatched shard."""
+                        settings: dict, image_dir: str) -> dict[str, Record]:
+    """--merge_shards: every shard's records, refusing a missing, incomplete or mismatched shard.
+
+    Each shard must have been run with this command's settings on this image folder: stale journals
+    from another run with the same shard count are refused, not merged.
+    """
     counts = {int(re.search(r"-of-(\d+)\.journal", p.name).group(1)) for p in shard_journals(output_csv,
                                                                                             checkpoint_dir)}
     if len(counts) != 1:
         raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
     count = counts.pop()
     records: dict[str, Record] = {}
-    first_settings = None
     problems = []
     for index in range(count):
         shard = Shard(index, count)
@@ -117,19 +120,17 @@ def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_
             continue
         contents = read_journal(path)
         shard_records = contents.records
-        if first_settings is None:
-            first_settings = contents.header.get("settings", {})
-        diffs = settings_differences(first_settings, contents.header.get("settings", {}))
+        diffs = settings_differences(settings, contents.header.get("settings", {}))
+        if contents.header.get("image_dir") not in (None, image_dir):
+            diffs.append(f"image folder: {image_dir} -> {contents.header['image_dir']}")
         if diffs:
-            problems.append(f"shard {index} was run with other settings ({'; '.join(diffs)})")
+            problems.append(f"shard {index} was run with other settings than this command ({'; '.join(diffs)})")
         mine = shard.take(all_ids)
         missing = [i for i in mine if i not in shard_records]
         if missing:
             problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of {len(mine)} images missing "
                             f"(rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto)")
         records.update(shard_records)
-    if first_settings is not None and first_settings.get("task") != task:
-        problems.append(f"the shards are from a {first_settings.get('task')} run, not {task}")
     if problems:
         raise UserError("cannot merge: " + "; ".join(problems))
     return records

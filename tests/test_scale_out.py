@@ -99,6 +99,16 @@ def test_shards_with_different_settings_are_not_merged(tiny_model, tmp_path):
     assert merge.returncode == 2 and "shard 1 was run with other settings" in merge.stderr
 
 
+def test_stale_shards_of_another_run_are_not_merged_by_this_command(tiny_model, tmp_path):
+    out = tmp_path / "captions.csv"
+    args = model_args(tiny_model, out)
+    for index in ("0", "1"):
+        assert run_captions(*args, "--num_shards", "2", "--shard_index", index, "--language", "en").returncode == 0
+    merge = run_captions(*args, "--merge_shards")  # Spanish prompt: not what the shards generated
+    assert merge.returncode == 2 and "shard 0 was run with other settings than this command" in merge.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("extra, message", [(["--shard_index", "1"], "--shard_index needs --num_shards"),
                                             (["--num_shards", "2", "--shard_index", "2"], "between 0 and 1")])
 def test_bad_shard_arguments_are_clear_errors(tiny_model, tmp_path, extra, message):
