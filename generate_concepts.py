@@ -361,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = common.config_from_args(args, task="concepts", other_outputs=(natural,))
         return common.run(cfg, lambda ids, records: write_concepts(args, mapper, ids, records))
     cfg = common.config_from_args(args, task="concepts", other_outputs=(natural, str(embeddings_path(args))))
+    import vision_concepts as vc
+
+    vc.check_embeddings_target(embeddings_path(args), embed_options(args, vision.index))
     # Under a launcher each process loads its own model on its own device; the embedding pass, done by the
     # process that writes the CSVs, then loads the vision tower alone.
     model = LoadOnce(cfg.model) if cfg.shard is None else None

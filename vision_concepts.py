@@ -241,6 +241,19 @@ def check_embed_options(options: EmbedOptions) -> None:
             raise UserError(f"--{name} must be at least 1, got {getattr(options, name)}")
 
 
+def check_embeddings_target(output: str | Path, options: EmbedOptions) -> None:
+    """Refuse to overwrite a finished or unfinished embedding run without being asked. A fused generate
+    run calls this before it generates, so the conflict shows in a second, not after the night."""
+    output = Path(output)
+    if options.overwrite or options.resume:
+        return
+    if output.exists():
+        raise UserError(f"{output} exists; add --resume_from_checkpoint auto to keep it, or --overwrite")
+    if parts_dir(output).exists():
+        raise UserError(f"an unfinished embedding run is in {parts_dir(output)}: add --resume_from_checkpoint auto "
+                        "to continue it, or --overwrite to start over")
+
+
 def embed_images(items: list[tuple[str, str]], output: str | Path, options: EmbedOptions,
                  encoder: VisionEncoder | None = None) -> Embeddings:
     """Embed every image into one file, resumably: chunks of `chunk_size` images are saved as they
@@ -248,22 +261,18 @@ def embed_images(items: list[tuple[str, str]], output: str | Path, options: Embe
     images); at the end they are joined into `output`, failures listed in `<output stem>.errors.csv`.
     """
     check_embed_options(options)
+    check_embeddings_target(output, options)
     output = Path(output)
     parts = parts_dir(output)
     settings = embed_settings(items, options)
     if options.overwrite:
         shutil.rmtree(parts, ignore_errors=True)
     elif output.exists():
-        if not options.resume:
-            raise UserError(f"{output} exists; add --resume_from_checkpoint auto to keep it, or --overwrite")
         done = load_embeddings(output)
         if done.meta.get("settings") != settings:
             raise UserError(f"{output} was made from other images or settings; --overwrite to embed again")
         log(f"{output} is complete: {len(done.ids)} images")
         return done
-    elif parts.exists() and not options.resume:
-        raise UserError(f"an unfinished embedding run is in {parts}: add --resume_from_checkpoint auto to continue "
-                        "it, or --overwrite to start over")
     elif options.resume and not parts.exists():
         log(f"nothing to resume in {parts}; starting fresh")
     manifest = parts / "manifest.json"
