@@ -135,8 +135,8 @@ def add_model_options(model) -> None:
     model.add_argument("--lora_subfolder", default=None, help="subfolder of the adapter repo holding the adapter")
     model.add_argument("--merge_adapters", action=argparse.BooleanOptionalAction, default=None,
                        help="merge the LoRA weights into the base model: each decoding step then skips the "
-                       "adapter's ~900 small extra operations (default: merged, except with --load_in_4bit, where "
-                       "the merge is done on unquantized weights, saved once, then quantized)")
+                       "adapter's ~900 small extra operations (default: merged; not merged with --load_in_4bit "
+                       "unless asked for, and then merged on unquantized weights, saved once, then quantized)")
     model.add_argument("--merged_cache_dir", default=None,
                        help="where merged unquantized models are kept for --merge_adapters --load_in_4bit "
                        "(default: ~/.cache/jj-vmed/merged)")
@@ -183,7 +183,8 @@ def add_scale_options(scale) -> None:
                        help="without a launcher (job arrays): split the sorted images into N shards ...")
     scale.add_argument("--shard_index", type=int, default=None, help="... and process shard i (0-based)")
     scale.add_argument("--merge_shards", action="store_true",
-                       help="build the final CSVs from all shards' journals (no model needed); refuses if a shard "
+                       help="build the final CSVs from all shards' journals (no language model needed; --method fused "
+                       "loads the vision tower for the embeddings); refuses if a shard "
                        "is missing or incomplete")
 
 

@@ -209,4 +209,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(errors.run_cli(main))
+    # Only `embed` resumes; Ctrl-C in the others just stops.
+    sys.exit(errors.run_cli(main, hint=errors.RESUME_HINT if sys.argv[1:2] == ["embed"] else ""))

@@ -4,7 +4,7 @@
 # table of images/s. One H100 or H200, no network; needs python3 with torch, transformers, pillow and
 # tokenizers only (no bitsandbytes, no scoring packages). It cycles the images in tests/data/real_images.
 #
-#   bash benchmarks/gpu.sh            # the table is printed last, and written to $OUT/throughput.md if OUT is set
+#   bash benchmarks/gpu.sh            # the table is printed last; with RESULTS_DIR=DIR also DIR/throughput.md
 #   bash benchmarks/gpu.sh --layers 1 --max_new_tokens 2 --batch_sizes 2 auto   # smoke test (later flags win)
 #
 # Budget (H100, estimated, not measured): building the model ~30 s; the auto probe ~30 s (batch 8, 16, ...
@@ -18,12 +18,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 PYTHON=${PYTHON:-python3}
-TABLE=${OUT:+$OUT/throughput.md}
+TABLE=${RESULTS_DIR:+$RESULTS_DIR/throughput.md}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 $PYTHON -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 timeout 540 $PYTHON benchmarks/throughput.py --full_size --contenders engine --compile both \
     --batch_sizes 32 auto 8 1 --num_images 4 --batches_per_config 2 --max_new_tokens 100 \
-    --repeats 2 --budget_s 360 ${TABLE:+--table "$TABLE"} "$@" 2>&1 | tee ${OUT:+"$OUT/gpu.log"}
+    --repeats 2 --budget_s 360 ${TABLE:+--table "$TABLE"} "$@" 2>&1 | tee ${RESULTS_DIR:+"$RESULTS_DIR/gpu.log"}
 status=${PIPESTATUS[0]}
 if [ "$status" = 124 ] && [ -n "$TABLE" ] && [ -f "$TABLE" ]; then
     echo "stopped at the time limit; the table so far:"
