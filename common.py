@@ -317,19 +317,11 @@ def select_images(image_dir: str, ids_csv: str | None, limit: int | None) -> Sel
     skipped = dict(scan.skipped)
     items = scan.items
     if ids_csv:
-        from submission import read_id_list
+        from submission import in_id_list_order
 
-        wanted = read_id_list(ids_csv)
-        paths = dict(items)
-        missing = [i for i in wanted if i not in paths]
-        if missing:
-            raise UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} have no image in {image_dir} "
-                            f"(first: {', '.join(missing[:5])})")
-        listed = set(wanted)
-        extra = [i for i, _ in items if i not in listed]
+        items, extra = in_id_list_order(items, ids_csv, f"image in {image_dir}")
         if extra:
             skipped["images not in --ids_csv"] = extra
-        items = [(i, paths[i]) for i in wanted]
     if not items:
         from images import list_images
 

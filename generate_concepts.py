@@ -31,7 +31,7 @@ import common
 from cui_mapper import CuiMapper, parse_answer, unmapped_report
 from errors import UserError, log, run_cli
 from files import check_writable, lock_exclusive, write_csv_atomic
-from submission import MAX_CONCEPTS, check_zip_path, read_id_list, write_zip
+from submission import MAX_CONCEPTS, check_zip_path, in_id_list_order, write_zip
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
 METHODS = ("generate", "knn", "probe", "fused")
@@ -131,19 +131,6 @@ def read_natural_csv(path: str) -> list[tuple[str, list[str]]]:
         return rows
 
 
-def in_ids_order(rows: list[tuple[str, list[str]]], ids_csv: str | None, source: str) -> list[tuple[str, list[str]]]:
-    """Format-A rows in the order of --ids_csv (the platform's), or as the file has them."""
-    if not ids_csv:
-        return rows
-    by_id = dict(rows)
-    wanted = read_id_list(ids_csv)
-    missing = [i for i in wanted if i not in by_id]
-    if missing:
-        raise UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} are not in {source} "
-                        f"(first: {', '.join(missing[:5])})")
-    return [(i, by_id[i]) for i in wanted]
-
-
 def map_rows(rows: list[tuple[str, list[str]]], mapper: CuiMapper) -> tuple[list[list[str]], Counter]:
     """Format-B rows (ID, 'C1;C2') and a count of the phrases no CUI matched."""
     unmapped: Counter = Counter()
@@ -201,7 +188,9 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
         check_zip_path(args.zip)
     start = time.perf_counter()
     mapper = common.load_mapper(args.cui_mapping_file)
-    rows = in_ids_order(read_natural_csv(args.from_natural_csv), args.ids_csv, args.from_natural_csv)
+    rows = read_natural_csv(args.from_natural_csv)
+    if args.ids_csv:
+        rows, _ = in_id_list_order(rows, args.ids_csv, f"row in {args.from_natural_csv}")
     rows = rows[: args.limit] if args.limit else rows
     if vision:
         import vision_concepts as vc

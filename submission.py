@@ -23,6 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import errors
 import files
@@ -133,6 +134,23 @@ def read_id_list(path: str | Path) -> list[str]:
     if not ids:
         raise errors.UserError(f"ID list {path} lists no image IDs")
     return ids
+
+
+def in_id_list_order(pairs: list[tuple[str, Any]], ids_csv: str | Path, where: str) -> tuple[list[tuple[str, Any]],
+                                                                                             list[str]]:
+    """`pairs` (ID first) in exactly the order of the ID list, and the IDs the list does not name.
+
+    A listed ID missing from `pairs` is an error naming how many and the first few: the platform
+    rejects a file without it.
+    """
+    wanted = read_id_list(ids_csv)
+    by_id = dict(pairs)
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise errors.UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} have no {where} "
+                               f"(first: {', '.join(missing[:5])})")
+    listed = set(wanted)
+    return [(i, by_id[i]) for i in wanted], [i for i, _ in pairs if i not in listed]
 
 
 def expected_ids(source: str | Path) -> list[str]:
