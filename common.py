@@ -16,7 +16,6 @@ import argparse
 import errno
 import json
 import os
-import re
 import signal
 import sys
 import time
@@ -26,62 +25,24 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from errors import UserError, exit_at_once, first_line, log
-from files import check_writable, lock_exclusive, write_csv_atomic
-from generation import Record, auto_batch_size, generate_batches, parse_batch_size
-from images import scan_folder
-from journal import default_journal_path, file_identity, open_journal
-from model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, load_model, merge_by_default, resolve_device_and_dtype
-from shards import Shard, gather_to_rank0, merge_shard_records, process_group, shard_from
+from jjvmed.errors import UserError, exit_at_once, first_line, log
+from jjvmed.files import check_writable, lock_exclusive, write_csv_atomic
+from jjvmed.generation import auto_batch_size, generate_batches, parse_batch_size
+from jjvmed.images import scan_folder
+from jjvmed.journal import default_journal_path, file_identity, open_journal
+from jjvmed.model import (
+    DEFAULT_ADAPTER,
+    DEFAULT_BASE_MODEL,
+    ModelSpec,
+    load_model,
+    merge_by_default,
+    resolve_device_and_dtype,
+)
+from jjvmed.prompts import MAX_NEW_TOKENS, PROMPT_TEMPLATES, resolve_template, task_prompt
+from jjvmed.records import Record
+from jjvmed.shards import Shard, gather_to_rank0, merge_shard_records, process_group, shard_from
 
-# Task constants, defined once: the original tool's answer lengths, and the platform's limit.
-MAX_NEW_TOKENS = {"caption": 100, "concepts": 150}  # tokens
 SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # submission.py's names for the tasks
-
-# ---------------------------------------------------------------------------------------------
-# Prompts, kept as data. `vicuna` is the adapter's training format; `llama3` is the base model's
-# native chat format. The tokenizer adds <|begin_of_text|> itself.
-# ---------------------------------------------------------------------------------------------
-
-PROMPT_TEMPLATES = {
-    "vicuna": "USER: <image>\n{instruction}\nASSISTANT:{prefill}",
-    "llama3": (
-        "<|start_header_id|>user<|end_header_id|>\n\n<image>\n{instruction}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n{prefill}"
-    ),
-}
-
-# (task, language) -> instruction. The Spanish ones are the adapter's exact training instructions.
-INSTRUCTIONS = {
-    ("caption", "es"): "¿Cuál es la descripción o el pie de foto de esta imagen médica?",
-    ("caption", "en"): "What is the caption of this medical image?",
-    ("concepts", "es"): "Enumera los conceptos médicos clave (CUIs) observados o inferidos en esta imagen.",
-    ("concepts", "en"): "List the key medical concepts (CUIs) observed or inferred in this image.",
-}
-
-# The opening of the trained answer. Concept prompts end with it so the model goes straight into
-# the list. Training answers followed "ASSISTANT:" after one space, so the prefill keeps that space.
-ANSWER_PREFIXES = {
-    ("concepts", "es"): "Los conceptos médicos clave son:",
-    ("concepts", "en"): "The key medical concepts are:",
-}
-
-def build_prompt(template: str, instruction: str, prefill: str = "") -> str:
-    """The full prompt for one image; `prefill` is text the answer is forced to start with."""
-    if template not in PROMPT_TEMPLATES:
-        raise UserError(f"unknown prompt template {template!r}; choose from {sorted(PROMPT_TEMPLATES)}")
-    if prefill and template == "vicuna":
-        prefill = " " + prefill
-    return PROMPT_TEMPLATES[template].format(instruction=instruction, prefill=prefill)
-
-
-def resolve_template(template: str, adapter: str | None) -> str:
-    """`auto` = the adapter's training format when an adapter is loaded, else the native one."""
-    if template != "auto":
-        return template
-    return "vicuna" if adapter else "llama3"
-
-
 
 # ---------------------------------------------------------------------------------------------
 # Command line: options shared by both scripts, grouped by purpose.
@@ -275,8 +236,6 @@ def config_from_args(args: argparse.Namespace, task: str, other_outputs: tuple[s
         raise UserError(f"--image_dir {args.image_dir} is not a folder")
     adapter = None if str(args.adapter_repo).lower() in ("none", "") else args.adapter_repo
     template = resolve_template(args.prompt_template, adapter)
-    instruction = args.prompt or INSTRUCTIONS[(task, args.language)]
-    prefill = "" if args.prompt else ANSWER_PREFIXES.get((task, args.language), "")
     shard = shard_from(args.num_shards, args.shard_index, args.merge_shards)
     if shard and args.resume_from_checkpoint not in (None, "auto"):
         raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
@@ -285,7 +244,7 @@ def config_from_args(args: argparse.Namespace, task: str, other_outputs: tuple[s
                      else args.merge_adapters, load_in_4bit=args.load_in_4bit, device=args.device,
                      dtype=args.dtype, merged_cache_dir=args.merged_cache_dir)
     return RunConfig(task=task, image_dir=args.image_dir, output_csv=args.output_csv, model=spec,
-                     prompt=build_prompt(template, instruction, prefill),
+                     prompt=task_prompt(task, template, args.language, args.prompt),
                      gen_kwargs=parse_generation_kwargs(args.generation_kwargs, args.max_new_tokens),
                      batch_size=args.batch_size, compile=args.compile, num_workers=args.num_workers, seed=args.seed,
                      limit=args.limit, ids_csv=args.ids_csv, zip_path=args.zip, checkpoint_dir=args.checkpoint_dir,
@@ -317,13 +276,13 @@ def select_images(image_dir: str, ids_csv: str | None, limit: int | None) -> Sel
     skipped = dict(scan.skipped)
     items = scan.items
     if ids_csv:
-        from submission import in_id_list_order
+        from jjvmed.submission import in_id_list_order
 
         items, extra = in_id_list_order(items, ids_csv, f"image in {image_dir}")
         if extra:
             skipped["images not in --ids_csv"] = extra
     if not items:
-        from images import list_images
+        from jjvmed.images import list_images
 
         list_images(image_dir)  # raises the "no images" error with its hints
     return Selection(items[:limit] if limit else items, skipped)
@@ -356,7 +315,7 @@ def run(cfg: RunConfig, write_outputs: Callable[[list[str], dict[str, Record]], 
         if path and cfg.writes_csv:
             check_writable(path, "output")
     if cfg.zip_path:
-        from submission import check_zip_path
+        from jjvmed.submission import check_zip_path
 
         check_zip_path(cfg.zip_path)
     if not cfg.merge:
@@ -386,7 +345,7 @@ def write_and_check(cfg: RunConfig, selection: Selection, result: RunResult,
     submission = Path(cfg.output_csv) in outputs
     accepted = check_submission(cfg.task, cfg.output_csv, result.ids) if submission else True
     if accepted and submission and cfg.zip_path:
-        from submission import write_zip
+        from jjvmed.submission import write_zip
 
         outputs.append(write_zip(cfg.output_csv, cfg.zip_path))
     return finish_run(cfg, selection, result, outputs, accepted)
@@ -451,7 +410,7 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
     import torch
     from tqdm import tqdm
 
-    from images import make_loader
+    from jjvmed.images import make_loader
 
     torch.manual_seed(cfg.seed)
     model, processor, device = model_bundle or load_model(spec)
@@ -591,7 +550,7 @@ def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Pat
 
 def check_submission(task: str, path: str | Path, ids: list[str]) -> bool:
     """Run the platform's 2026 pre-check on a file this run wrote (IDs and their order too); log what it says."""
-    from submission import log_report, validate_file
+    from jjvmed.submission import log_report, validate_file
 
     report = validate_file(SUBMISSION_TASK.get(task, task), path, ids)
     log_report(report, str(path), limit=10)
@@ -628,41 +587,3 @@ def finish_run(cfg: RunConfig, selection: Selection, result: RunResult, outputs:
     if result.stopped is not None:
         return 128 + result.stopped
     return 0 if accepted else 1
-
-
-# ---------------------------------------------------------------------------------------------
-# Post-processing shared by the scripts and fine-tuning's validation
-# ---------------------------------------------------------------------------------------------
-
-# Openings the model may echo before the caption: template words and trained answer prefixes.
-CAPTION_PREFIXES = re.compile(
-    r"^\s*(?:(?:ASSISTANT|USER|assistant|Caption|Pie de foto|Descripción|Description|Answer|Respuesta)\s*:\s*)+",
-    re.IGNORECASE,
-)
-QUOTES = "\"'“”‘’«»"
-
-
-def clean_caption(text: str) -> str:
-    """Strip echoed prompt parts and answer prefixes, quotes, and collapse all whitespace to single spaces."""
-    text = text.split("USER:")[0]  # the model sometimes starts a new turn
-    text = re.split(r"\n\s*(?:Conceptos médicos clave|Key medical concepts)\s*:", text)[0]
-    text = " ".join(text.split())
-    text = CAPTION_PREFIXES.sub("", text).strip()
-    if len(text) >= 2 and text[0] in QUOTES and text[-1] in QUOTES:
-        text = text[1:-1].strip()
-    return text
-
-
-def load_mapper(path: str):
-    """The CUI mapper for a mapping file; a file the mapper cannot use is the user's to fix."""
-    from cui_mapper import CuiMapper
-
-    if not Path(path).is_file():
-        raise UserError(f"--cui_mapping_file {path} does not exist")
-    try:
-        mapper = CuiMapper.from_csv(path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if not mapper.names:
-        raise UserError(f"--cui_mapping_file {path} has no CUI rows: every image would get no concept")
-    return mapper

@@ -21,9 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import errors
-import files
-from model import DEFAULT_BASE_MODEL
+from jjvmed import errors, files
+from jjvmed.model import DEFAULT_BASE_MODEL
 
 METHODS = ("knn", "probe", "fused")
 
@@ -119,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    import vision_concepts as vc
-    from images import list_images
+    from jjvmed import vision_concepts as vc
+    from jjvmed.images import list_images
 
     if args.limit is not None and args.limit < 1:
         raise errors.UserError(f"--limit must be at least 1, got {args.limit}")
@@ -142,7 +141,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     for name in ("probe_hidden", "probe_epochs"):
         if getattr(args, name) < 0:
@@ -163,7 +162,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     index = vc.load_index(args.index_dir)
     valid = vc.load_embeddings(args.valid_embeddings)
@@ -182,8 +181,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    import submission
-    import vision_concepts as vc
+    from jjvmed import submission
+    from jjvmed import vision_concepts as vc
 
     settings = vc.load_settings(args.settings, args.method)
     index = vc.load_index(args.index_dir)

@@ -17,11 +17,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import errors
-import files
-import images
-from scores import ALLOWED_CUIS_2025, caption_scores, concept_scores
-from submission import (
+from jjvmed import errors, files, images
+from jjvmed.scores import ALLOWED_CUIS_2025, caption_scores, concept_scores
+from jjvmed.submission import (
     RULES,
     Report,
     caption_pairs,
@@ -212,7 +210,7 @@ class ReportData:
 
 
 def read_report_data(args: argparse.Namespace) -> ReportData:
-    from cui_mapper import CuiMapper
+    from jjvmed.cui_mapper import CuiMapper
 
     methods = {}
     for spec in args.concepts_method or []:
@@ -288,7 +286,7 @@ def report_scores(args: argparse.Namespace, data: ReportData) -> tuple[dict, dic
 
 def report_cards(data: ReportData, scores: dict[str, dict[str, float]], image_dir: str | None) -> list:
     """One report.Card per image shown, with its thumbnail when image_dir holds it."""
-    import report
+    from jjvmed import report
 
     paths = dict(images.list_images(image_dir)) if image_dir else {}
     if image_dir and not set(data.ids) & paths.keys():
@@ -307,7 +305,7 @@ def report_cards(data: ReportData, scores: dict[str, dict[str, float]], image_di
 
 def run_report(args: argparse.Namespace) -> int:
     """`report`: the official scores and one card per ground-truth image, written as one HTML page."""
-    import report
+    from jjvmed import report
 
     check_report_options(args)
     data = read_report_data(args)

@@ -10,7 +10,7 @@
 Defaults reproduce the published adapter's recipe: LoRA r=16, alpha 32, dropout 0.05 on every
 attention and MLP projection of the language model and on the projector; the `vicuna` prompt with
 the Spanish instructions; caption and concept examples; 1 epoch, lr 5e-5, cosine, 3% warm-up,
-effective batch 32; loss on the answer tokens only. Prompts come from common.py, the same ones
+effective batch 32; loss on the answer tokens only. Prompts come from jjvmed/prompts.py, the same ones
 generation uses, so training and inference cannot drift apart.
 
 A run survives real data and real clusters: images that cannot be read are skipped and listed in
@@ -42,13 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import common
-import errors
-import files
-from cui_mapper import CuiMapper
-from generation import generate_batches
-from images import id_sort_key, ignore_stop_signals, list_images, load_image, make_loader
-from model import (
+from jjvmed import errors, files, prompts
+from jjvmed.cui_mapper import CuiMapper, load_mapper
+from jjvmed.generation import generate_batches
+from jjvmed.images import id_sort_key, ignore_stop_signals, list_images, load_image, make_loader
+from jjvmed.model import (
     DEFAULT_BASE_MODEL,
     load_base_model,
     load_processor,
@@ -58,7 +56,7 @@ from model import (
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
 LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
                 r"|model\.multi_modal_projector\.linear_[12]")
-NO_CONCEPTS_ANSWER = "ningún concepto médico específico fue identificado"
+
 IGNORE = -100
 SUMMARY_FILE = "finetune_summary.json"
 ERRORS_FILE = "finetune_errors.csv"
@@ -100,7 +98,7 @@ def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str |
     concepts = read_id_table(concepts_csv, "CUIs")
     problems: Counter = Counter()
     examples: list[Example] = []
-    prefix = common.ANSWER_PREFIXES[("concepts", language)]
+    prefix = prompts.ANSWER_PREFIXES[("concepts", language)]
     for image_id in sorted(set(captions) | set(concepts), key=id_sort_key):
         path = images.get(image_id)
         if path is None:
@@ -123,7 +121,7 @@ def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str |
             if cuis and not known:
                 problems["concept row with no known CUI"] += 1
                 continue
-            answer = f"{prefix} {', '.join(known)}" if known else NO_CONCEPTS_ANSWER
+            answer = f"{prefix} {', '.join(known)}" if known else prompts.NO_CONCEPTS_ANSWER
             examples.append(Example(image_id, path, "concepts", answer))
     problems["image file with no CSV row"] = len(set(images) - set(captions) - set(concepts))
     return examples, problems
@@ -201,7 +199,7 @@ class TrainDataset:
     def __init__(self, examples: list[Example], processor, template: str, language: str, max_length: int):
         self.examples = examples
         self.processor = processor
-        self.prompts = {task: common.build_prompt(template, common.INSTRUCTIONS[(task, language)])
+        self.prompts = {task: prompts.build_prompt(template, prompts.INSTRUCTIONS[(task, language)])
                         for task in ("caption", "concepts")}
         self.max_length = max_length
         self.eos = processor.tokenizer.eos_token
@@ -640,8 +638,8 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
     Uses the generation core and the prompts, token limits and post-processing of the generate
     scripts, so the scores say what those scripts would give.
     """
-    import scores
-    from cui_mapper import parse_answer
+    from jjvmed import scores
+    from jjvmed.prompts import parse_answer
 
     names = mapper.names if mapper else {}
     examples, _ = build_examples(args.valid_image_dir, args.valid_captions_csv, args.valid_concepts_csv, names,
@@ -651,14 +649,14 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
         chosen = [e for e in examples if e.task == task][: args.eval_images]
         if not chosen:
             continue
-        prompt = common.build_prompt("vicuna", common.INSTRUCTIONS[(task, args.language)],
-                                     common.ANSWER_PREFIXES.get((task, args.language), ""))
+        prompt = prompts.build_prompt("vicuna", prompts.INSTRUCTIONS[(task, args.language)],
+                                     prompts.ANSWER_PREFIXES.get((task, args.language), ""))
         loader = make_loader([(e.image_id, e.image_path) for e in chosen], processor, prompt, args.batch_size, 0)
-        gen_kwargs = {"max_new_tokens": common.MAX_NEW_TOKENS[task], "do_sample": False, "num_beams": 1}
+        gen_kwargs = {"max_new_tokens": prompts.MAX_NEW_TOKENS[task], "do_sample": False, "num_beams": 1}
         texts = {r.id: r.text for records in generate_batches(model, processor, loader, gen_kwargs) for r in records}
         if task == "caption":
             gt = {e.image_id: e.answer for e in chosen}
-            pred = {i: common.clean_caption(t) for i, t in texts.items()}
+            pred = {i: prompts.clean_caption(t) for i, t in texts.items()}
             summary, _ = scores.caption_scores(gt, pred)
             results["caption_rouge1"] = summary["rouge1"]
         else:
@@ -683,7 +681,7 @@ def read_training_data(image_dir: str, captions_csv: str | None, concepts_csv: s
     if concepts_csv and not cui_mapping_file:
         raise errors.UserError("--concepts_csv needs --cui_mapping_file to turn CUIs into names")
     # Read once: its names make the training answers and its index maps the validation answers.
-    mapper = common.load_mapper(cui_mapping_file) if cui_mapping_file else None
+    mapper = load_mapper(cui_mapping_file) if cui_mapping_file else None
     names = mapper.names if mapper else {}
     examples, problems = build_examples(image_dir, captions_csv, concepts_csv, names, language)
     return mapper, examples, problems

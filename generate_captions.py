@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import common
-from errors import run_cli
-from files import write_csv_atomic
+from jjvmed import prompts
+from jjvmed.errors import run_cli
+from jjvmed.files import write_csv_atomic
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def write_captions(output_csv: str, ids: list[str], records: dict) -> list[Path]:
-    rows = common.answer_rows(ids, records, common.clean_caption)
+    rows = common.answer_rows(ids, records, prompts.clean_caption)
     return [write_csv_atomic(output_csv, ["ID", "Caption"], rows)]
 
 

@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common
-from cui_mapper import CuiMapper, parse_answer, unmapped_report
-from errors import UserError, log, run_cli
-from files import check_writable, lock_exclusive, write_csv_atomic
-from submission import MAX_CONCEPTS, check_zip_path, in_id_list_order, write_zip
+from jjvmed.cui_mapper import CuiMapper, load_mapper, unmapped_report
+from jjvmed.errors import UserError, log, run_cli
+from jjvmed.files import check_writable, lock_exclusive, write_csv_atomic
+from jjvmed.prompts import parse_answer
+from jjvmed.submission import MAX_CONCEPTS, check_zip_path, in_id_list_order, write_zip
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
 METHODS = ("generate", "knn", "probe", "fused")
@@ -93,7 +94,7 @@ def load_vision_method(args: argparse.Namespace) -> VisionMethod | None:
     if not args.concept_index or not args.concept_settings:
         raise UserError(f"--method {args.method} needs --concept_index DIR and --concept_settings PATH (written by "
                         "concept_index.py fit and tune)")
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     index = vc.load_index(args.concept_index)
     settings = vc.load_settings(args.concept_settings, args.method, index)
@@ -187,13 +188,13 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
     if args.zip:
         check_zip_path(args.zip)
     start = time.perf_counter()
-    mapper = common.load_mapper(args.cui_mapping_file)
+    mapper = load_mapper(args.cui_mapping_file)
     rows = read_natural_csv(args.from_natural_csv)
     if args.ids_csv:
         rows, _ = in_id_list_order(rows, args.ids_csv, f"row in {args.from_natural_csv}")
     rows = rows[: args.limit] if args.limit else rows
     if vision:
-        import vision_concepts as vc
+        from jjvmed import vision_concepts as vc
 
         emb = vc.load_embeddings(args.embeddings)
         known = set(emb.ids) | set(emb.failed)
@@ -217,14 +218,14 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
 
 
 def embeddings_path(args: argparse.Namespace) -> Path:
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     return Path(args.embeddings) if args.embeddings else vc.default_embeddings_path(args.output_csv)
 
 
 def embed_options(args: argparse.Namespace, index):
     """How the run's images are embedded: like the index's training images (pooling), resumable like the run."""
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     if args.resume_from_checkpoint not in (None, "auto") and args.method != "fused":
         raise UserError(f"--method {args.method} resumes with --resume_from_checkpoint auto (it writes no journal)")
@@ -238,7 +239,7 @@ def write_fused(rows: list[tuple[str, list[str]]], emb, vision: VisionMethod, ma
                 device: str) -> list[Path]:
     """Format B: the CUIs the phrases map to, fused with the kNN/probe scores of the embeddings, in the rows' order.
     The run and --from_natural_csv both come here, so fusing again gives the same file."""
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     cui_rows, unmapped = map_rows(rows, mapper)
     generated = {i: cuis.split(";") if cuis else [] for i, cuis in cui_rows}
@@ -266,14 +267,14 @@ class LoadOnce:
 
     def __iter__(self):
         if self.loaded is None:
-            from model import load_model
+            from jjvmed.model import load_model
 
             self.loaded = load_model(self.spec)
         return iter(self.loaded)
 
     def encoder(self):
         """The loaded model's vision tower, or None if nothing was generated (then embedding loads the tower alone)."""
-        import vision_concepts as vc
+        from jjvmed import vision_concepts as vc
 
         return vc.vision_encoder_from(*self.loaded[:2]) if self.loaded is not None else None
 
@@ -281,7 +282,7 @@ class LoadOnce:
 def write_fused_run(args: argparse.Namespace, cfg: common.RunConfig, mapper: CuiMapper, vision: VisionMethod,
                     model: LoadOnce | None, ids: list[str], records: dict) -> list[Path]:
     """--method fused, after generation: format A from the text, the embeddings, format B fused."""
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     rows = [(i, parse_answer(records[i].text if i in records and records[i].ok else "", mapper)) for i in ids]
     natural = natural_path(args.output_csv, args.output_csv_natural)
@@ -296,7 +297,7 @@ def write_fused_run(args: argparse.Namespace, cfg: common.RunConfig, mapper: Cui
 
 def vision_run(args: argparse.Namespace, vision: VisionMethod) -> int:
     """--method knn|probe: one vision-tower pass over the run's images (no text), format B, the 2026 check, the zip."""
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     if args.output_csv_natural or not args.auto_map_cuis:
         raise UserError(f"--method {args.method} writes format B only (no text, so no format A): drop "
@@ -343,14 +344,14 @@ def main(argv: list[str] | None = None) -> int:
         return vision_run(args, vision)
     if vision and not args.auto_map_cuis:
         raise UserError("--method fused fuses the CUIs of the generated text: drop --no-auto_map_cuis")
-    mapper = common.load_mapper(args.cui_mapping_file) if args.auto_map_cuis or Path(args.cui_mapping_file).is_file() \
+    mapper = load_mapper(args.cui_mapping_file) if args.auto_map_cuis or Path(args.cui_mapping_file).is_file() \
         else None
     natural = natural_path(args.output_csv, args.output_csv_natural)
     if not vision:
         cfg = common.config_from_args(args, task="concepts", other_outputs=(natural,))
         return common.run(cfg, lambda ids, records: write_concepts(args, mapper, ids, records))
     cfg = common.config_from_args(args, task="concepts", other_outputs=(natural, str(embeddings_path(args))))
-    import vision_concepts as vc
+    from jjvmed import vision_concepts as vc
 
     vc.check_embeddings_target(embeddings_path(args), embed_options(args, vision.index))
     # Under a launcher each process loads its own model on its own device; the embedding pass, done by the

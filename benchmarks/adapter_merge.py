@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny model fixture lives with the tests
 
 from tiny_llava import tiny_config, train_tokenizer  # noqa: E402
 

@@ -17,7 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cui_mapper import CuiMapper, parse_answer  # noqa: E402
+from jjvmed.cui_mapper import CuiMapper  # noqa: E402
+from jjvmed.prompts import parse_answer  # noqa: E402
 
 VARIANTS = ["tórax", "TC", "resonancia magnética", "derrame pleural", "riñón izquierdo", "CXR", "pleural effusions",
             "haemorrhage", "Pnuemothorax", "flux capacitor", "image", "left lower quadrant thing"]

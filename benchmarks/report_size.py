@@ -25,9 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import report  # noqa: E402
-import scores  # noqa: E402
-from cui_mapper import CuiMapper  # noqa: E402
+from jjvmed import report, scores  # noqa: E402
+from jjvmed.cui_mapper import CuiMapper  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

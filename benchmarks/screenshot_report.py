@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-import files  # noqa: E402
+from jjvmed import files  # noqa: E402
 
 REAL_IMAGES = ROOT / "tests" / "data" / "real_images"
 MAX_PNG_BYTES = 300_000

@@ -36,21 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny model fixture lives with the tests
+
+from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
 
 import common  # noqa: E402
-import generation  # noqa: E402
-from errors import UserError, first_line  # noqa: E402
-from images import Batch, ImageDataset, list_images, load_image  # noqa: E402
-from model import ModelSpec, input_device, load_model, load_processor, quantization_config, stop_token_ids  # noqa: E402
-from tiny_llava import build_tiny_llava, llava_llama3_8b_config  # noqa: E402
+from jjvmed import generation, prompts  # noqa: E402
+from jjvmed.errors import UserError, first_line  # noqa: E402
+from jjvmed.images import Batch, ImageDataset, list_images, load_image  # noqa: E402
+from jjvmed.model import ModelSpec, input_device, load_model, load_processor, quantization_config, stop_token_ids  # noqa: E402
 
 DEFAULT_IMAGES = ROOT / "tests" / "data" / "real_images"
 # Image i gets prompt i % 3: the caption and concept instructions the tool uses, and a short one.
 PROMPTS = [
-    common.build_prompt("vicuna", common.INSTRUCTIONS[("caption", "es")]),
-    common.build_prompt("vicuna", common.INSTRUCTIONS[("concepts", "es")], common.ANSWER_PREFIXES[("concepts", "es")]),
-    common.build_prompt("vicuna", "Describe la imagen."),
+    prompts.task_prompt("caption", "vicuna", "es"),
+    prompts.task_prompt("concepts", "vicuna", "es"),
+    prompts.build_prompt("vicuna", "Describe la imagen."),
 ]
 
 
@@ -451,7 +452,7 @@ def check_answers(configs: list[Config], cuda: bool, agreement: float) -> bool:
 
 def write_table(args, text: str) -> None:
     if args.table:
-        from files import write_text_atomic
+        from jjvmed.files import write_text_atomic
 
         write_text_atomic(args.table, text + "\n")
 
@@ -467,7 +468,7 @@ def memory_child(count: int, work: str) -> None:
     bundle = load_model(ModelSpec(str(folder), None, device="cpu"))
     out = Path(work) / f"mem-{count}.csv"
     cfg = common.RunConfig(task="caption", image_dir=str(Path(work) / "small"), output_csv=str(out),
-                           model=ModelSpec(str(folder), None, device="cpu"), prompt=common.build_prompt("vicuna", "x"),
+                           model=ModelSpec(str(folder), None, device="cpu"), prompt=prompts.build_prompt("vicuna", "x"),
                            gen_kwargs={"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False},
                            batch_size=16, num_workers=2, limit=count, overwrite=True)
     with PeakMemory(every=0.005) as mem:
@@ -502,8 +503,8 @@ def resume(args) -> None:
     """Time from the start of a resumed run to its first new batch, with a 20,000-record journal."""
     from PIL import Image
 
-    from generation import Record
-    from journal import file_identity, header_line, record_line
+    from jjvmed.journal import file_identity, header_line, record_line
+    from jjvmed.records import Record
 
     work = Path(tempfile.mkdtemp(prefix="jj-vmed-resume-"))
     try:
@@ -517,7 +518,7 @@ def resume(args) -> None:
             os.link(images / "img_00000.png", images / f"img_{i:05d}.png")
         out = work / "c.csv"
         cfg = common.RunConfig(task="caption", image_dir=str(images), output_csv=str(out), model=spec,
-                               prompt=common.build_prompt("vicuna", "x"),
+                               prompt=prompts.build_prompt("vicuna", "x"),
                                gen_kwargs={"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False},
                                batch_size=1, num_workers=0, resume="auto")
         with open(cfg.journal_path, "wb") as fh:

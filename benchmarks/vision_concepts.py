@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import vision_concepts as vc  # noqa: E402
+from jjvmed import vision_concepts as vc  # noqa: E402
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -76,7 +76,7 @@ def run_in_process(script: str, *args: str) -> subprocess.CompletedProcess:
     import importlib
     import io
 
-    from errors import run_cli
+    from jjvmed.errors import run_cli
 
     module = importlib.import_module(Path(script).stem)
     err = io.StringIO()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from generation import StaticGenerator, generate_with_backoff, padded_sizes
-from model import ModelSpec, load_model
+from jjvmed.generation import StaticGenerator, generate_with_backoff, padded_sizes
+from jjvmed.model import ModelSpec, load_model
 
 
 def fake_generate(limit: int, calls: list[int]):

@@ -10,10 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import REAL_IMAGES, read_csv, run_script
 
-import common
-import errors
-import files
 import generate_captions
+from jjvmed import errors, files, prompts
 
 
 def captions(tiny_model: Path, out: Path, *extra: str, image_dir: Path = REAL_IMAGES) -> int:
@@ -135,7 +133,7 @@ def test_help_explains_every_option():
     ],
 )
 def test_caption_cleanup_strips_echoes_prefixes_and_whitespace(raw, clean):
-    assert common.clean_caption(raw) == clean
+    assert prompts.clean_caption(raw) == clean
 
 
 def test_captions_with_commas_quotes_and_newlines_survive_a_csv_round_trip(tmp_path):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from conftest import REAL_IMAGES, ROCOV2, ROOT, needs_rocov2, read_csv
 
-import errors
 import generate_concepts
-from images import id_sort_key
+from jjvmed import errors
+from jjvmed.images import id_sort_key
 
 
 def concepts(*argv: str) -> int:

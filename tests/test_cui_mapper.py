@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 from conftest import ROCOV2, ROOT
 
-from cui_mapper import CuiMapper, is_typo_of, lenient_key, parse_answer
+from jjvmed.cui_mapper import CuiMapper, is_typo_of, lenient_key
+from jjvmed.prompts import parse_answer
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import ROCO, needs_roco, run_script
 
-import errors
 import evaluate
-import files
-import scores
-import submission
+from jjvmed import errors, files, scores, submission
 
 
 def write(path: Path, text: str) -> Path:

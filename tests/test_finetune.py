@@ -18,11 +18,10 @@ from conftest import ROCOV2, ROOT, needs_rocov2, read_csv, run_in_process, run_s
 from PIL import Image
 from safetensors.torch import load_file
 
-import common
-import errors
-import files
 import finetune
-from model import ModelSpec, load_model, load_processor
+from jjvmed import errors, files
+from jjvmed.cui_mapper import load_mapper
+from jjvmed.model import ModelSpec, load_model, load_processor
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
@@ -104,7 +103,7 @@ def test_concept_examples_use_the_trained_answer_format(tmp_path):
     for name in ("a", "b", "c"):
         Image.new("RGB", (8, 8)).save(images / f"{name}.png")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0040405;C0817096\nb,\nc,C0016522\n")
-    names = common.load_mapper(str(ROCOV2)).names
+    names = load_mapper(str(ROCOV2)).names
     examples, _ = finetune.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
     answers = {e.image_id: e.answer for e in examples}
     assert answers == {

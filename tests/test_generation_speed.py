@@ -15,13 +15,11 @@ import pytest
 import torch
 from conftest import REAL_IMAGES, read_csv
 
-import common
-import errors
 import generate_captions
-import generation
-from generation import AUTO_BATCH_CAP, CPU_BATCH_SIZE, auto_batch_size, fit_batch, padded_size, padded_sizes
-from images import Batch, list_images, load_image
-from model import ModelSpec, load_model
+from jjvmed import errors, generation, prompts
+from jjvmed.generation import AUTO_BATCH_CAP, CPU_BATCH_SIZE, auto_batch_size, fit_batch, padded_size, padded_sizes
+from jjvmed.images import Batch, list_images, load_image
+from jjvmed.model import ModelSpec, load_model
 
 # Three prompts of different lengths, so every batch is left-padded.
 QUESTIONS = ["Hola", "¿Cuál es la descripción o el pie de foto de esta imagen médica?", "x y z"]
@@ -38,8 +36,8 @@ def mixed_prompt_batches(processor, sizes: list[int]) -> list[Batch]:
     batches, start = [], 0
     for size in sizes:
         chunk = [items[(start + k) % len(items)] for k in range(size)]
-        prompts = [common.build_prompt("vicuna", QUESTIONS[(start + k) % 3]) for k in range(size)]
-        inputs = processor(text=prompts, images=[load_image(p) for _, p in chunk], return_tensors="pt", padding=True)
+        texts = [prompts.build_prompt("vicuna", QUESTIONS[(start + k) % 3]) for k in range(size)]
+        inputs = processor(text=texts, images=[load_image(p) for _, p in chunk], return_tensors="pt", padding=True)
         batches.append(Batch([f"{i}#{start + k}" for k, (i, _) in enumerate(chunk)], dict(inputs), []))
         start += size
     return batches
@@ -137,7 +135,7 @@ def test_adapters_are_merged_by_default_and_resuming_an_unmerged_journal_is_refu
 
 
 def test_merge_default_follows_the_adapter_and_4bit():
-    from model import merge_by_default
+    from jjvmed.model import merge_by_default
 
     assert merge_by_default("some/adapter", load_in_4bit=False) is True
     assert merge_by_default("some/adapter", load_in_4bit=True) is False
@@ -172,8 +170,8 @@ def test_a_batch_of_failed_images_passes_the_pinning_step():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_engine_loader_pins_its_batches_on_cuda(tiny_model):
-    from images import make_loader
-    from model import load_processor
+    from jjvmed.images import make_loader
+    from jjvmed.model import load_processor
 
     processor = load_processor(str(tiny_model))
     loader = make_loader(list_images(REAL_IMAGES)[:4], processor, "USER: <image>\nx\nASSISTANT:", 2, 0,

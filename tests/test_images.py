@@ -7,10 +7,9 @@ import pytest
 from conftest import REAL_IMAGES
 from PIL import Image
 
-import common
-import errors
-from images import Collate, ImageDataset, list_images, load_image
-from model import load_processor
+from jjvmed import errors, prompts
+from jjvmed.images import Collate, ImageDataset, list_images, load_image
+from jjvmed.model import load_processor
 
 
 def test_real_images_decode_to_rgb():
@@ -88,7 +87,7 @@ def test_an_image_the_processor_rejects_fails_alone_and_its_batch_goes_on(tiny_m
                 raise ValueError("cannot process this image")
             return processor(images=images, **kwargs)
 
-    collate = Collate(Picky(), common.build_prompt("vicuna", "x"))
+    collate = Collate(Picky(), prompts.build_prompt("vicuna", "x"))
     samples = [("a", Image.new("RGB", (40, 30)), None), ("bad", Image.new("RGB", (7, 7)), None),
                ("c", Image.new("RGB", (30, 40)), None), ("gone", None, "OSError: truncated")]
     batch = collate(samples)

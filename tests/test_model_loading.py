@@ -10,8 +10,8 @@ import pytest
 from conftest import REAL_IMAGES, make_adapter, read_csv, run_in_process, tiny_args
 from safetensors.torch import load_file, save_file
 
-import common
-from model import ModelSpec, apply_adapter, load_model, load_processor, modernize_regex, stop_token_ids
+from jjvmed import prompts
+from jjvmed.model import ModelSpec, apply_adapter, load_model, load_processor, modernize_regex, stop_token_ids
 
 LEGACY = [
     ("model.language_model.", "language_model.model."),
@@ -56,7 +56,7 @@ def test_processor_gets_the_fixups_the_8b_repo_needs(tiny_model):
     assert processor.tokenizer.padding_side == "left"
     from PIL import Image
 
-    batch = processor(text=[common.build_prompt("vicuna", "hola")], images=[Image.new("RGB", (50, 90))],
+    batch = processor(text=[prompts.build_prompt("vicuna", "hola")], images=[Image.new("RGB", (50, 90))],
                       return_tensors="pt")
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert int((batch["input_ids"] == image_token).sum()) == 576
@@ -73,14 +73,14 @@ def test_generation_stops_on_eot_as_well_as_end_of_text(tiny_model):
 
 
 def test_prompts_match_the_adapter_training_format_and_the_native_chat_format():
-    assert common.build_prompt("vicuna", "¿Qué?") == "USER: <image>\n¿Qué?\nASSISTANT:"
-    assert common.build_prompt("vicuna", "Enumera", "Los conceptos médicos clave son:") == \
+    assert prompts.build_prompt("vicuna", "¿Qué?") == "USER: <image>\n¿Qué?\nASSISTANT:"
+    assert prompts.build_prompt("vicuna", "Enumera", "Los conceptos médicos clave son:") == \
         "USER: <image>\nEnumera\nASSISTANT: Los conceptos médicos clave son:"
-    assert common.build_prompt("llama3", "Q") == (
+    assert prompts.build_prompt("llama3", "Q") == (
         "<|start_header_id|>user<|end_header_id|>\n\n<image>\nQ<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert common.resolve_template("auto", "some/adapter") == "vicuna"
-    assert common.resolve_template("auto", None) == "llama3"
+    assert prompts.resolve_template("auto", "some/adapter") == "vicuna"
+    assert prompts.resolve_template("auto", None) == "llama3"
 
 
 def test_lora_adapter_changes_captions_and_merged_gives_the_same_tokens(tiny_model, tiny_adapter, tmp_path):

@@ -34,7 +34,7 @@ def test_the_published_adapter_really_changes_the_model():
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from model import apply_adapter, input_device, resolve_adapter
+    from jjvmed.model import apply_adapter, input_device, resolve_adapter
 
     llava = LlavaForConditionalGeneration.from_pretrained(BASE, dtype=torch.bfloat16, device_map="auto")
     ids = torch.tensor([[128000, 14711, 25, 220]], device=input_device(llava))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import REAL_IMAGES, ROOT, read_csv, run_in_process, run_script, tiny_args
 
-from images import load_image
+from jjvmed.images import load_image
 
 
 def copy_images(folder: Path, count: int = 3) -> Path:
@@ -120,7 +120,7 @@ def test_a_killed_decoding_worker_is_one_line_with_the_resume_command(tiny_model
 
 
 def test_disk_full_is_one_line_and_the_finished_batches_are_kept(tiny_model, tmp_path, monkeypatch):
-    import journal
+    from jjvmed import journal
 
     out = tmp_path / "captions.csv"
     real_append = journal.Journal.append

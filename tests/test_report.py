@@ -14,9 +14,8 @@ import pytest
 from conftest import REAL_IMAGES
 from PIL import Image
 
-import errors
 import evaluate
-import report
+from jjvmed import errors, report
 
 VOID = {"img", "meta", "input", "br", "hr", "link"}
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
-import errors
 import evaluate
-import submission
+from jjvmed import errors, submission
 
 # The organisers' order: neither natural (img_1, img_2, img_10, img_a, img_b) nor alphabetical
 # (img_1, img_10, img_2, img_a, img_b).

@@ -21,11 +21,10 @@ import pytest
 from conftest import ROOT, read_csv, run_in_process
 
 import concept_index
-import errors
 import generate_concepts
-import submission
-import vision_concepts as vc
-from scores import ALLOWED_CUIS_2025, concept_scores, image_f1
+from jjvmed import errors, submission
+from jjvmed import vision_concepts as vc
+from jjvmed.scores import ALLOWED_CUIS_2025, concept_scores, image_f1
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
 SHAPES = ("circle", "triangle")
@@ -84,7 +83,7 @@ def f1(gt_csv: Path, pred: dict[str, list[str]] | Path) -> float:
 def run(tiny_model, tmp_path_factory) -> Path:
     """The whole path through the CLI: embed three splits, fit, generate concepts for validation, tune."""
     root = tmp_path_factory.mktemp("vision")
-    from files import write_csv_atomic
+    from jjvmed.files import write_csv_atomic
 
     for seed, (split, n) in enumerate(SPLITS.items()):
         write_csv_atomic(root / f"{split}_concepts.csv", ["ID", "CUIs"], make_split(root / split, n, seed))
@@ -236,8 +235,8 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
 def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, tiny_adapter):
     """The index is built from the base model; the generate run has the adapter loaded (it targets the
     language model and the projector only), and must get the same features from it."""
-    from images import list_images
-    from model import ModelSpec, load_model
+    from jjvmed.images import list_images
+    from jjvmed.model import ModelSpec, load_model
 
     items = list_images(run / "valid")[:6]
     model, processor, _ = load_model(ModelSpec(str(tiny_model), str(tiny_adapter), device="cpu"))
@@ -359,7 +358,7 @@ def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_mod
     settings["methods"]["fused"]["weights"] = {"knn": 1.0, "probe": 0.0, "generated": 1.0}
     (tmp_path / "union.json").write_text(json.dumps(settings))
     edited = [natural[0]] + [[i, "stripes"] if n == 0 else [i, p] for n, (i, p) in enumerate(natural[1:])]
-    from files import write_csv_atomic
+    from jjvmed.files import write_csv_atomic
 
     write_csv_atomic(tmp_path / "fused_natural.csv", edited[0], edited[1:])
     union = run_in_process("generate_concepts.py", *refuse, "--concept_settings", str(tmp_path / "union.json"),

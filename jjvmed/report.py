@@ -20,9 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import errors
-import files
-from images import load_image
+from . import errors, files
+from .images import load_image
 
 THUMBNAIL_PX = 128  # longest side of a card's thumbnail
 THUMBNAIL_QUALITY = 70  # JPEG quality: about 2-3 KB a thumbnail

@@ -37,12 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-import files
-import scores
-from errors import UserError, first_line, log
-from images import Collate, ImageDataset, id_sort_key, ignore_stop_signals
-from model import DEFAULT_BASE_MODEL
-from submission import MAX_CONCEPTS, concept_pairs, read_rows
+from . import files, scores
+from .errors import UserError, first_line, log
+from .images import Collate, ImageDataset, id_sort_key, ignore_stop_signals
+from .model import DEFAULT_BASE_MODEL
+from .submission import MAX_CONCEPTS, concept_pairs, read_rows
 
 EMBEDDINGS_FORMAT = "jj-vmed-embeddings/1"
 INDEX_FORMAT = "jj-vmed-concept-index/1"
@@ -151,7 +150,7 @@ def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str =
     """Load the base model (model.load_base_model) and keep only its vision tower (no adapter needed)."""
     import torch
 
-    from model import load_base_model, load_processor, resolve_device_and_dtype
+    from .model import load_base_model, load_processor, resolve_device_and_dtype
 
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
     target = device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"

@@ -17,9 +17,10 @@ import inspect
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from errors import first_line, log
-from images import Batch
-from model import input_device, stop_token_ids
+from .errors import first_line, log
+from .images import Batch
+from .model import input_device, stop_token_ids
+from .records import Record
 
 # --batch_size auto on CPU. A decoding step reads every weight whatever the batch (33 GB for the 8B
 # model in float32), so larger batches cost less per image; in the CPU race (README, Throughput) batch
@@ -31,19 +32,6 @@ AUTO_BATCH_CAP = 256
 AUTO_BATCH_START = 8  # the first probe; 1, 2 and 4 would cost ~10 s on the 8B model and tell little more
 AUTO_BATCH_MARGIN = 0.8
 STATIC_CACHE_STEP = 64  # static cache lengths are rounded up to this, so a few tokens more reuse the cache
-
-
-@dataclass(frozen=True)
-class Record:
-    """What the run keeps for one image: the raw generated text, or why there is none."""
-
-    id: str
-    text: str = ""
-    error: str | None = None  # None: generated
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dict,

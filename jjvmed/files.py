@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from errors import UserError
+from .errors import UserError
 
 
 def current_umask() -> int:

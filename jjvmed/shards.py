@@ -13,9 +13,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError
-from generation import Record
-from journal import default_journal_path, read_journal, settings_differences
+from .errors import UserError
+from .journal import default_journal_path, read_journal, settings_differences
+from .records import Record
 
 
 @dataclass(frozen=True)

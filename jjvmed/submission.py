@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import errors
-import files
-from images import list_images
+from . import errors, files
+from .images import list_images
 
 RULES = ("2026", "2025")
 TASKS = ("concepts", "captions")

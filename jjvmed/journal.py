@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from errors import UserError, log
-from files import write_bytes_atomic
-from generation import Record
+from .errors import UserError, log
+from .files import write_bytes_atomic
+from .records import Record
 
 JOURNAL_VERSION = 2
 

@@ -5,7 +5,7 @@ used without the model: by generate_concepts.py (also in --from_natural_csv mode
 
     mapper = CuiMapper.from_csv("data/cui_names.csv")
     mapper.lookup("tomografía computarizada")   # Match(cui='C0040405', ..., method='alias')
-    phrases = parse_answer(raw_text, mapper)    # ordered, de-duplicated concept phrases
+    phrases = prompts.parse_answer(raw_text, mapper)    # ordered, de-duplicated concept phrases
     cuis, unmapped = mapper.map_phrases(phrases)
 
 Matching goes from most to least certain, and stops at the first level that gives one CUI:
@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from files import write_csv_atomic
+from .errors import UserError
+from .files import write_csv_atomic
 
 CUI_RE = re.compile(r"\bC\d{7}\b", re.IGNORECASE)
 NAME_COLUMNS = ("name", "canonical name", "canonical_name", "preferred_name", "preferred name", "str")
@@ -577,59 +578,19 @@ def rewrite_words(text: str) -> str:
     return " ".join(WORD_EXPANSIONS.get(w, w) for w in words)
 
 
-# ---------------------------------------------------------------------------------------------
-# Parsing the model's answer into phrases
-# ---------------------------------------------------------------------------------------------
-
-ANSWER_WRAPPERS = re.compile(
-    r"(?:los\s+)?conceptos\s+m[eé]dicos\s+clave\s*(?:son)?\s*:|(?:the\s+)?key\s+medical\s+concepts\s*(?:are)?\s*:"
-    r"|^\s*(?:ASSISTANT|USER)\s*:|^\s*(?:concepts?|conceptos?|cuis?)\s*:",
-    re.IGNORECASE | re.MULTILINE,
-)
-NO_CONCEPT_ANSWERS = re.compile(
-    r"ning[uú]n\s+concepto\s+m[eé]dico\s+espec[ií]fico\s+fue\s+identificado|no\s+specific\s+medical\s+concepts?\s+"
-    r"(?:was|were)\s+identified",
-    re.IGNORECASE,
-)
-BULLET = re.compile(r"^\s*(?:[-*•·]+|\d+[.)]|[a-z][.)])\s+", re.IGNORECASE)
-COMMA_GUARD = "\x00"
-
-
-def parse_answer(text: str, mapper: CuiMapper | None = None) -> list[str]:
-    """Ordered, de-duplicated concept phrases from a raw answer.
-
-    Splits on newlines, semicolons and commas, except commas inside a name the mapping file knows
-    (`Foramen Ovale, Patent`). For the mixed caption+concepts answer, only the concept part is used.
-    """
-    text = text.split("USER:")[0]
-    parts = re.split(r"conceptos\s+m[eé]dicos\s+clave\s*(?:son)?\s*:|key\s+medical\s+concepts\s*(?:are)?\s*:",
-                     text, flags=re.IGNORECASE)
-    if len(parts) > 1:
-        text = parts[-1]
-    text = re.sub(r"^\s*(?:descripci[oó]n|description)\s*:.*$", "", text, flags=re.IGNORECASE | re.MULTILINE)
-    text = ANSWER_WRAPPERS.sub("\n", text)
-    text = NO_CONCEPT_ANSWERS.sub("\n", text)
-    if mapper is not None and mapper.comma_names is not None:
-        text = mapper.comma_names.sub(lambda m: m.group(0).replace(",", COMMA_GUARD), text)
-    phrases: list[str] = []
-    seen: set[str] = set()
-    for line in text.splitlines():
-        line = BULLET.sub("", line)
-        for piece in re.split(r"[;,]", line):
-            phrase = clean_phrase(piece.replace(COMMA_GUARD, ","))
-            key = normalize(phrase)
-            if phrase and key and key not in seen:
-                seen.add(key)
-                phrases.append(phrase)
-    return phrases
-
-
-def clean_phrase(piece: str) -> str:
-    piece = BULLET.sub("", piece.strip())
-    piece = piece.strip(" \t\"'“”‘’«»`*.·:-")
-    return " ".join(piece.split())
-
-
 def unmapped_report(counter: Counter, path: str | Path) -> Path:
     """Write phrase,count for every phrase that mapped to no CUI, most frequent first."""
     return write_csv_atomic(path, ["Phrase", "Count"], ([p, str(n)] for p, n in counter.most_common()))
+
+
+def load_mapper(path: str) -> CuiMapper:
+    """The CUI mapper for a mapping file; a file the mapper cannot use is the user's to fix."""
+    if not Path(path).is_file():
+        raise UserError(f"--cui_mapping_file {path} does not exist")
+    try:
+        mapper = CuiMapper.from_csv(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not mapper.names:
+        raise UserError(f"--cui_mapping_file {path} has no CUI rows: every image would get no concept")
+    return mapper

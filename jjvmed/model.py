@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from errors import UserError, first_line, log
+from .errors import UserError, first_line, log
 
 DEFAULT_BASE_MODEL = "xtuner/llava-llama-3-8b-v1_1-transformers"
 DEFAULT_ADAPTER = "JoVal26/ja-med-clef-model"

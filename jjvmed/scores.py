@@ -15,7 +15,7 @@ import string
 import sys
 from pathlib import Path
 
-import errors
+from . import errors
 
 # The 2025 secondary-score list: imaging modalities and body regions.
 ALLOWED_CUIS_2025 = (
