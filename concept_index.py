@@ -10,7 +10,7 @@
         --embeddings emb/test.npz --output_csv results/concepts_knn.csv
 
 Only `embed` needs a GPU (one pass of the vision tower, no text generation); the rest runs on a CPU.
-The library is vision_concepts.py.
+The library: jjvmed/encoders.py and embeddings.py (embed), index.py (fit), tuning.py (tune), fusion.py (predict).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import EmbedOptions, embed_images
     from jjvmed.images import list_images
 
     if args.limit is not None and args.limit < 1:
@@ -126,12 +126,12 @@ def run_embed(args: argparse.Namespace) -> int:
     if args.num_workers is not None and args.num_workers < 0:
         raise errors.UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     items = list_images(args.image_dir)[: args.limit]
-    options = vc.EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
+    options = EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
                               args.dtype, args.num_workers, resume=args.resume_from_checkpoint == "auto",
                               overwrite=args.overwrite)
     start = time.perf_counter()
     try:
-        emb = vc.embed_images(items, args.output, options)
+        emb = embed_images(items, args.output, options)
     except KeyboardInterrupt:
         errors.log("interrupted: finished chunks are kept; rerun the same command with --resume_from_checkpoint auto")
         return 130
@@ -141,20 +141,21 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import load_embeddings
+    from jjvmed.index import ProbeOptions, fit_index, read_cui_sets
 
     for name in ("probe_hidden", "probe_epochs"):
         if getattr(args, name) < 0:
             raise errors.UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.probe_batch_size < 1:
         raise errors.UserError(f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")
-    emb = vc.load_embeddings(args.train_embeddings)
-    concepts = vc.read_cui_sets(args.train_concepts)
+    emb = load_embeddings(args.train_embeddings)
+    concepts = read_cui_sets(args.train_concepts)
     if args.probe_tolerance < 0:
         raise errors.UserError(f"--probe_tolerance must be 0 or more, got {args.probe_tolerance}")
-    options = vc.ProbeOptions(args.probe_hidden, args.probe_epochs, args.probe_batch_size, args.probe_learning_rate,
+    options = ProbeOptions(args.probe_hidden, args.probe_epochs, args.probe_batch_size, args.probe_learning_rate,
                               args.probe_weight_decay, args.probe_tolerance, args.seed, args.device)
-    index = vc.fit_index(emb, concepts, args.output_dir, options)
+    index = fit_index(emb, concepts, args.output_dir, options)
     errors.log(f"index: {len(index.ids)} images, {len(index.cuis)} CUIs, {index.vectors.shape[1]} dimensions; "
                f"probe: {'none' if index.probe is None else 'linear' if not args.probe_hidden else 'one hidden layer'}"
                f"\nwrote: {args.output_dir}")
@@ -162,17 +163,19 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import load_embeddings
+    from jjvmed.index import load_index, read_concept_csv, read_cui_sets
+    from jjvmed.tuning import format_table, tune
 
-    index = vc.load_index(args.index_dir)
-    valid = vc.load_embeddings(args.valid_embeddings)
-    gt = vc.read_concept_csv(args.valid_concepts)
-    generated = vc.read_cui_sets(args.valid_generated) if args.valid_generated else None
-    manual = vc.read_concept_csv(args.valid_manual) if args.valid_manual else None
+    index = load_index(args.index_dir)
+    valid = load_embeddings(args.valid_embeddings)
+    gt = read_concept_csv(args.valid_concepts)
+    generated = read_cui_sets(args.valid_generated) if args.valid_generated else None
+    manual = read_concept_csv(args.valid_manual) if args.valid_manual else None
     start = time.perf_counter()
-    settings, table = vc.tune(index, valid, gt, generated, manual, args.device, args.per_cui_thresholds)
+    settings, table = tune(index, valid, gt, generated, manual, args.device, args.per_cui_thresholds)
     files.write_text_atomic(args.output, json.dumps(settings, indent=1) + "\n")
-    print(vc.format_table(table))
+    print(format_table(table))
     fused = settings["methods"]["fused"]
     errors.log(f"fused = {fused['source']}: F1 {fused['f1']:.4f} on {settings['tuned_on']['images']} validation "
                f"images (tuned there, so optimistic for the test set)\ntime: {time.perf_counter() - start:.1f} s\n"
@@ -182,16 +185,18 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     from jjvmed import submission
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import load_embeddings
+    from jjvmed.fusion import load_settings, predict_concepts, uses_generated
+    from jjvmed.index import load_index, read_cui_sets
 
-    settings = vc.load_settings(args.settings, args.method)
-    index = vc.load_index(args.index_dir)
-    emb = vc.load_embeddings(args.embeddings)
-    generated = vc.read_cui_sets(args.generated) if args.generated else None
-    if vc.uses_generated(settings) and generated is None:
+    settings = load_settings(args.settings, args.method)
+    index = load_index(args.index_dir)
+    emb = load_embeddings(args.embeddings)
+    generated = read_cui_sets(args.generated) if args.generated else None
+    if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
-    predictions = vc.predict_concepts(index, settings, emb, generated if vc.uses_generated(settings) else None,
+    predictions = predict_concepts(index, settings, emb, generated if uses_generated(settings) else None,
                                       device=args.device)
     files.write_csv_atomic(args.output_csv, ["ID", "CUIs"], ([i, ";".join(c)] for i, c in predictions.items()))
     report = submission.validate_file("concepts", args.output_csv, list(predictions))

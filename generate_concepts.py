@@ -7,7 +7,7 @@
         --output_csv results/concepts_v2.csv --cui_mapping_file cui_mapping_2025.csv
 
 With --method knn|probe|fused the CUIs come from (or are fused with) the vision tower's embedding of
-each image, scored against a concept index (concept_index.py fit/tune; library: vision_concepts.py):
+each image, scored against a concept index (concept_index.py fit/tune; library: jjvmed/embeddings.py, index.py, fusion.py, tuning.py):
 
     python generate_concepts.py --image_dir /data/test/images --output_csv results/concepts.csv \\
         --method fused --concept_index index/ --concept_settings index/settings.json
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 class VisionMethod:
     """A concept index and the tuned settings of one method on it (knn, probe or fused)."""
     name: str
-    index: object  # vision_concepts.ConceptIndex
+    index: object  # jjvmed.index.ConceptIndex
     settings: dict
 
 
@@ -94,12 +94,13 @@ def load_vision_method(args: argparse.Namespace) -> VisionMethod | None:
     if not args.concept_index or not args.concept_settings:
         raise UserError(f"--method {args.method} needs --concept_index DIR and --concept_settings PATH (written by "
                         "concept_index.py fit and tune)")
-    from jjvmed import vision_concepts as vc
+    from jjvmed.fusion import check_model_matches, load_settings
+    from jjvmed.index import load_index
 
-    index = vc.load_index(args.concept_index)
-    settings = vc.load_settings(args.concept_settings, args.method, index)
+    index = load_index(args.concept_index)
+    settings = load_settings(args.concept_settings, args.method, index)
     if not args.from_natural_csv:
-        vc.check_model_matches(args.base_model_path, index)
+        check_model_matches(args.base_model_path, index)
     return VisionMethod(args.method, index, settings)
 
 
@@ -194,9 +195,9 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
         rows, _ = in_id_list_order(rows, args.ids_csv, f"row in {args.from_natural_csv}")
     rows = rows[: args.limit] if args.limit else rows
     if vision:
-        from jjvmed import vision_concepts as vc
+        from jjvmed.embeddings import load_embeddings
 
-        emb = vc.load_embeddings(args.embeddings)
+        emb = load_embeddings(args.embeddings)
         known = set(emb.ids) | set(emb.failed)
         missing = [i for i, _ in rows if i not in known]
         if missing:
@@ -218,19 +219,19 @@ def remap_natural(args: argparse.Namespace, vision: VisionMethod | None) -> int:
 
 
 def embeddings_path(args: argparse.Namespace) -> Path:
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import default_embeddings_path
 
-    return Path(args.embeddings) if args.embeddings else vc.default_embeddings_path(args.output_csv)
+    return Path(args.embeddings) if args.embeddings else default_embeddings_path(args.output_csv)
 
 
 def embed_options(args: argparse.Namespace, index):
     """How the run's images are embedded: like the index's training images (pooling), resumable like the run."""
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import EmbedOptions
 
     if args.resume_from_checkpoint not in (None, "auto") and args.method != "fused":
         raise UserError(f"--method {args.method} resumes with --resume_from_checkpoint auto (it writes no journal)")
     # A fused run resumed from a journal PATH resumes its embeddings too.
-    return vc.EmbedOptions(args.base_model_path, index.meta.get("embeddings", {}).get("pooling", "mean"),
+    return EmbedOptions(args.base_model_path, index.meta.get("embeddings", {}).get("pooling", "mean"),
                            device=args.device, dtype=args.dtype, num_workers=args.num_workers,
                            resume=args.resume_from_checkpoint is not None, overwrite=args.overwrite)
 
@@ -239,11 +240,11 @@ def write_fused(rows: list[tuple[str, list[str]]], emb, vision: VisionMethod, ma
                 device: str) -> list[Path]:
     """Format B: the CUIs the phrases map to, fused with the kNN/probe scores of the embeddings, in the rows' order.
     The run and --from_natural_csv both come here, so fusing again gives the same file."""
-    from jjvmed import vision_concepts as vc
+    from jjvmed.fusion import predict_concepts
 
     cui_rows, unmapped = map_rows(rows, mapper)
     generated = {i: cuis.split(";") if cuis else [] for i, cuis in cui_rows}
-    fused = vc.predict_concepts(vision.index, vision.settings, emb, generated, device=device)
+    fused = predict_concepts(vision.index, vision.settings, emb, generated, device=device)
     written = [write_csv_atomic(output_csv, ["ID", "CUIs"], ([i, ";".join(fused.get(i, []))] for i, _ in rows))]
     report = Path(output_csv).with_name(f"{Path(output_csv).stem}.unmapped.csv")
     if unmapped:
@@ -274,22 +275,22 @@ class LoadOnce:
 
     def encoder(self):
         """The loaded model's vision tower, or None if nothing was generated (then embedding loads the tower alone)."""
-        from jjvmed import vision_concepts as vc
+        from jjvmed.encoders import vision_encoder_from
 
-        return vc.vision_encoder_from(*self.loaded[:2]) if self.loaded is not None else None
+        return vision_encoder_from(*self.loaded[:2]) if self.loaded is not None else None
 
 
 def write_fused_run(args: argparse.Namespace, cfg: common.RunConfig, mapper: CuiMapper, vision: VisionMethod,
                     model: LoadOnce | None, ids: list[str], records: dict) -> list[Path]:
     """--method fused, after generation: format A from the text, the embeddings, format B fused."""
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import embed_images
 
     rows = [(i, parse_answer(records[i].text if i in records and records[i].ok else "", mapper)) for i in ids]
     natural = natural_path(args.output_csv, args.output_csv_natural)
     written = [write_csv_atomic(natural, ["ID", "Concepts"], ([i, ";".join(p)] for i, p in rows))]
     paths = dict(common.select_images(cfg.image_dir, cfg.ids_csv, cfg.limit).items)
     out = embeddings_path(args)
-    emb = vc.embed_images([(i, paths[i]) for i in ids], out, embed_options(args, vision.index),
+    emb = embed_images([(i, paths[i]) for i in ids], out, embed_options(args, vision.index),
                           model.encoder() if model else None)
     written.append(out)
     return write_fused(rows, emb, vision, mapper, args.output_csv, args.device) + written
@@ -297,7 +298,8 @@ def write_fused_run(args: argparse.Namespace, cfg: common.RunConfig, mapper: Cui
 
 def vision_run(args: argparse.Namespace, vision: VisionMethod) -> int:
     """--method knn|probe: one vision-tower pass over the run's images (no text), format B, the 2026 check, the zip."""
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import embed_images
+    from jjvmed.fusion import predict_concepts
 
     if args.output_csv_natural or not args.auto_map_cuis:
         raise UserError(f"--method {args.method} writes format B only (no text, so no format A): drop "
@@ -315,8 +317,8 @@ def vision_run(args: argparse.Namespace, vision: VisionMethod) -> int:
     selection = common.select_images(cfg.image_dir, cfg.ids_csv, cfg.limit)
     start = time.perf_counter()
     with lock_exclusive(Path(cfg.output_csv)):
-        emb = vc.embed_images(selection.items, out, options)
-        predictions = vc.predict_concepts(vision.index, vision.settings, emb, device=args.device)
+        emb = embed_images(selection.items, out, options)
+        predictions = predict_concepts(vision.index, vision.settings, emb, device=args.device)
         written = [write_csv_atomic(cfg.output_csv, ["ID", "CUIs"],
                                     ([i, ";".join(predictions.get(i, []))] for i in selection.ids)), out]
         accepted = common.check_submission("concepts", cfg.output_csv, selection.ids)
@@ -351,9 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = common.config_from_args(args, task="concepts", other_outputs=(natural,))
         return common.run(cfg, lambda ids, records: write_concepts(args, mapper, ids, records))
     cfg = common.config_from_args(args, task="concepts", other_outputs=(natural, str(embeddings_path(args))))
-    from jjvmed import vision_concepts as vc
+    from jjvmed.embeddings import check_embeddings_target
 
-    vc.check_embeddings_target(embeddings_path(args), embed_options(args, vision.index))
+    check_embeddings_target(embeddings_path(args), embed_options(args, vision.index))
     # Under a launcher each process loads its own model on its own device; the embedding pass, done by the
     # process that writes the CSVs, then loads the vision tower alone.
     model = LoadOnce(cfg.model) if cfg.shard is None else None

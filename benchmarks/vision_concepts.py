@@ -24,7 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jjvmed import vision_concepts as vc  # noqa: E402
+from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings  # noqa: E402
+from jjvmed.index import ProbeOptions, fit_index, nearest, train_probe  # noqa: E402
+from jjvmed.tuning import K_GRID, tune  # noqa: E402
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -70,7 +72,7 @@ def probe_f1(args: argparse.Namespace) -> None:
     x, y = topic_data(rng, args.keys, args.dim, args.cuis, centres, topic_cuis)
     x_held, y_held = topic_data(rng, 5000, args.dim, args.cuis, centres, topic_cuis)
     start = time.perf_counter()
-    probe = vc.train_probe(x, y, vc.ProbeOptions(device=args.device))
+    probe = train_probe(x, y, ProbeOptions(device=args.device))
     seconds = time.perf_counter() - start
     scores, truth = probe.predict(x_held, args.device), y_held.toarray() > 0
     sizes = truth.sum(1)
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--valid", type=int, default=17_000, help="validation images for --tune")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--cuis", type=int, default=2479)
-    parser.add_argument("--k", type=int, default=max(vc.K_GRID))
+    parser.add_argument("--k", type=int, default=max(K_GRID))
     parser.add_argument("--chunk", type=int, default=1024, help="queries per matrix product")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--probe", action="store_true", help="time a default probe fit (concept_index.py fit)")
@@ -105,7 +107,7 @@ def main() -> None:
     keys = unit_vectors(rng, args.keys, args.dim)
     queries = unit_vectors(rng, args.queries, args.dim)
     start = time.perf_counter()
-    vc.nearest(keys, queries, args.k, args.device, args.chunk)
+    nearest(keys, queries, args.k, args.device, args.chunk)
     seconds = time.perf_counter() - start
     rows.append((f"exact kNN {args.queries:,} x {args.keys:,} x {args.dim:,}, k={args.k}", seconds,
                  f"{args.queries / seconds:,.0f} queries/s"))
@@ -114,30 +116,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.npz"
         start = time.perf_counter()
-        vc.save_embeddings(path, vc.Embeddings(ids, keys))
+        save_embeddings(path, Embeddings(ids, keys))
         rows.append((f"save {args.keys:,} x {args.dim:,} embeddings ({path.stat().st_size / 1e6:,.0f} MB)",
                      time.perf_counter() - start, ""))
         start = time.perf_counter()
-        train = vc.load_embeddings(path)
+        train = load_embeddings(path)
         rows.append(("load them", time.perf_counter() - start, ""))
 
         concepts = random_concepts(rng, ids, args.cuis)
         if args.probe:
-            index = vc.fit_index(train, concepts, Path(tmp) / "index", None)
+            index = fit_index(train, concepts, Path(tmp) / "index", None)
             start = time.perf_counter()
-            probe = vc.train_probe(index.vectors, index.label_matrix(), vc.ProbeOptions(device=args.device))
+            probe = train_probe(index.vectors, index.label_matrix(), ProbeOptions(device=args.device))
             seconds = time.perf_counter() - start
             steps, batch = probe.info["steps"], probe.info["batch_size"]
             rows.append((f"probe fit, defaults ({args.dim:,} -> {len(index.cuis):,} CUIs): {probe.info['passes']} "
                          f"passes, {steps} steps of {batch}", seconds, f"{seconds / steps * 1000:.0f} ms/step"))
         if args.tune:
-            index = vc.fit_index(train, concepts, Path(tmp) / "index", vc.ProbeOptions(epochs=1, device=args.device))
+            index = fit_index(train, concepts, Path(tmp) / "index", ProbeOptions(epochs=1, device=args.device))
             valid_ids = [f"ImageCLEFmedical_Caption_2025_valid_{n}" for n in range(args.valid)]
-            valid = vc.Embeddings(valid_ids, unit_vectors(rng, args.valid, args.dim))
+            valid = Embeddings(valid_ids, unit_vectors(rng, args.valid, args.dim))
             gt = {i: tuple(c) for i, c in random_concepts(rng, valid_ids, args.cuis).items()}
             generated = random_concepts(rng, valid_ids, args.cuis, per_image=4)
             start = time.perf_counter()
-            vc.tune(index, valid, gt, generated, device=args.device)
+            tune(index, valid, gt, generated, device=args.device)
             rows.append((f"tune on {args.valid:,} validation images (+ generated CUIs)", time.perf_counter() - start,
                          ""))
     print(f"\ndevice: {args.device}, torch threads: {torch.get_num_threads()}")

@@ -23,8 +23,21 @@ from conftest import ROOT, read_csv, run_in_process
 import concept_index
 import generate_concepts
 from jjvmed import errors, submission
-from jjvmed import vision_concepts as vc
+from jjvmed.embeddings import embed_items, load_embeddings
+from jjvmed.encoders import vision_encoder_from
+from jjvmed.fusion import Fusion, ImageScores, Ranked, predict_concepts, threshold_matrix
+from jjvmed.images import id_sort_key
+from jjvmed.index import ConceptIndex, ProbeOptions, load_index, read_concept_csv, read_cui_sets, train_probe
 from jjvmed.scores import ALLOWED_CUIS_2025, concept_scores, image_f1
+from jjvmed.tuning import (
+    THRESHOLDS,
+    Candidate,
+    best_global_threshold,
+    f1_per_image,
+    truth_for,
+    tune,
+    with_cui_thresholds,
+)
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 70, 220)}
 SHAPES = ("circle", "triangle")
@@ -140,23 +153,23 @@ def test_tuning_reports_each_method_and_settings_that_predict(run, capsys):
 def test_tuning_never_picks_settings_worse_than_a_single_method(run):
     """Here the generated concepts are right for half the images and the index has no probe: fused
     must still score at least the best of kNN and generated on the tuning split, as scores.py scores it."""
-    index = vc.load_index(run / "index")
-    index = vc.ConceptIndex(index.cuis, index.ids[:12], index.vectors[:12], index.label_ptr[:13],
+    index = load_index(run / "index")
+    index = ConceptIndex(index.cuis, index.ids[:12], index.vectors[:12], index.label_ptr[:13],
                             index.label_idx[:index.label_ptr[12]], None, index.meta)  # a weak kNN
-    valid = vc.load_embeddings(run / "valid.npz")
-    gt = vc.read_concept_csv(run / "valid_concepts.csv")
-    truth = vc.read_cui_sets(run / "valid_concepts.csv")
+    valid = load_embeddings(run / "valid.npz")
+    gt = read_concept_csv(run / "valid_concepts.csv")
+    truth = read_cui_sets(run / "valid_concepts.csv")
     ids = sorted(truth)
     generated = {i: truth[i] if n % 2 else ["C9000099"] for n, i in enumerate(ids)}
-    settings, _ = vc.tune(index, valid, gt, generated)
-    scores = {m: f1(run / "valid_concepts.csv", vc.predict_concepts(index, s, valid, generated))
+    settings, _ = tune(index, valid, gt, generated)
+    scores = {m: f1(run / "valid_concepts.csv", predict_concepts(index, s, valid, generated))
               for m, s in settings["methods"].items()}
     assert scores["fused"] >= max(scores["knn"], f1(run / "valid_concepts.csv", generated)) - 1e-9, scores
     assert scores["fused"] == pytest.approx(settings["methods"]["fused"]["f1"], abs=1e-4)
 
 
 def test_a_bad_image_is_reported_and_the_run_goes_on(run):
-    emb = vc.load_embeddings(run / "test.npz")
+    emb = load_embeddings(run / "test.npz")
     assert "broken" in emb.failed and "broken" not in emb.ids
     assert len(emb.ids) == SPLITS["test"]
     assert read_csv(run / "test.errors.csv")[1][0] == "broken"
@@ -185,7 +198,7 @@ def test_resume_after_a_kill_gives_the_same_embeddings_file(run, tiny_model, tmp
                              timeout=240)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done} of 6 chunks already embedded" in resumed.stderr
-    full, got = vc.load_embeddings(run / "train.npz"), vc.load_embeddings(out)
+    full, got = load_embeddings(run / "train.npz"), load_embeddings(out)
     assert got.ids == full.ids and np.array_equal(got.vectors, full.vectors)
     assert not parts.exists()
 
@@ -201,22 +214,22 @@ def test_the_fast_f1_used_for_tuning_is_the_official_one():
     scores = np.sort(rng.random((len(ids), 12)).astype(np.float32) * (rng.random((len(ids), 12)) < 0.6), 1)[:, ::-1]
     cols = np.argsort(rng.random((len(ids), 12)), 1)
     cols[scores <= 0] = -1
-    r = vc.Ranked(cols, scores.copy())
-    s = vc.ImageScores(ids, space, np.ones(len(ids), bool), np.zeros((len(ids), 0)), np.zeros((len(ids), 0)), None,
+    r = Ranked(cols, scores.copy())
+    s = ImageScores(ids, space, np.ones(len(ids), bool), np.zeros((len(ids), 0)), np.zeros((len(ids), 0)), None,
                        None, None)
-    t = vc.truth_for(r, s, gt)
+    t = truth_for(r, s, gt)
     for threshold in (0.05, 0.3, 0.7):
         for keep_top in (False, True):
-            fast = vc.f1_per_image(r, t, threshold, keep_top)
+            fast = f1_per_image(r, t, threshold, keep_top)
             for n, i in enumerate(ids):
                 pred = [space[c] for c, v in zip(cols[n], scores[n], strict=True) if c >= 0 and v >= threshold]
                 if not pred and keep_top and cols[n, 0] >= 0:
                     pred = [space[cols[n, 0]]]
                 assert fast[n] == pytest.approx(image_f1(gt[i], tuple(pred) or ("",)))
     # The threshold search gives the best of all thresholds, as the plain F1 above scores them.
-    threshold, keep_top, best = vc.best_global_threshold(r, t)
-    brute = max(vc.f1_per_image(r, t, x, top).mean() for x in vc.THRESHOLDS for top in (False, True))
-    assert best == pytest.approx(brute) == pytest.approx(vc.f1_per_image(r, t, threshold, keep_top).mean())
+    threshold, keep_top, best = best_global_threshold(r, t)
+    brute = max(f1_per_image(r, t, x, top).mean() for x in THRESHOLDS for top in (False, True))
+    assert best == pytest.approx(brute) == pytest.approx(f1_per_image(r, t, threshold, keep_top).mean())
 
 
 def test_user_errors_are_one_line(run, tmp_path, capsys):
@@ -240,8 +253,8 @@ def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, t
 
     items = list_images(run / "valid")[:6]
     model, processor, _ = load_model(ModelSpec(str(tiny_model), str(tiny_adapter), device="cpu"))
-    with_adapter = vc.embed_items(vc.vision_encoder_from(model, processor), items, "mean", 4, 0)
-    base = vc.load_embeddings(run / "valid.npz")
+    with_adapter = embed_items(vision_encoder_from(model, processor), items, "mean", 4, 0)
+    base = load_embeddings(run / "valid.npz")
     assert with_adapter.ids == base.ids[:6]
     assert np.allclose(with_adapter.vectors, base.vectors[:6], atol=1e-6)
 
@@ -261,16 +274,16 @@ def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
     cols = np.array([[0, 1]] * n)
     scores = np.stack([score_a, score_b], 1)
     space = ["C0000001", "C0000002"]
-    s = vc.ImageScores(ids, space, np.ones(n, bool), np.zeros((n, 0)), np.zeros((n, 0)), None, None, None)
-    r = vc.Ranked(cols, scores)
-    t = vc.truth_for(r, s, gt)
-    threshold, keep_top, f1_global = vc.best_global_threshold(r, t)
-    cand = vc.Candidate("knn", vc.Fusion(knn=1.0), threshold, keep_top, f1_global)
-    tuned = vc.with_cui_thresholds(cand, s, r, t, gt)
+    s = ImageScores(ids, space, np.ones(n, bool), np.zeros((n, 0)), np.zeros((n, 0)), None, None, None)
+    r = Ranked(cols, scores)
+    t = truth_for(r, s, gt)
+    threshold, keep_top, f1_global = best_global_threshold(r, t)
+    cand = Candidate("knn", Fusion(knn=1.0), threshold, keep_top, f1_global)
+    tuned = with_cui_thresholds(cand, s, r, t, gt)
     assert f1_global < 0.9 and tuned.f1 == pytest.approx(1.0)
     assert tuned.cui_thresholds and "held-out halves" in tuned.note
     per_col = {space.index(c): v for c, v in tuned.cui_thresholds.items()}
-    assert vc.f1_per_image(r, t, vc.threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
+    assert f1_per_image(r, t, threshold_matrix(r, threshold, per_col), keep_top).mean() == pytest.approx(
         tuned.f1)
 
 
@@ -317,7 +330,7 @@ def test_a_knn_run_is_never_silently_redone_and_resumes_from_its_embeddings(run,
     def no_model(*args, **kwargs):
         raise AssertionError("the embeddings are complete: nothing to load")
 
-    monkeypatch.setattr(vc, "load_vision_encoder", no_model)
+    monkeypatch.setattr("jjvmed.embeddings.load_vision_encoder", no_model)
     out.unlink()
     resumed = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn",
                                                                   "--resume_from_checkpoint", "auto"))
@@ -330,7 +343,7 @@ def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_mod
     def second_load(*args, **kwargs):
         raise AssertionError("the fused run embeds with the model it generated with")
 
-    monkeypatch.setattr(vc, "load_vision_encoder", second_load)
+    monkeypatch.setattr("jjvmed.embeddings.load_vision_encoder", second_load)
     out = tmp_path / "fused.csv"
     done = run_in_process("generate_concepts.py", *vision_args(
         run, tiny_model, out, "fused", "--cui_mapping_file", str(run / "names.csv"), "--max_new_tokens", "4",
@@ -338,7 +351,7 @@ def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_mod
     assert done.returncode == 0, done.stderr
     assert "the official checks say accepted" in done.stderr and (tmp_path / "fused.zip").exists()
     natural, fused = read_csv(tmp_path / "fused_natural.csv"), read_csv(out)
-    ids = sorted([r[0] for r in read_csv(run / "test_concepts.csv")[1:]] + ["broken"], key=vc.id_sort_key)
+    ids = sorted([r[0] for r in read_csv(run / "test_concepts.csv")[1:]] + ["broken"], key=id_sort_key)
     assert natural[0] == ["ID", "Concepts"] and [r[0] for r in natural[1:]] == ids == [r[0] for r in fused[1:]]
     assert (tmp_path / "fused.journal.jsonl").exists()  # the raw text, as for --method generate
     assert f1(run / "test_concepts.csv", out) >= 0.9
@@ -391,9 +404,9 @@ def test_a_missing_or_mismatched_concept_index_fails_in_one_line_before_the_mode
 
 
 def test_probe_training_stops_once_a_pass_barely_lowers_the_loss(run):
-    index = vc.load_index(run / "index")
+    index = load_index(run / "index")
     for tolerance, epochs in ((0.02, 10), (0.0, 3)):
-        probe = vc.train_probe(index.vectors, index.label_matrix(), vc.ProbeOptions(epochs=epochs, tolerance=tolerance,
+        probe = train_probe(index.vectors, index.label_matrix(), ProbeOptions(epochs=epochs, tolerance=tolerance,
                                                                                       device="cpu"))
         losses = probe.info["losses"]
         drops = [(a - b) / a for a, b in zip(losses, losses[1:], strict=False)]
