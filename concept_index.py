@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
 from jjvmed import errors, files
 from jjvmed.model import DEFAULT_BASE_MODEL
@@ -112,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="ID,CUIs from generate_concepts.py on the same images (needed when the fused "
                          "settings use them)")
     predict.add_argument("--output_csv", required=True, help="ID,CUIs file to write")
+    predict.add_argument("--ids_csv", default=None, metavar="PATH",
+                         help="the expected IDs in the platform's order (the organisers' ID list or a ground-truth "
+                         "file); rows follow it exactly")
+    predict.add_argument("--zip", default=None, metavar="PATH",
+                         help="also write the upload zip (only submission.csv inside) when the checks accept the file")
     predict.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                          help="where the kNN search and the probe run (default: %(default)s)")
     return parser
@@ -184,27 +188,24 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from jjvmed import submission
-    from jjvmed.embeddings import load_embeddings
-    from jjvmed.fusion import load_settings, predict_concepts, uses_generated
+    """Through the engine's one pipeline: the embeddings file is the source, the concept writer fuses and
+    writes format B, and the run checks it with the 2026 rules and zips it."""
+    from jjvmed.fusion import load_settings, uses_generated
     from jjvmed.index import load_index, read_cui_sets
+    from jjvmed.pipeline import RunConfig, run
+    from jjvmed.sources import EmbeddingsFileSource
+    from jjvmed.writers import ConceptWriter, VisionMethod
 
     settings = load_settings(args.settings, args.method)
     index = load_index(args.index_dir)
-    emb = load_embeddings(args.embeddings)
     generated = read_cui_sets(args.generated) if args.generated else None
     if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
-    predictions = predict_concepts(index, settings, emb, generated if uses_generated(settings) else None,
-                                      device=args.device)
-    files.write_csv_atomic(args.output_csv, ["ID", "CUIs"], ([i, ";".join(c)] for i, c in predictions.items()))
-    report = submission.validate_file("concepts", args.output_csv, list(predictions))
-    submission.log_report(report, args.output_csv, limit=10)
-    counts = [len(c) for c in predictions.values()]
-    errors.log(f"images: {len(counts)}, CUIs per image: {sum(counts) / max(len(counts), 1):.2f}, without any: "
-               f"{counts.count(0)}\nwrote: {Path(args.output_csv)}")
-    return 0 if report.accepted else 1
+    vision = VisionMethod(args.method, index, settings, args.device)
+    cfg = RunConfig(task="concepts", output_csv=args.output_csv, ids_csv=args.ids_csv, zip_path=args.zip)
+    source = EmbeddingsFileSource(args.embeddings, extra_ids=list(generated or {}))
+    return run(cfg, source, ConceptWriter(args.output_csv, vision=vision, given_cuis=generated))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,18 +6,16 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
 import common
-from jjvmed import prompts
 from jjvmed.errors import run_cli
-from jjvmed.files import write_csv_atomic
+from jjvmed.sources import GenerateSource
+from jjvmed.writers import CaptionWriter
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> common.Parser:
+    parser = common.Parser(
         description="Generate captions for every image in a folder with LLaVA-LLaMA-3-8B + the JJ-VMed LoRA "
         "adapter, and write an ImageCLEFmedical Caption submission (ID,Caption).",
     )
@@ -25,15 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_captions(output_csv: str, ids: list[str], records: dict) -> list[Path]:
-    rows = common.answer_rows(ids, records, prompts.clean_caption)
-    return [write_csv_atomic(output_csv, ["ID", "Caption"], rows)]
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    generation = common.generation_from_args(args, task="caption")
     cfg = common.config_from_args(args, task="caption")
-    return common.run(cfg, lambda ids, records: write_captions(args.output_csv, ids, records))
+    return common.run(cfg, GenerateSource(generation), CaptionWriter(cfg.output_csv))
 
 
 if __name__ == "__main__":

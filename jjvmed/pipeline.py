@@ -1,0 +1,263 @@
+"""The one run pipeline: `run(cfg, source, writer)`, for every method of every script.
+
+    check the outputs -> select the images (or rows) in the ID list's order -> lock the outputs
+    -> the source makes a record per image (generate into the journal, embed into the store, read a
+       file, look up neighbours) -> the writer turns the records into the output files
+    -> the 2026 pre-check -> the upload zip -> the errors file and the summary -> the exit code.
+
+A source (sources.py) has `outputs()` (files it writes: journal, embeddings), `check()` (conflicts
+refused before anything loads), `reads_images` (select from the image folder, else from `ids()`)
+and `produce(cfg, selection) -> RunResult`. A writer (writers.py) has `outputs()` (the submission
+first), `submission` (the file the platform gets, or None) and `write(ids, result) -> [paths]`.
+A new method is a new source or writer; nothing here changes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from .errors import UserError, first_line, log
+from .files import check_writable, lock_exclusive, write_csv_atomic
+from .images import list_images, scan_folder
+from .journal import default_journal_path
+from .records import Record
+from .shards import Shard
+
+SUBMISSION_TASK = {"caption": "captions", "concepts": "concepts"}  # submission.py's names for the tasks
+RESUME = "rerun the same command with --resume_from_checkpoint auto"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every run has, whatever its method: where the answers go, which images, how it resumes."""
+
+    task: str  # caption | concepts
+    output_csv: str  # the submission file (also names the journal and the other outputs beside it)
+    image_dir: str | None = None  # None: the source reads its IDs from a file
+    ids_csv: str | None = None
+    limit: int | None = None
+    zip_path: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_interval: int = 1
+    resume: str | None = None  # None | "auto" | a journal path
+    force_resume: bool = False
+    overwrite: bool = False
+    shard: Shard | None = None
+    merge: bool = False  # --merge_shards: build the CSVs from the shards' journals
+
+    @property
+    def journal_path(self) -> Path:
+        if self.resume not in (None, "auto"):
+            return Path(self.resume)
+        return default_journal_path(self.output_csv, self.checkpoint_dir, self.shard.suffix if self.shard else "")
+
+    @property
+    def writes_csv(self) -> bool:
+        """One process writes the CSVs: a plain run, the merge, or rank 0 under a launcher."""
+        return self.shard is None or self.shard.writes_csv
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The images (or rows) of the run, in output order, and what was left out of it."""
+
+    items: list[tuple[str, str | None]]  # (ID, image path or None)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # why -> names
+
+    @property
+    def ids(self) -> list[str]:
+        return [i for i, _ in self.items]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    ids: list[str]  # every ID of the run, in output order
+    records: dict[str, Record]
+    kept_in: tuple[str, Path] | None  # ("journal", path): where the raw answers are kept, for the summary
+    seconds: float = 0.0
+    done_now: int = 0  # images the source processed in this invocation
+    stopped: int | None = None  # the signal that stopped the run early, if one did
+    detail: str = ""  # how the work ran, for the summary (e.g. "batch size 16 (auto), compiled")
+    working_seconds: float = 0.0  # of `seconds`, those spent generating or embedding (not loading a model)
+    embeddings: object | None = None  # embeddings.Embeddings of the run's images, for vision methods
+    verb: str = "generated"  # what the source did to an image ("generated", "embedded", "read"), for the summary
+
+    @property
+    def failures(self) -> list[tuple[str, str]]:
+        return [(i, self.records[i].error) for i in self.ids if i in self.records and not self.records[i].ok]
+
+    @property
+    def missing(self) -> int:
+        return sum(1 for i in self.ids if i not in self.records)
+
+
+class Source(Protocol):
+    reads_images: bool
+
+    def outputs(self) -> list[str]: ...
+    def check(self) -> None: ...
+    def ids(self) -> list[str]: ...
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult: ...
+
+
+class Writer(Protocol):
+    submission: str | None
+
+    def outputs(self) -> list[str]: ...
+    def write(self, ids: list[str], result: RunResult) -> list[Path]: ...
+
+
+def run(cfg: RunConfig, source: Source, writer: Writer) -> int:
+    """Everything between the inputs and the checked submission; returns the exit code."""
+    check_outputs(cfg, source, writer)
+    source.check()
+    selection = select(cfg, source)
+    try:
+        with ExitStack() as stack:
+            if cfg.writes_csv:
+                for path in writer.outputs():
+                    stack.enter_context(lock_exclusive(Path(path)))
+            result = source.produce(cfg, selection)
+            if not cfg.writes_csv or result.stopped is not None:
+                return finish(cfg, selection, result, [], accepted=True)
+            written = writer.write(selection.ids, result)
+            accepted = True
+            if writer.submission:
+                accepted = check_submission(cfg, writer.submission, selection.ids)
+                if accepted and cfg.zip_path:
+                    from .submission import write_zip
+
+                    written.append(write_zip(writer.submission, cfg.zip_path))
+            return finish(cfg, selection, result, written, accepted)
+    except OSError as e:
+        raise os_failure(e) from None
+    except RuntimeError as e:
+        # torch's SIGCHLD handler raises this wherever the main thread is when a worker dies
+        if "DataLoader worker" not in str(e):
+            raise
+        raise worker_died(e) from None
+
+
+def worker_died(error: BaseException) -> UserError:
+    return UserError(f"an image-decoding worker died ({first_line(error)}; killed for lack of memory?): {RESUME} "
+                     "and fewer --num_workers; finished batches are kept")
+
+
+def check_outputs(cfg: RunConfig, source: Source, writer: Writer) -> None:
+    """Before anything loads: every output writable, no two outputs the same file, a zip named .zip."""
+    named = [(p, "output") for p in writer.outputs()] if cfg.writes_csv else []
+    named += [(p, "output") for p in source.outputs()]
+    if cfg.zip_path and cfg.writes_csv:
+        from .submission import check_zip_path
+
+        if cfg.limit and writer.submission:
+            raise UserError(f"--zip with --limit {cfg.limit}: a trial on the first {cfg.limit} images is never an "
+                            "upload (the platform wants every ID of the list); drop one of them")
+        check_zip_path(cfg.zip_path)
+        named.append((cfg.zip_path, "upload zip"))
+    seen: dict[str, str] = {}
+    for path, what in named:
+        check_writable(path, what)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UserError(f"{path} is given as two outputs of this run ({seen[real]} and {path}): one would "
+                            "overwrite the other; give each its own file")
+        seen[real] = path
+
+
+def select(cfg: RunConfig, source: Source) -> Selection:
+    """The run's images in output order: the folder's in natural ID order (or the source's IDs), or exactly
+    the order of --ids_csv; then --limit."""
+    from .submission import in_id_list_order
+
+    if source.reads_images:
+        scan = scan_folder(cfg.image_dir)
+        skipped, items = dict(scan.skipped), scan.items
+        where = f"image in {cfg.image_dir}"
+    else:
+        skipped, items = {}, [(i, None) for i in source.ids()]
+        where = "row"
+    if cfg.ids_csv:
+        items, extra = in_id_list_order(items, cfg.ids_csv, where)
+        if extra:
+            skipped[f"{'images' if source.reads_images else 'rows'} not in --ids_csv"] = extra
+    if not items and source.reads_images:
+        list_images(cfg.image_dir)  # raises the "no images" error with its hints
+    return Selection(items[: cfg.limit] if cfg.limit else items, skipped)
+
+
+def os_failure(error: OSError) -> UserError:
+    """Disk full and friends: one line with what to do; the journal keeps every finished batch."""
+    resume = f"then {RESUME}; finished batches are kept"
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UserError(f"disk full while writing {error.filename or 'the results'}: free some space, {resume}")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UserError(f"cannot write {error.filename}: {error.strerror}; fix the permissions, {resume}")
+    return UserError(f"{error.strerror or first_line(error)} ({error.filename or 'no file name'}); {resume}")
+
+
+def errors_path(output_csv: str | Path) -> Path:
+    out = Path(output_csv)
+    return out.with_name(f"{out.stem}.errors.csv")
+
+
+def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Path | None:
+    """List failed images beside the output; remove a stale list when nothing failed."""
+    path = errors_path(output_csv)
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    return write_csv_atomic(path, ["ID", "Error"], ([i, e] for i, e in failures))
+
+
+def check_submission(cfg: RunConfig, path: str | Path, ids: list[str]) -> bool:
+    """Run the platform's 2026 pre-check on a file this run wrote (IDs and their order too); log what it says."""
+    from .submission import log_report, validate_file
+
+    report = validate_file(SUBMISSION_TASK[cfg.task], path, ids)
+    log_report(report, str(path), limit=10)
+    if cfg.limit:
+        log(f"note: --limit {cfg.limit}: the check covered the first {len(ids)} IDs only, not a whole submission")
+    return report.accepted
+
+
+def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: list[Path], accepted: bool) -> int:
+    """Errors file, summary, exit code: 128 + signal after a stop, 1 if the checks rejected the file."""
+    failures = result.failures
+    errors_file = write_errors(cfg.output_csv, failures) if cfg.writes_csv and result.stopped is None else None
+    before = len(result.ids) - result.missing - result.done_now
+    # The rate counts the work alone, as the progress bar does: loading an 8B model takes minutes.
+    rate = result.done_now / result.working_seconds if result.working_seconds > 0 else 0.0
+    if result.verb == "generated":
+        counts = (f" (generated now: {result.done_now}, done before: {max(before, 0)}"
+                  + (f", not done yet: {result.missing}" if result.missing else "") + ")")
+    else:  # the store or file says what was done before; the source logged it
+        counts = f" ({result.verb}: {len(result.ids) - result.missing - len(failures)})"
+    lines = [f"images: {len(result.ids)}{counts}",
+             f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else "")]
+    if result.seconds:
+        doing = {"generated": "generating", "embedded": "embedding"}.get(result.verb, "working")
+        lines.append(f"time: {result.seconds:.1f} s ({result.seconds - result.working_seconds:.1f} s loading), "
+                     f"{rate:.2f} images/s while {doing}" + (f", {result.detail}" if result.detail else ""))
+    if result.kept_in:
+        lines.append(f"{result.kept_in[0]}: {result.kept_in[1]}")
+    for why, names in selection.skipped.items():
+        lines.append(f"skipped, {why}: {len(names)} ({', '.join(repr(n) for n in names[:3])}"
+                     f"{', ...' if len(names) > 3 else ''})")
+    if result.stopped is not None:
+        lines.append(f"stopped early: {RESUME} to continue")
+    elif not cfg.writes_csv:
+        lines.append("this process's share is done; rank 0 writes the CSVs" if cfg.shard and cfg.shard.distributed
+                     else "this shard is done; when every shard is, build the CSVs with the same command, "
+                     "--merge_shards instead of --num_shards/--shard_index")
+    else:
+        lines += [f"wrote: {p}" for p in outputs]
+    log("\n".join(lines))
+    if result.stopped is not None:
+        return 128 + result.stopped
+    return 0 if accepted else 1

@@ -1,0 +1,385 @@
+"""Sources of a run's records (pipeline.run): where each image's answer comes from.
+
+- `GenerateSource`: the language model writes it, into the journal (resume, shards, the merge);
+- `EmbedSource`: an image encoder's vector, into the embedding store (the vision concept methods);
+- `GenerateThenEmbed`: both, with one model load (--method fused);
+- `AnswersFileSource`: the answers of an earlier run, read from a file (--from_natural_csv);
+- `EmbeddingsFileSource`: vectors an earlier `concept_index.py embed` made (concept_index.py predict).
+
+The raw text of every generated image goes to the journal before anything else happens to it, so
+the CSVs can always be rebuilt from it. torch and transformers are imported where they are needed,
+so `--help` and argument errors answer at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from .errors import UserError, log
+from .files import lock_exclusive
+from .journal import default_journal_path, file_identity, open_journal
+from .model import ModelSpec, load_model, resolve_device_and_dtype
+from .pipeline import RunConfig, RunResult, Selection, worker_died
+from .records import Record
+from .shards import gather_to_rank0, merge_shard_records, process_group
+from .signals import StopSignals
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What decides the generated text, and how fast it is made."""
+
+    task: str  # caption | concepts
+    model: ModelSpec
+    prompt: str  # the full prompt text, <image> included
+    gen_kwargs: dict
+    batch_size: int | None = None  # None: auto
+    compile: bool = False  # static cache + compiled decoding step
+    num_workers: int | None = None  # None: see cpu_split()
+    seed: int = 0
+
+    def settings(self, dtype: str) -> dict:
+        """What decides the generated text; a resume with different settings is refused.
+
+        `dtype` is the resolved one, so `--dtype auto` and the dtype it picks count as the same.
+        """
+        model = {k: v for k, v in asdict(self.model).items() if k not in ("device", "merged_cache_dir", "dtype")}
+        return {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
+
+    def resolved_settings(self) -> dict:
+        _, dtype = resolve_device_and_dtype(self.model.device, self.model.dtype)
+        return self.settings(str(dtype).removeprefix("torch."))
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation into the journal
+# ---------------------------------------------------------------------------------------------
+
+
+class GenerateSource:
+    """The model's answer for every image, appended to the journal after every batch.
+
+    `bundle` is a loaded (model, processor, device) to use instead of loading one; after `produce`,
+    `loaded` holds the bundle the run used (None if it generated nothing), so a later step can reuse it.
+    """
+
+    reads_images = True
+
+    def __init__(self, generation: Generation, bundle=None):
+        self.generation = generation
+        self.bundle = bundle
+        self.loaded = None
+
+    def outputs(self) -> list[str]:
+        return []
+
+    def check(self) -> None:
+        return None
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError("a generate run lists its images from the folder")
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        if cfg.merge:
+            return merge_shards(cfg, self.generation, selection)
+        items = cfg.shard.take(selection.items) if cfg.shard else selection.items
+        if not (cfg.shard and cfg.shard.distributed):
+            return self.into_journal(cfg, selection.ids, items, self.generation.model)
+        with process_group(self.generation.model.device) as device:
+            mine = self.into_journal(cfg, selection.ids, items, replace(self.generation.model, device=device))
+            parts = gather_to_rank0({"records": {i: mine.records[i] for i, _ in items if i in mine.records},
+                                     "done": mine.done_now, "stopped": mine.stopped, "seconds": mine.seconds,
+                                     "working": mine.working_seconds})
+        if parts is None:
+            return mine
+        records: dict[str, Record] = {}
+        for part in parts:
+            records.update(part["records"])
+        stopped = next((p["stopped"] for p in parts if p["stopped"] is not None), None)
+        return replace(mine, records=records, seconds=max(p["seconds"] for p in parts),
+                       done_now=sum(p["done"] for p in parts), stopped=stopped,
+                       working_seconds=max(p["working"] for p in parts))
+
+    def into_journal(self, cfg: RunConfig, ids: list[str], items: list[tuple[str, str]], spec: ModelSpec) -> RunResult:
+        """Open this process's journal and generate what it lacks."""
+        identities = {i: file_identity(p) for i, p in items}
+        settings = replace(self.generation, model=spec).resolved_settings()
+        with lock_exclusive(cfg.journal_path), StopSignals("after the current batch") as stop:
+            journal = open_journal(cfg.journal_path, settings, os.path.abspath(cfg.image_dir), identities, cfg.resume,
+                                   cfg.force_resume, cfg.overwrite, cfg.checkpoint_interval)
+            todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
+            start = time.perf_counter()
+            done, detail, working = 0, "", 0.0
+            try:
+                if todo:
+                    done, detail, working = self.generate(todo, spec, journal, identities, stop)
+            finally:
+                journal.close()
+            return RunResult(ids, journal.records, ("journal", cfg.journal_path), time.perf_counter() - start, done,
+                             stop.signum, detail, working)
+
+    def generate(self, todo: list[tuple[str, str]], spec: ModelSpec, journal, identities: dict,
+                 stop: StopSignals) -> tuple[int, str, float]:
+        """Load the model and append the records of every batch to the journal; returns how many were written,
+        how (batch size) and the seconds spent generating (model loading and the batch-size probe left out)."""
+        import torch
+        from tqdm import tqdm
+
+        from .generation import auto_batch_size, generate_batches
+        from .images import make_loader
+
+        g = self.generation
+        torch.manual_seed(g.seed)
+        self.loaded = self.bundle or load_model(spec)
+        model, processor, device = self.loaded
+        batch_size = g.batch_size or auto_batch_size(model, processor, g.prompt, g.gen_kwargs, len(todo),
+                                                     static_cache=g.compile).size
+        done = 0
+        start = time.perf_counter()
+        with cpu_split(device.type, g.num_workers) as workers:
+            loader = make_loader(todo, processor, g.prompt, batch_size, workers, pin_memory=device.type == "cuda")
+            with tqdm(total=len(todo), unit="img", desc=g.task, dynamic_ncols=True, file=sys.stderr) as bar:
+                stop.armed = True
+                try:
+                    for records in generate_batches(model, processor, guarded(loader), g.gen_kwargs,
+                                                    "inductor" if g.compile else None, batch_size):
+                        journal.append(records, identities)
+                        for r in records:
+                            if not r.ok:
+                                bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
+                        done += len(records)
+                        bar.update(len(records))
+                        if stop.signum is not None:
+                            break
+                finally:
+                    stop.armed = False
+        detail = f"batch size {batch_size}" + (" (auto)" if g.batch_size is None else "") + \
+            (", compiled" if g.compile else "")
+        return done, detail, time.perf_counter() - start
+
+
+def merge_shards(cfg: RunConfig, generation: Generation, selection: Selection) -> RunResult:
+    """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
+    records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids, generation.resolved_settings(),
+                                  os.path.abspath(cfg.image_dir))
+    log(f"merged the shards: {len(selection.ids)} images")
+    folder = default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent
+    return RunResult(selection.ids, records, ("shard journals in", folder))
+
+
+def guarded(loader) -> Iterator:
+    """The loader's batches; a failure of the loader itself becomes one line with what to do.
+
+    Bad images never raise out of the dataset (they come back as failures), so anything raised
+    here is the machinery: a worker killed for lack of memory, /dev/shm full.
+    """
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001
+            raise worker_died(e) from None
+        yield batch
+
+
+@contextmanager
+def cpu_split(device_type: str, num_workers: int | None) -> Iterator[int]:
+    """Decode workers, and on CPU the model's threads: the two share the cores. Yields the workers.
+
+    On a GPU the workers only feed it, so they get up to 4 cores. On CPU, image decoding and the
+    model compete; the model's threads are set to the cores the workers leave, because
+    oversubscribed cores made both slower (benchmarks/throughput.py). The thread count is
+    restored however the run ends.
+    """
+    import torch
+
+    cores = os.cpu_count() or 1
+    if num_workers is None:
+        num_workers = min(4, max(1, cores - 1)) if device_type == "cuda" else max(1, cores // 2)
+    before = torch.get_num_threads()
+    if device_type == "cpu" and num_workers > 0:
+        torch.set_num_threads(max(1, cores - num_workers))
+    try:
+        yield num_workers
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding into the store
+# ---------------------------------------------------------------------------------------------
+
+
+def embedded_result(ids: list[str], emb, where: Path, seconds: float, done: int, verb: str) -> RunResult:
+    """A run result from embeddings: a record per image (failed images with their error)."""
+    records = {i: Record(i) for i in emb.ids}
+    records.update({i: Record(i, "", error) for i, error in emb.failed.items()})
+    return RunResult(ids, records, ("embeddings", where), seconds, done, embeddings=emb, verb=verb)
+
+
+class EmbedSource:
+    """Every image's vector from an image encoder, into the resumable embedding store (embeddings.py).
+
+    `encoder_from`: a callable giving the encoder to use (the generate run's vision tower), or None to load it.
+    """
+
+    reads_images = True
+
+    def __init__(self, path: str | Path, options, encoder_from=None):
+        self.path = Path(path)
+        self.options = options  # embeddings.EmbedOptions
+        self.encoder_from = encoder_from
+
+    def outputs(self) -> list[str]:
+        return [str(self.path)]
+
+    def check(self) -> None:
+        from .embeddings import check_embeddings_target
+
+        check_embeddings_target(self.path, self.options)
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError("an embedding run lists its images from the folder")
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        from .embeddings import embed_images
+
+        start = time.perf_counter()
+        encoder = self.encoder_from() if self.encoder_from else None
+        emb = embed_images(selection.items, self.path, self.options, encoder)
+        seconds = time.perf_counter() - start
+        return embedded_result(selection.ids, emb, self.path, seconds, len(emb.ids) + len(emb.failed), "embedded")
+
+
+class GenerateThenEmbed:
+    """--method fused: generate the text (journal), then embed the same images with the model that
+    generated (one load), or with the vision tower alone when this process generated nothing."""
+
+    reads_images = True
+
+    def __init__(self, generate: GenerateSource, embed: EmbedSource):
+        self.generate = generate
+        self.embed = embed
+
+    def outputs(self) -> list[str]:
+        return self.generate.outputs() + self.embed.outputs()
+
+    def check(self) -> None:
+        self.generate.check()
+        self.embed.check()
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError("a fused run lists its images from the folder")
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        from .encoders import vision_encoder_from
+
+        result = self.generate.produce(cfg, selection)
+        if result.stopped is not None or not cfg.writes_csv:
+            return result
+        # Under a launcher each process loaded its own model on its own device; rank 0 then loads the tower alone.
+        loaded = self.generate.loaded if cfg.shard is None else None
+        embed = EmbedSource(self.embed.path, self.embed.options,
+                            (lambda: vision_encoder_from(*loaded[:2])) if loaded else None)
+        embedded = embed.produce(cfg, selection)
+        return replace(result, embeddings=embedded.embeddings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading what an earlier run made
+# ---------------------------------------------------------------------------------------------
+
+
+class AnswersFileSource:
+    """Answers read back from a CSV an earlier run wrote (format A: ID,Concepts), one record per row.
+
+    With `embeddings` (the run's `<stem>.embeddings.npz`), the vectors come too, for fusing again.
+    """
+
+    reads_images = False
+
+    def __init__(self, path: str, column: str, embeddings: str | None = None):
+        self.path = path
+        self.column = column
+        self.embeddings = embeddings
+        self.rows: dict[str, str] | None = None
+
+    def outputs(self) -> list[str]:
+        return []
+
+    def check(self) -> None:
+        self.rows = read_answers_csv(self.path, self.column)
+
+    def ids(self) -> list[str]:
+        return list(self.rows)
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        records = {i: Record(i, self.rows[i]) for i in selection.ids}
+        emb = None
+        if self.embeddings:
+            from .embeddings import load_embeddings
+
+            emb = load_embeddings(self.embeddings)
+            known = set(emb.ids) | set(emb.failed)
+            missing = [i for i in selection.ids if i not in known]
+            if missing:
+                raise UserError(f"{len(missing)} IDs of {self.path} are not in {self.embeddings} (first: "
+                                f"{', '.join(missing[:3])}): the embeddings of another run?")
+        return RunResult(selection.ids, records, None, embeddings=emb, verb="read")
+
+
+def read_answers_csv(path: str, column: str) -> dict[str, str]:
+    """ID -> the `column` field of every row of a CSV an earlier run wrote, in file order."""
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist")
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        lower = [h.casefold() for h in header]
+        if "id" not in lower or column.casefold() not in lower:
+            raise UserError(f"{path} needs the columns ID,{column}; it has: {', '.join(header) or 'none'}")
+        id_col, value_col = lower.index("id"), lower.index(column.casefold())
+        rows: dict[str, str] = {}
+        for row in reader:
+            if not row:
+                continue
+            # An unquoted comma inside a name ("Foramen Ovale, Patent") splits the last column: rejoin it.
+            rows[row[id_col]] = ",".join(row[value_col:]) if value_col == len(header) - 1 else row[value_col]
+        return rows
+
+
+class EmbeddingsFileSource:
+    """Vectors an earlier embedding run made (concept_index.py embed), one record per image in the file;
+    `extra_ids`: images without a vector that still get a row (they have generated CUIs)."""
+
+    reads_images = False
+
+    def __init__(self, path: str, extra_ids: list[str] = ()):
+        self.path = path
+        self.extra_ids = list(extra_ids)
+        self.emb = None
+
+    def outputs(self) -> list[str]:
+        return []
+
+    def check(self) -> None:
+        from .embeddings import load_embeddings
+
+        self.emb = load_embeddings(self.path)
+
+    def ids(self) -> list[str]:
+        from .images import id_sort_key
+
+        return sorted({*self.emb.ids, *self.emb.failed, *self.extra_ids}, key=id_sort_key)
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        return embedded_result(selection.ids, self.emb, Path(self.path), 0.0, 0, "read")
