@@ -134,3 +134,14 @@ def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_
     if problems:
         raise UserError("cannot merge: " + "; ".join(problems))
     return records
+
+
+def gather_everywhere(obj) -> list:
+    """`obj` from every process of the launcher's group, in rank order, on every process; [obj] without a group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -92,3 +92,30 @@ def test_vision_flags_without_a_vision_method_are_refused_in_one_line(tmp_path, 
     assert code == 2
     err = capsys.readouterr().err
     assert "--concept_index: only with --method knn, probe or fused" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_limit_trial_never_writes_an_upload_zip(tiny_model, tmp_path, capsys):
+    ids = tmp_path / "ids.csv"
+    ids.write_text("ID,CUIs\n" + "".join(f"{p.stem},\n" for p in sorted(REAL_IMAGES.glob("*.png"))))
+    zipped = tmp_path / "upload.zip"
+    code = concepts(*model_args(tiny_model, tmp_path), "--ids_csv", str(ids), "--limit", "2", "--zip", str(zipped))
+    err = capsys.readouterr().err
+    assert code == 2 and "--zip with --limit 2" in err and len(err.strip().splitlines()) == 1
+    assert not zipped.exists() and not (tmp_path / "concepts.csv").exists()
+
+
+def test_two_outputs_naming_one_file_are_refused_before_anything_loads(tmp_path, capsys):
+    same = tmp_path / "c.csv"
+    link = tmp_path / "link.csv"
+    link.symlink_to(same)
+    for natural in (same, link):  # the same path, and a link to it
+        code = concepts("--image_dir", str(REAL_IMAGES), "--output_csv", str(same), "--output_csv_natural",
+                        str(natural), "--base_model_path", "/no/such/model")
+        err = capsys.readouterr().err
+        assert code == 2 and "given as two outputs" in err and len(err.strip().splitlines()) == 1
+    assert not same.exists()
+
+
+def test_a_trial_run_says_its_check_covered_only_the_first_ids(tiny_model, tmp_path, capsys):
+    assert concepts(*model_args(tiny_model, tmp_path), "--limit", "3") == 0
+    assert "the check covered the first 3 IDs only" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import finetune
-from jjvmed import errors, files
+from jjvmed import errors, files, training
 from jjvmed.cui_mapper import load_mapper
 from jjvmed.model import ModelSpec, load_model, load_processor
 
@@ -47,7 +47,7 @@ def captions(csv_path: Path) -> dict[str, str]:
 def small_args(images: Path, model: Path, out: Path, *extra: str) -> list[str]:
     """A fast run on the captions in <images>.csv: batch 1, no accumulation, no workers, no gradient
     checkpointing, the loss logged every step."""
-    return ["--image_dir", str(images), "--captions_csv", str(images.with_suffix(".csv")), "--base_model_path",
+    return ["--image_dir", str(images), "--train_captions", str(images.with_suffix(".csv")), "--base_model_path",
             str(model), "--output_dir", str(out), "--batch_size", "1", "--gradient_accumulation_steps", "1",
             "--num_workers", "0", "--no-gradient_checkpointing", "--logging_steps", "1", *extra]
 
@@ -58,7 +58,7 @@ def test_a_short_lora_run_teaches_the_tiny_model_the_colour_captions(tiny_model,
     adapter = tmp_path / "adapter"
     assert finetune.main(small_args(train, tiny_model, adapter, "--epochs", "6", "--learning_rate", "5e-3",
                                     "--batch_size", "8", "--warmup_ratio", "0", "--save_steps", "1000",
-                                    "--valid_image_dir", str(valid), "--valid_captions_csv",
+                                    "--valid_image_dir", str(valid), "--valid_captions",
                                     str(valid.with_suffix(".csv")), "--eval_images", "12")) == 0
     assert (adapter / "adapter_model.safetensors").exists()
     summary = json.loads((adapter / "finetune_summary.json").read_text())
@@ -82,18 +82,18 @@ def test_a_short_lora_run_teaches_the_tiny_model_the_colour_captions(tiny_model,
 def test_labels_keep_only_the_answer_tokens(tiny_model, tmp_path):
     images = colour_split(tmp_path / "imgs", 1, seed=0)
     processor = load_processor(str(tiny_model))
-    example = finetune.Example("red_0", str(images / "red_0.png"), "caption", "red")
-    item = finetune.TrainDataset([example], processor, "vicuna", "es", 1024)[0]
-    kept = item["labels"][item["labels"] != finetune.IGNORE]
+    example = training.Example("red_0", str(images / "red_0.png"), "caption", "red")
+    item = training.TrainDataset([example], processor, "vicuna", "es", 1024)[0]
+    kept = item["labels"][item["labels"] != training.IGNORE]
     assert processor.tokenizer.decode(kept) == " red<|end_of_text|>"
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    masked = item["input_ids"][item["labels"] == finetune.IGNORE]
+    masked = item["input_ids"][item["labels"] == training.IGNORE]
     assert int((masked == image_token).sum()) == 576  # image tokens are in the masked part
     prompt = processor.tokenizer.decode(masked[masked != image_token])
     assert prompt.endswith("¿Cuál es la descripción o el pie de foto de esta imagen médica?\nASSISTANT:")
-    batch = finetune.Collator(processor.tokenizer.pad_token_id)([item, {**item, "input_ids": item["input_ids"][:-3],
+    batch = training.Collator(processor.tokenizer.pad_token_id)([item, {**item, "input_ids": item["input_ids"][:-3],
                                                                          "labels": item["labels"][:-3]}])
-    assert (batch["labels"][1, -3:] == finetune.IGNORE).all() and (batch["attention_mask"][1, -3:] == 0).all()
+    assert (batch["labels"][1, -3:] == training.IGNORE).all() and (batch["attention_mask"][1, -3:] == 0).all()
 
 
 @needs_rocov2
@@ -104,7 +104,7 @@ def test_concept_examples_use_the_trained_answer_format(tmp_path):
         Image.new("RGB", (8, 8)).save(images / f"{name}.png")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0040405;C0817096\nb,\nc,C0016522\n")
     names = load_mapper(str(ROCOV2)).names
-    examples, _ = finetune.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
+    examples, _ = training.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
     answers = {e.image_id: e.answer for e in examples}
     assert answers == {
         "a": "Los conceptos médicos clave son: X-Ray Computed Tomography, Chest",
@@ -122,7 +122,7 @@ def test_bad_training_data_is_counted_and_reported_not_fatal(tiny_model, tmp_pat
     (tmp_path / "imgs.csv").write_text("ID,Caption\na,red\nb,\nmissing,red\nc,red\n")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0817096\nc,C9999999\n")
     out = tmp_path / "adapter"
-    assert finetune.main(small_args(images, tiny_model, out, "--concepts_csv", str(tmp_path / "concepts.csv"),
+    assert finetune.main(small_args(images, tiny_model, out, "--train_concepts", str(tmp_path / "concepts.csv"),
                                     "--cui_mapping_file", str(ROCOV2), "--max_steps", "1", "--batch_size", "2")) == 0
     err = capsys.readouterr().err
     assert "examples: 3 (2 caption, 1 concepts)" in err
@@ -143,7 +143,7 @@ def test_qlora_trains_on_a_4bit_base_and_saves_a_loadable_adapter(tiny_model, tm
 
 
 def test_finetune_needs_some_data(tmp_path):
-    with pytest.raises(errors.UserError, match="--captions_csv and/or --concepts_csv"):
+    with pytest.raises(errors.UserError, match="--train_captions and/or --train_concepts"):
         finetune.main(["--image_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")])
 
 
@@ -294,7 +294,7 @@ def test_the_loss_curve_is_a_png_with_a_validation_panel_when_scores_exist(tiny_
     with Image.open(out / "loss_curve.png") as plain:
         assert plain.format == "PNG" and plain.size == (700, 400)
     history = [{"step": s, "loss": 3.0 / s} for s in range(1, 11)]
-    png = finetune.loss_curve_png(history, {"caption_rouge1": 0.31, "concepts_f1": 0.42, "caption_images": 5}, "t")
+    png = training.loss_curve_png(history, {"caption_rouge1": 0.31, "concepts_f1": 0.42, "caption_images": 5}, "t")
     path = tmp_path / "with_validation.png"
     path.write_bytes(png)
     with Image.open(path) as panels:
