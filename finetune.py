@@ -40,6 +40,7 @@ from jjvmed.options import Parser, add_device_options
 from jjvmed.shards import gather_everywhere
 from jjvmed.training import (
     ERRORS_FILE,
+    NO_IMAGE,
     Example,
     Trained,
     build_examples,
@@ -210,7 +211,7 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
     from jjvmed.prompts import parse_answer
 
     names = mapper.names if mapper else {}
-    examples, _ = build_examples(args.valid_image_dir, args.valid_captions, args.valid_concepts, names,
+    examples, _, _ = build_examples(args.valid_image_dir, args.valid_captions, args.valid_concepts, names,
                                  args.language)
     results: dict = {}
     for task in ("caption", "concepts"):
@@ -242,8 +243,10 @@ def evaluate_adapter(model, processor, args, mapper) -> dict:
 # adapter, score it on the validation images, and write the summary and the loss curve.
 
 def read_training_data(image_dir: str, captions_csv: str | None, concepts_csv: str | None,
-                       cui_mapping_file: str | None, language: str) -> tuple[CuiMapper | None, list[Example], Counter]:
-    """The CUI mapper (None without a mapping file), the training examples and the data problems counted."""
+                       cui_mapping_file: str | None, language: str
+                       ) -> tuple[CuiMapper | None, list[Example], Counter, dict[str, str]]:
+    """The CUI mapper (None without a mapping file), the training examples, the data problems counted, and
+    ID -> why for the IDs the CSVs name that have no image."""
     if not captions_csv and not concepts_csv:
         raise errors.UserError("give --train_captions and/or --train_concepts")
     if concepts_csv and not cui_mapping_file:
@@ -251,8 +254,8 @@ def read_training_data(image_dir: str, captions_csv: str | None, concepts_csv: s
     # Read once: its names make the training answers and its index maps the validation answers.
     mapper = load_mapper(cui_mapping_file) if cui_mapping_file else None
     names = mapper.names if mapper else {}
-    examples, problems = build_examples(image_dir, captions_csv, concepts_csv, names, language)
-    return mapper, examples, problems
+    examples, problems, no_image = build_examples(image_dir, captions_csv, concepts_csv, names, language)
+    return mapper, examples, problems, no_image
 
 
 def start_processes(args: argparse.Namespace) -> tuple:
@@ -271,11 +274,12 @@ def quiet(message: str) -> None:
     """The log of every process but rank 0: one process speaks for all."""
 
 
-def drop_unreadable(examples: list[Example], problems: Counter, output_dir: str, rank: int, world: int,
-                    say: Callable[[str], None]) -> tuple[list[Example], dict[str, str]]:
+def drop_unreadable(examples: list[Example], problems: Counter, no_image: dict[str, str], output_dir: str,
+                    rank: int, world: int, say: Callable[[str], None]) -> tuple[list[Example], dict[str, str]]:
     """The examples whose images pass the header check, and image ID -> error for the others.
 
-    The unreadable images are listed in the errors file now, so the list is there while training runs.
+    The unreadable images and the IDs without an image are listed in the errors file now, so the list is
+    there while training runs.
     """
     started = time.monotonic()
     bad_paths = check_training_images(examples, rank, world)
@@ -285,14 +289,15 @@ def drop_unreadable(examples: list[Example], problems: Counter, output_dir: str,
     say(f"examples: {len(usable)} ({counts['caption']} caption, {counts['concepts']} concepts)")
     for problem, n in problems.items():
         if n:
-            say(f"  skipped or adjusted: {problem}: {n}")
+            first = f" (first: {', '.join(list(no_image)[:3])}; listed in {ERRORS_FILE})" if problem == NO_IMAGE else ""
+            say(f"  skipped or adjusted: {problem}: {n}{first}")
     errors_path = Path(output_dir) / ERRORS_FILE
     say(f"image check: {len({e.image_path for e in examples})} files in {time.monotonic() - started:.1f} s")
     if unreadable:
         say(f"  skipped: image cannot be read: {len(unreadable)} ({len(examples) - len(usable)} examples), "
             f"listed in {errors_path}")
     if rank == 0:
-        write_errors_file(output_dir, unreadable)
+        write_errors_file(output_dir, {**no_image, **unreadable})
     if not usable:
         raise errors.UserError("no usable training examples; check the IDs in the CSVs against the image names"
                                + (f" and the unreadable images in {errors_path}" if unreadable else ""))
@@ -377,12 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     script = sys.argv[0] if argv is None else "finetune.py"
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    mapper, examples, problems = read_training_data(args.image_dir, args.train_captions, args.train_concepts,
-                                                    args.cui_mapping_file, args.language)
+    mapper, examples, problems, no_image = read_training_data(args.image_dir, args.train_captions,
+                                                              args.train_concepts, args.cui_mapping_file,
+                                                              args.language)
     training_args, device_map, dtype = start_processes(args)
     rank, world = training_args.process_index, training_args.world_size
     say = errors.log if rank == 0 else quiet
-    usable, unreadable = drop_unreadable(examples, problems, args.output_dir, rank, world, say)
+    usable, unreadable = drop_unreadable(examples, problems, no_image, args.output_dir, rank, world, say)
     model, processor = load_lora_model(args, device_map, dtype, say)
     batch = batch_sizes(args.batch_size, args.gradient_accumulation_steps, world)
     say(f"global batch: {batch['global_batch_size']} = {args.batch_size} per device x "
@@ -403,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     save_adapter(model, args.output_dir)
     failures = {**unreadable, **trained.seen.failures}
-    errors_file = write_errors_file(args.output_dir, failures)
+    errors_file = write_errors_file(args.output_dir, {**no_image, **failures})
     validation = validation_scores(model, processor, args, mapper)
     curve = write_loss_curve(args.output_dir, trained, validation, batch["global_batch_size"], resumed_from)
     summary = run_summary(usable, problems, failures, trained, batch, resumed_from, validation, errors_file, curve)

@@ -16,9 +16,11 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,19 +64,25 @@ def read_id_table(path: str | None, value_column: str) -> dict[str, str]:
         return {row[i]: row[v] if len(row) > v else "" for row in reader if row}
 
 
+NO_IMAGE = "ID in a CSV but no image file"
+
+
 def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str | None,
-                   names: dict[str, str], language: str = "es") -> tuple[list[Example], Counter]:
-    """Caption and concept examples for every image with data; problems are counted, not fatal."""
+                   names: dict[str, str], language: str = "es") -> tuple[list[Example], Counter, dict[str, str]]:
+    """Caption and concept examples for every image with data; problems are counted, not fatal.
+    Returns the examples, the problems counted, and ID -> why for the IDs that have no image."""
     images = dict(list_images(image_dir))
     captions = read_id_table(captions_csv, "Caption")
     concepts = read_id_table(concepts_csv, "CUIs")
     problems: Counter = Counter()
+    no_image: dict[str, str] = {}
     examples: list[Example] = []
     prefix = prompts.ANSWER_PREFIXES[("concepts", language)]
     for image_id in sorted(set(captions) | set(concepts), key=id_sort_key):
         path = images.get(image_id)
         if path is None:
-            problems["ID in a CSV but no image file"] += 1
+            problems[NO_IMAGE] += 1
+            no_image[image_id] = f"no image file named {image_id}.<extension> in {image_dir}"
             continue
         if captions and concepts and (image_id not in captions or image_id not in concepts):
             problems["ID in one CSV and not the other"] += 1
@@ -96,7 +104,7 @@ def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str |
             answer = f"{prefix} {', '.join(known)}" if known else prompts.NO_CONCEPTS_ANSWER
             examples.append(Example(image_id, path, "concepts", answer))
     problems["image file with no CSV row"] = len(set(images) - set(captions) - set(concepts))
-    return examples, problems
+    return examples, problems, no_image
 
 
 # Unreadable training images: a header pre-pass before the model loads, and stand-ins during training.
@@ -358,8 +366,9 @@ def lora_model(model, r: int, alpha: int, dropout: float, load_in_4bit: bool, gr
     checkpointing = {"use_reentrant": False}
     if load_in_4bit:
         # QLoRA: fp32 norms and inputs that need grads, so gradients flow through the frozen 4-bit base.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
+        with quiet_deprecations():
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                    gradient_checkpointing_kwargs=checkpointing)
     elif gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
@@ -368,7 +377,17 @@ def lora_model(model, r: int, alpha: int, dropout: float, load_in_4bit: bool, gr
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=LORA_TARGETS)
-    return get_peft_model(model, config)
+    with quiet_deprecations():
+        return get_peft_model(model, config)
+
+
+@contextmanager
+def quiet_deprecations():
+    """PEFT and transformers' Trainer call transformers' own deprecated names: FutureWarnings a user cannot act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
+                                FutureWarning)
+        yield
 
 
 def save_adapter(model, output_dir: str) -> None:
@@ -379,6 +398,7 @@ def save_adapter(model, output_dir: str) -> None:
     try:
         model.save_pretrained(tmp)  # adapter_config.json + adapter_model.safetensors
         for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~files.current_umask())  # as readable as the tool's other outputs
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -453,7 +473,7 @@ def train(model, processor, examples: list[Example], training_args, resume: str 
     trainer, callback = make_trainer(model, training_args,
                                      TrainDataset(examples, processor, "vicuna", language, max_length),
                                      Collator(processor.tokenizer.pad_token_id), ledger, stop)
-    with stop:
+    with stop, quiet_deprecations():
         result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     return Trained(result.training_loss, state.global_step, state.max_steps, state.log_history,

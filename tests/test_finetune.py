@@ -104,7 +104,7 @@ def test_concept_examples_use_the_trained_answer_format(tmp_path):
         Image.new("RGB", (8, 8)).save(images / f"{name}.png")
     (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0040405;C0817096\nb,\nc,C0016522\n")
     names = load_mapper(str(ROCOV2)).names
-    examples, _ = training.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
+    examples, _, _ = training.build_examples(str(images), None, str(tmp_path / "concepts.csv"), names)
     answers = {e.image_id: e.answer for e in examples}
     assert answers == {
         "a": "Los conceptos médicos clave son: X-Ray Computed Tomography, Chest",
@@ -126,6 +126,11 @@ def test_bad_training_data_is_counted_and_reported_not_fatal(tiny_model, tmp_pat
                                     "--cui_mapping_file", str(ROCOV2), "--max_steps", "1", "--batch_size", "2")) == 0
     err = capsys.readouterr().err
     assert "examples: 3 (2 caption, 1 concepts)" in err
+    assert "ID in a CSV but no image file: 1 (first: missing; listed in finetune_errors.csv)" in err
+    assert [r[0] for r in read_csv(out / "finetune_errors.csv")] == ["ID", "missing"]
+    assert "{'loss'" not in err and err.count("step 1/1: loss") == 1  # each step logged once, as one plain line
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # as readable as the other outputs
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~files.current_umask()
     summary = json.loads((out / "finetune_summary.json").read_text())
     assert summary["skipped"] == {"ID in a CSV but no image file": 1, "empty caption": 1,
                                   "ID in one CSV and not the other": 1, "CUI not in the mapping file (left out)": 1,
