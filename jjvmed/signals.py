@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 from .errors import RESUME_HINT, exit_at_once, log
 
@@ -22,12 +23,14 @@ class StopSignals:
     """Catch SIGINT and SIGTERM for a block; the handlers in place before are restored after.
 
     `at` says where the loop stops ("after the current batch"); the loop checks `signum` at each safe
-    point and sets `armed` while it runs.
+    point and sets `armed` while it runs. `hint` says how to continue after a stop at once; a callable is
+    asked at that moment (before anything ran there is nothing to resume).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, at: str, distributed: bool = False, armed: bool = False, hint: str = RESUME_HINT):
+    def __init__(self, at: str, distributed: bool = False, armed: bool = False,
+                 hint: str | Callable[[], str] = RESUME_HINT):
         self.at = at
         self.distributed = distributed
         self.armed = armed
@@ -39,7 +42,7 @@ class StopSignals:
         if self.signum is not None and self.distributed:
             return
         if self.signum is not None or not self.armed:
-            exit_at_once(signum, frame, self.hint)
+            exit_at_once(signum, frame, self.hint() if callable(self.hint) else self.hint)
         self.signum = signum
         again = "" if self.distributed else " (again to stop now)"
         log(f"\n{signal.Signals(signum).name}: stopping {self.at}{again}")

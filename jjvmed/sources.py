@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .errors import UserError, log
+from .errors import RESUME_HINT, UserError, log
 from .files import lock_exclusive
 from .journal import default_journal_path, file_identity, open_journal
 from .model import ModelSpec, load_model, resolve_device_and_dtype
@@ -111,7 +111,12 @@ class GenerateSource:
         """Open this process's journal and generate what it lacks."""
         identities = {i: file_identity(p) for i, p in items}
         settings = replace(self.generation, model=spec).resolved_settings()
-        with lock_exclusive(cfg.journal_path), StopSignals("after the current batch") as stop:
+        journal_path = cfg.journal_path
+
+        def hint() -> str:
+            return RESUME_HINT if journal_path.exists() else "nothing was generated yet: rerun the same command"
+
+        with lock_exclusive(journal_path), StopSignals("after the current batch", hint=hint) as stop:
             journal = open_journal(cfg.journal_path, settings, os.path.abspath(cfg.image_dir), identities, cfg.resume,
                                    cfg.force_resume, cfg.overwrite, cfg.checkpoint_interval)
             todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]

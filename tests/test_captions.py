@@ -142,3 +142,25 @@ def test_captions_with_commas_quotes_and_newlines_survive_a_csv_round_trip(tmp_p
     path = files.write_csv_atomic(tmp_path / "c.csv", ["ID", "Caption"], rows)
     assert list(csv.reader(io.StringIO(path.read_text(encoding="utf-8")))) == [["ID", "Caption"], *rows]
     assert [p.name for p in tmp_path.iterdir()] == ["c.csv"]  # no temp file left behind
+
+
+def test_ctrl_c_while_the_model_loads_advises_no_resume_when_nothing_ran(tiny_model, tmp_path):
+    """The signal arrives exactly as model loading starts (sent by the process to itself), so the outcome
+    does not depend on timing: nothing has been generated, so there is nothing to resume."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "captions.csv"
+    start = ("import os, signal, sys; sys.path.insert(0, sys.argv.pop(1)); import jjvmed.sources as s; "
+             "real = s.load_model; s.load_model = lambda spec: (os.kill(os.getpid(), signal.SIGINT), real(spec))[1]; "
+             "import generate_captions; from jjvmed.errors import run_cli; sys.exit(run_cli(generate_captions.main))")
+    argv = ["--image_dir", str(REAL_IMAGES), "--output_csv", str(out), "--base_model_path", str(tiny_model),
+            "--adapter_repo", "none", "--max_new_tokens", "4", "--num_workers", "0"]
+    result = subprocess.run([sys.executable, "-c", start, str(ROOT), *argv], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT)
+    assert result.returncode == 130, result.stderr
+    assert "nothing was generated yet: rerun the same command" in result.stderr
+    assert "--resume_from_checkpoint" not in result.stderr and "Traceback" not in result.stderr
+    assert not out.with_name("captions.journal.jsonl").exists()
