@@ -4,6 +4,8 @@
 
 Answers mix canonical names with the variants the model writes (case, plurals, Spanish,
 abbreviations, typos, unknown phrases), drawn from the mapping file itself. Prints one table.
+The default mapping is the ROCOv2 release's (1,947 CUIs) when ../shared/data holds it, else the
+repository's data/cui_names.csv.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ROCOV2_MAPPING = ROOT.parent / "shared" / "data" / "rocov2" / "cui_mapping.csv"
+SHIPPED_MAPPING = ROOT / "data" / "cui_names.csv"
 
 from jjvmed.cui_mapper import CuiMapper  # noqa: E402
 from jjvmed.prompts import parse_answer  # noqa: E402
@@ -36,13 +40,17 @@ def answers(names: list[str], count: int, seed: int = 0) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cui_mapping_file", default=str(ROOT.parent / "shared" / "data" / "rocov2" /
-                                                              "cui_mapping.csv"))
-    parser.add_argument("--answers", type=int, default=20_000)
+    parser.add_argument("--cui_mapping_file", default=str(ROCOV2_MAPPING if ROCOV2_MAPPING.is_file() else
+                                                          SHIPPED_MAPPING),
+                        help="CUI plus a name column (default: the ROCOv2 release's, else data/cui_names.csv)")
+    parser.add_argument("--answers", type=int, default=20_000, help="how many answers to parse and map")
     args = parser.parse_args()
 
     start = time.perf_counter()
-    mapper = CuiMapper.from_csv(args.cui_mapping_file)
+    try:
+        mapper = CuiMapper.from_csv(args.cui_mapping_file)
+    except ValueError as e:  # a missing file or one without CUI and name columns
+        sys.exit(f"error: {e}")
     build = time.perf_counter() - start
     texts = answers(list(mapper.names.values()), args.answers)
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """Render an error-analysis report from the real test images and take a headless-browser screenshot.
 
-    python benchmarks/screenshot_report.py [--out docs/report_screenshot.png] [--keep DIR]
+    python benchmarks/screenshot_report.py [--output_png docs/report_screenshot.png] [--keep DIR]
 
 A dev tool, not run in CI: it needs chromium (Debian: apt-get install chromium) and the MIT-licensed
 images in tests/data/real_images. The ground truth and predictions are crafted here (modality and
@@ -102,7 +102,8 @@ def shrink_png(data: bytes, height: int, limit: int) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "report_screenshot.png"))
+    parser.add_argument("--output_png", default=str(ROOT / "docs" / "report_screenshot.png"),
+                        help="the screenshot to write (default: docs/report_screenshot.png)")
     parser.add_argument("--keep", help="also keep the report and its inputs in this folder")
     parser.add_argument("--window", default="1280,1600", help="browser window, WIDTH,HEIGHT")
     args = parser.parse_args()
@@ -126,14 +127,14 @@ def main() -> None:
         files.write_csv_atomic(work / "captions_pred.csv", ["ID", "Caption"], captions_pred)
         page = work / "report.html"
         with contextlib.chdir(work):  # short relative paths in the page's "run" table
-            evaluate.main(["report", "--out", page.name, "--image_dir", "images",
-                           "--concepts_gt", "concepts_gt.csv", "--concepts_pred", "concepts_pred.csv",
-                           "--captions_gt", "captions_gt.csv", "--captions_pred", "captions_pred.csv",
+            evaluate.main(["report", "--output_html", page.name, "--image_dir", "images",
+                           "--gt", "concepts_gt.csv", "--pred", "concepts_pred.csv",
+                           "--gt", "captions_gt.csv", "--pred", "captions_pred.csv",
                            "--title", "Error analysis: crafted predictions on the real test images"])
         width, height = (int(v) for v in args.window.split(","))
         png = shrink_png(screenshot(page, work / "screenshot-raw.png", width, height), height, MAX_PNG_BYTES)
-    files.write_bytes_atomic(args.out, png)
-    print(f"{args.out}: {len(png) / 1000:.0f} KB")
+    files.write_bytes_atomic(args.output_png, png)
+    print(f"{args.output_png}: {len(png) / 1000:.0f} KB")
 
 
 if __name__ == "__main__":

@@ -282,6 +282,9 @@ STYLE = """
 :root { --hit: #1a7f37; --hit-bg: #dafbe1; --missed: #9a6700; --missed-bg: #fff8c5; --wrong: #cf222e;
   --wrong-bg: #ffebe9; --line: #d0d7de; --muted: #57606a; }
 * { box-sizing: border-box; }
+/* Text from the data may hold no break point at all (a degenerate prediction, a long path, ID or title): it
+   wraps anywhere rather than widening the page. */
+main { overflow-wrap: anywhere; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 0; color: #1f2328; }
 main { max-width: 1240px; margin: 0 auto; padding: 16px 24px 48px; }
 h1 { font-size: 22px; margin: 8px 0 4px; } h2 { font-size: 17px; margin: 22px 0 8px; }

@@ -44,18 +44,37 @@ def image_f1(gt: tuple[str, ...], pred: tuple[str, ...]) -> float:
     return 2 * tp / denominator if denominator else 0.0
 
 
+def empty_concept_note(gt: tuple[str, ...], pred: tuple[str, ...]) -> str:
+    """Why an image's concept count includes the empty concept '' (the official reader's quirk), or ''."""
+    notes = []
+    for side, concepts in (("ground truth", gt), ("prediction", pred)):
+        if concepts == ("",):
+            notes.append(f"the {side}'s empty CUIs field counts as one concept ''")
+        elif "" in concepts:
+            notes.append(f"an empty item (a stray ';') in the {side} counts as a concept ''")
+    return "; ".join(notes)
+
+
 def concept_scores(gt: dict[str, tuple[str, ...]], pred: dict[str, tuple[str, ...]],
                    manual: dict[str, tuple[str, ...]] | None = None,
                    allowed: tuple[str, ...] = ALLOWED_CUIS_2025) -> tuple[dict, list[dict]]:
-    """(summary, per-image rows): primary F1 and, with manual ground truth, secondary F1."""
+    """(summary, per-image rows): primary F1 and, with manual ground truth, secondary F1.
+
+    A row's `gt` and `pred` count concepts as the official reader does, the empty concept '' included;
+    its `note` says so where that happened.
+    """
     per_image: dict[str, dict] = {}
     primary = []
     for image_id, concepts in gt.items():
         if not concepts:  # only a row with no second field is an empty set; it is not counted
             continue
-        score = image_f1(concepts, pred.get(image_id, ()))
+        predicted = pred.get(image_id, ())
+        score = image_f1(concepts, predicted)
         primary.append(score)
-        per_image[image_id] = {"ID": image_id, "f1": score, "gt": len(concepts), "pred": len(pred.get(image_id, ()))}
+        per_image[image_id] = {"ID": image_id, "f1": score, "gt": len(concepts), "pred": len(predicted)}
+        note = empty_concept_note(concepts, predicted)
+        if note:
+            per_image[image_id]["note"] = note
     summary: dict = {"f1": sum(primary) / len(primary) if primary else 0.0, "images_scored": len(primary)}
     if manual is not None:
         allowed_set = {c.upper() for c in allowed}
@@ -251,6 +270,13 @@ def aggregate(summary: dict, name: str, parts: tuple[tuple[str, str], ...]) -> d
         return {name: sum(summary[k] for k in present) / len(present)}
     return {f"{name}_partial": {"value": sum(summary[k] for k in present) / len(present) if present else None,
                                 "parts": f"{len(present)} of {len(parts)}", "skipped": skipped}}
+
+
+def describe_partial(entry: dict) -> str:
+    """How a `<name>_partial` aggregate reads: which parts ran, which were skipped."""
+    if entry["value"] is None:
+        return f"skipped: {', '.join(entry['skipped'])}"
+    return f"partial: {entry['parts']} parts; skipped {', '.join(entry['skipped'])}"
 
 
 def caption_scores(gt: dict[str, str], pred: dict[str, str], bertscore_model: str | None = None,

@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -126,14 +129,14 @@ def crafted(tmp_path) -> dict[str, str]:
 
 
 def run_report(out: Path, *args: str) -> Node:
-    assert evaluate.main(["report", "--out", str(out), *args]) == 0
+    assert evaluate.main(["report", "--output_html", str(out), *args]) == 0
     return parse(out)
 
 
 def test_each_image_gets_one_card_with_hit_missed_wrong_marks_and_its_scores(tmp_path, crafted):
     page = run_report(tmp_path / "run.html", "--image_dir", str(tiny_images(tmp_path / "images")),
-                      "--concepts_gt", crafted["concepts_gt"], "--concepts_pred", crafted["concepts_pred"],
-                      "--captions_gt", crafted["captions_gt"], "--captions_pred", crafted["captions_pred"],
+                      "--gt", crafted["concepts_gt"], "--pred", crafted["concepts_pred"],
+                      "--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"],
                       "--concepts_method", f"retrieval={crafted['method']}")
     cards = cards_by_id(page)
     assert sorted(cards) == ["img_1", "img_2", "img_3"]
@@ -163,7 +166,7 @@ def test_each_image_gets_one_card_with_hit_missed_wrong_marks_and_its_scores(tmp
 
 def test_a_caption_holding_a_script_tag_is_shown_as_text_and_never_runs(tmp_path, crafted):
     out = tmp_path / "run.html"
-    page = run_report(out, "--captions_gt", crafted["captions_gt"], "--captions_pred", crafted["captions_pred"],
+    page = run_report(out, "--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"],
                       "--title", "<script>alert('title')</script>")
     assert caption(cards_by_id(page)["img_2"], "pred") == SCRIPT_CAPTION
     scripts = page.find_all("script")
@@ -219,42 +222,41 @@ def thumbnail_size(card: Node) -> tuple[int, int]:
 
 def test_grey_16_bit_and_rgba_images_get_small_thumbnails(tmp_path, crafted):
     page = run_report(tmp_path / "run.html", "--image_dir", str(tiny_images(tmp_path / "images")),
-                      "--captions_gt", crafted["captions_gt"], "--captions_pred", crafted["captions_pred"])
+                      "--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"])
     cards = cards_by_id(page)
     assert thumbnail_size(cards["img_1"]) == (64, 48)
     assert thumbnail_size(cards["img_2"]) == (128, 85)
 
 
-@pytest.mark.skipif(not REAL_IMAGES.exists(), reason="needs ../shared/data/real_images")
 def test_real_medical_images_get_thumbnails_of_at_most_128_px(tmp_path):
     ids = sorted(p.stem for p in REAL_IMAGES.glob("*.png"))
     gt = write(tmp_path / "gt.csv", "ID,Caption\n" + "".join(f"{i},chest x-ray\n" for i in ids))
     pred = write(tmp_path / "pred.csv", "ID,Caption\n" + "".join(f"{i},x-ray of the chest\n" for i in ids))
     cards = cards_by_id(run_report(tmp_path / "run.html", "--image_dir", str(REAL_IMAGES),
-                                   "--captions_gt", gt, "--captions_pred", pred))
+                                   "--gt", gt, "--pred", pred))
     assert sorted(cards) == ids
     sizes = [thumbnail_size(card) for card in cards.values()]
     assert max(max(s) for s in sizes) == 128 and min(min(s) for s in sizes) > 0
 
 
 def test_concepts_only_and_captions_only_reports_show_only_their_task(tmp_path, crafted):
-    concepts = run_report(tmp_path / "c.html", "--concepts_gt", crafted["concepts_gt"],
-                          "--concepts_pred", crafted["concepts_pred"], "--limit", "2")
+    concepts = run_report(tmp_path / "c.html", "--gt", crafted["concepts_gt"],
+                          "--pred", crafted["concepts_pred"], "--limit", "2")
     cards = cards_by_id(concepts)
     assert sorted(cards) == ["img_1", "img_2"]  # --limit: the first images in ID order
     assert not concepts.find_all("p", "caption") and concepts.find_all("table", "sortable")
     assert "first 2 of 3" in concepts.text()
     assert [o.attrs["value"] for o in concepts.find_all("option")][0] == "f1:asc"  # worst first by default
-    captions = run_report(tmp_path / "k.html", "--captions_gt", crafted["captions_gt"],
-                          "--captions_pred", crafted["captions_pred"])
+    captions = run_report(tmp_path / "k.html", "--gt", crafted["captions_gt"],
+                          "--pred", crafted["captions_pred"])
     assert not captions.find_all("ul", "concepts") and not captions.find_all("table", "sortable")
     assert [o.attrs["value"] for o in captions.find_all("option")][0] == "rouge1:asc"
     assert len(cards_by_id(captions)) == 3
 
 
 def test_per_cui_table_gives_support_precision_recall_and_f1(tmp_path, crafted):
-    page = run_report(tmp_path / "run.html", "--concepts_gt", crafted["concepts_gt"],
-                      "--concepts_pred", crafted["concepts_pred"])
+    page = run_report(tmp_path / "run.html", "--gt", crafted["concepts_gt"],
+                      "--pred", crafted["concepts_pred"])
     (table,) = page.find_all("table", "sortable")
     headers = [th.text() for th in table.find_all("th")]
     assert headers == ["CUI", "Name", "Support", "Predicted", "Hits", "Precision", "Recall", "F1"]
@@ -268,10 +270,78 @@ def test_per_cui_table_gives_support_precision_recall_and_f1(tmp_path, crafted):
 
 def test_report_without_a_complete_ground_truth_and_prediction_pair_is_a_one_line_error(tmp_path, crafted, capsys):
     out = tmp_path / "run.html"
-    for args in ([], ["--concepts_gt", crafted["concepts_gt"]], ["--captions_pred", crafted["captions_pred"]],
-                 ["--captions_gt", crafted["captions_gt"], "--captions_pred", crafted["captions_pred"],
-                  "--gt_manual", crafted["concepts_gt"]]):
-        assert errors.run_cli(evaluate.main, ["report", "--out", str(out), *args]) == 2
-        assert capsys.readouterr().err.count("\n") == 1
+    unlabelled = write(tmp_path / "unlabelled.csv", "img_1,\nimg_2,\n")  # no header, no value to judge by
+    for args, words in (([], "needs --gt and --pred"),
+                        (["--gt", crafted["concepts_gt"]], "holds concepts, but no --pred does"),
+                        (["--pred", crafted["captions_pred"]], "holds captions, but no --gt does"),
+                        (["--gt", crafted["concepts_gt"], "--pred", crafted["captions_pred"]], "no --pred does"),
+                        (["--gt", crafted["concepts_gt"], "--gt", crafted["method"],
+                          "--pred", crafted["concepts_pred"]], "two --gt files hold concepts"),
+                        (["--gt", unlabelled, "--pred", crafted["concepts_pred"]], "concepts or captions"),
+                        (["--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"],
+                          "--gt_manual", crafted["concepts_gt"]], "--gt_manual")):
+        assert errors.run_cli(evaluate.main, ["report", "--output_html", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
     assert not out.exists()
 
+
+def test_the_old_report_option_spellings_still_work_with_a_deprecation_line(tmp_path, crafted, capsys):
+    old = tmp_path / "old.html"
+    assert evaluate.main(["report", "--out", str(old),
+                          "--concepts_gt", crafted["concepts_gt"], "--concepts_pred", crafted["concepts_pred"],
+                          "--captions_gt", crafted["captions_gt"], "--captions_pred", crafted["captions_pred"]]) == 0
+    err = capsys.readouterr().err
+    for name, new in (("--out", "--output_html"), ("--concepts_gt", "--gt"), ("--concepts_pred", "--pred"),
+                      ("--captions_gt", "--gt"), ("--captions_pred", "--pred")):
+        assert f"warning: {name} is deprecated and will be removed; use {new}" in err
+    new = run_report(tmp_path / "new.html", "--gt", crafted["concepts_gt"], "--pred", crafted["concepts_pred"],
+                     "--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"])
+    assert sorted(cards_by_id(new)) == ["img_1", "img_2", "img_3"]
+    assert old.read_text(encoding="utf-8") == (tmp_path / "new.html").read_text(encoding="utf-8")
+
+
+def summary_rows(page: Node, section: str) -> dict[str, str]:
+    (table,) = [t for t in page.find_all("table", "summary") if t.find_all("caption")
+                and t.find_all("caption")[0].text() == section]
+    return {tr.find_all("th")[0].text(): tr.find_all("td")[0].text() for tr in table.find_all("tr")}
+
+
+def test_a_partial_relevance_reads_as_its_value_and_the_parts_that_ran(tmp_path, crafted):
+    page = run_report(tmp_path / "run.html", "--gt", crafted["captions_gt"], "--pred", crafted["captions_pred"])
+    rows = summary_rows(page, "captions")
+    rouge = float(rows["rouge1"])
+    assert rows["relevance"] == (f"{rouge:.4f} (partial: 1 of 4 parts; skipped BERTScore, MedImageInsight, BLEURT; "
+                                 "not the official score)")
+    assert rows["factuality"] == "not computed (skipped: MedCAT, AlignScore)"
+    assert not any("{" in value for value in rows.values())
+
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+WINDOW_PX = 1400
+
+
+def page_width_in_chromium(page: Path) -> int:
+    """The laid-out page's width in a WINDOW_PX-wide headless chromium, after the page's script showed the cards."""
+    measured = page.with_name("measured.html")
+    probe = "<script>document.body.dataset.pageWidth = document.documentElement.scrollWidth;</script>"
+    measured.write_text(page.read_text(encoding="utf-8").replace("</body>", probe + "</body>"), encoding="utf-8")
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              "--disable-background-networking", f"--user-data-dir={profile}",
+                              f"--window-size={WINDOW_PX},900", "--dump-dom", measured.as_uri()],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+    marker = 'data-page-width="'
+    return int(dom[dom.index(marker) + len(marker):].split('"', 1)[0])
+
+
+@pytest.mark.skipif(not CHROMIUM, reason="needs chromium on PATH (Debian: apt-get install chromium)")
+def test_a_long_unbroken_predicted_text_wraps_inside_the_window(tmp_path):
+    unbroken = "CT" + "x" * 3000
+    gt = write(tmp_path / "gt.csv", "ID,Caption\nimg_1,CT of the chest\nimg_2,An MRI\n")
+    pred = write(tmp_path / ("pred_" + "y" * 200 + ".csv"), f"ID,Caption\nimg_1,{unbroken}\nimg_2,MRI\n")
+    out = tmp_path / "run.html"
+    page = run_report(out, "--gt", gt, "--pred", pred)
+    assert caption(cards_by_id(page)["img_1"], "pred") == unbroken
+    assert page_width_in_chromium(out) <= WINDOW_PX

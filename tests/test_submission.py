@@ -184,7 +184,7 @@ def test_2025_rules_read_old_files_the_old_way(tmp_path):
     assert report.accepted and report.rules == "2025"
     assert any("line 3" in w and "stray ';'" in w for w in report.warnings)
     assert not submission.validate_file("concepts", pred, IDS).accepted
-    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(pred), "--ids",
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(pred), "--ids_csv",
                           str(ids_csv(tmp_path / "ids.csv")), "--rules", "2025"]) == 0
     # The 2025 scorer reads the rows as before: a bare ID is no concept, a stray ';' the concept ''.
     pairs = submission.concept_pairs(submission.read_rows(pred))
@@ -208,21 +208,21 @@ def test_validate_writes_the_zip_only_for_an_accepted_file(tmp_path, capsys):
     ids = str(ids_csv(tmp_path / "ids.csv"))
     good = write(tmp_path / "good.csv", CONCEPTS)
     upload = tmp_path / "upload.zip"
-    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(good), "--ids", ids, "--zip",
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(good), "--ids_csv", ids, "--zip",
                           str(upload)]) == 0
     with zipfile.ZipFile(upload) as archive:
         assert archive.namelist() == ["submission.csv"] and archive.read("submission.csv") == good.read_bytes()
     assert f"wrote {upload}" in capsys.readouterr().err
     bad = write(tmp_path / "bad.csv", CONCEPTS + "\n")
     other = tmp_path / "other.zip"
-    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(bad), "--ids", ids, "--zip",
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(bad), "--ids_csv", ids, "--zip",
                           str(other)]) == 1
     assert not other.exists()
     assert "no zip written" in capsys.readouterr().err
-    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(bad), "--ids", ids, "--zip",
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(bad), "--ids_csv", ids, "--zip",
                           str(upload)]) == 1
     assert "from an earlier run: do not upload it" in capsys.readouterr().err
-    with pytest.raises(errors.UserError, match="--zip needs --ids or --gt"):
+    with pytest.raises(errors.UserError, match="--zip needs --ids_csv or --gt"):
         evaluate.main(["validate", "--task", "concepts", "--pred", str(good), "--zip", str(other)])
 
 
@@ -230,10 +230,10 @@ def test_validate_exit_codes_from_the_command_line(tmp_path):
     ids = str(ids_csv(tmp_path / "ids.csv"))
     good = write(tmp_path / "good.csv", CAPTIONS)
     natural = write(tmp_path / "natural.csv", "ID,Caption\nimg_1,a\nimg_2,b\nimg_10,c\nimg_a,d\nimg_b,e\n")
-    accepted = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(good), "--ids", ids)
+    accepted = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(good), "--ids_csv", ids)
     assert accepted.returncode == 0 and "accepted (2026 rules)" in accepted.stderr
-    rejected = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(natural), "--ids", ids)
+    rejected = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(natural), "--ids_csv", ids)
     assert rejected.returncode == 1 and "line 2: ID order" in rejected.stderr
-    missing = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(good), "--ids",
+    missing = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(good), "--ids_csv",
                          str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
