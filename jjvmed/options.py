@@ -33,8 +33,19 @@ class Parser(argparse.ArgumentParser):
         self.renamed[old] = new
 
     def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(self.rewrite_renamed(args), namespace)
+        args = self.rewrite_renamed(list(sys.argv[1:] if args is None else args))
+        self.seen = args
+        return super().parse_known_args(args, namespace)
+
+    def error(self, message: str):
+        """argparse's error; a mistyped option also gets its suggestion when another error comes first
+        (a required option reported missing because its name was mistyped)."""
+        if "unrecognized arguments" not in message:
+            known = self.all_option_names()
+            unknown = [a for a in getattr(self, "seen", []) if a.startswith("--") and a.partition("=")[0] not in known]
+            if unknown:
+                message = f"{message}; {unrecognized(unknown, known).removeprefix('unrecognized arguments: ')}"
+        super().error(message)
 
     def rewrite_renamed(self, args: list[str]) -> list[str]:
         out = []
