@@ -87,7 +87,7 @@ def add_model_options(model) -> None:
                        "(default: ~/.cache/jj-vmed/merged)")
     model.add_argument("--load_in_4bit", action="store_true",
                        help="4-bit NF4 quantization with bitsandbytes (about 6 GB of GPU memory for the 8B model)")
-    add_device_options(model, "the model runs (auto spreads it over every visible GPU)")
+    add_device_options(model, "the model", "spread over every visible GPU if CUDA is present, else the CPU")
 
 
 def add_prompt_options(prompt) -> None:

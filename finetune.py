@@ -153,7 +153,7 @@ def build_parser() -> Parser:
                        help="hub ID or local folder of the LLaVA base model (default: %(default)s)")
     model.add_argument("--load_in_4bit", action="store_true",
                        help="QLoRA: train LoRA on a 4-bit NF4 base, about 6 GB for the 8B model (default: off)")
-    add_device_options(model, "training runs (one GPU per process under torchrun)")
+    add_device_options(model, "training", "one GPU per process (torchrun) if CUDA is present, else the CPU")
     lora = p.add_argument_group("LoRA")
     lora.add_argument("--lora_r", type=int, default=16, help="LoRA rank (default: %(default)s)")
     lora.add_argument("--lora_alpha", type=int, default=32,

@@ -106,11 +106,11 @@ def suggestion(name: str, known: list[str]) -> str | None:
     return next((o for o in known if close and key(o) == close[0]), None)
 
 
-def add_device_options(group, what: str = "the model") -> None:
+def add_device_options(group, what: str = "the model", auto: str = "the GPU if CUDA is present, else the CPU"
+                       ) -> None:
     """--device and --dtype, with one meaning in every script."""
     group.add_argument("--device", choices=DEVICES, default="auto",
-                       help=f"where {what} runs; auto: the GPU(s) if CUDA is present, else the CPU "
-                       "(default: %(default)s)")
+                       help=f"where {what} runs; auto: {auto} (default: %(default)s)")
     group.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weights dtype; auto = bfloat16 on GPUs that support it, float16 on older ones, "
                        "float32 on CPU (default: %(default)s)")
