@@ -24,7 +24,6 @@ from jjvmed.submission import (
     Report,
     caption_pairs,
     concept_pairs,
-    expected_ids,
     log_report,
     read_id_list,
     read_rows,
@@ -129,15 +128,14 @@ def validate(args: argparse.Namespace) -> int:
                                "checked")
     if args.zip and args.rules != "2026":
         raise errors.UserError("--zip checks with the 2026 rules, the platform's; leave out --rules 2025")
-    expected = expected_ids(args.gt or args.ids) if (args.gt or args.ids) else None
-    report = validate_file(args.task, args.pred, expected, args.rules)
+    report = validate_file(args.task, args.pred, args.ids, args.rules, ground_truth=args.gt)
     written = write_zip(args.pred, args.zip) if args.zip and report.accepted else None
     if args.json:
         print(json.dumps({"accepted": report.accepted, "rules": report.rules, "errors": report.errors,
                           "warnings": report.warnings, "zip": str(written) if written else None}, indent=2))
     else:
         log_report(report, args.pred)
-        if expected is None:
+        if not (args.gt or args.ids):
             errors.log("  note: no --ids or --gt, so the ID set and order were not checked")
     if written:
         errors.log(f"wrote {written} (submission.csv inside): upload this file")

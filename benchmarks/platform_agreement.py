@@ -54,9 +54,9 @@ from jjvmed import errors, submission  # noqa: E402
 # ---------------------------------------------------------------------------------------------
 
 # The organisers' order is neither natural nor alphabetical.
-IDS = [f"ImageCLEFmedical_Caption_2026_valid_{n}" for n in (10, 2, 7, 1, 3)]
+IDS = [f"clef26_valid_{n}" for n in (10, 2, 7, 1, 3)]
 # Some IDs hold the letters "ID": the concept scorer skips such rows on both sides as headers.
-IDS_WITH_ID = [IDS[0], "ImageCLEFmedical_ID_2", IDS[2], "ID_1", IDS[4]]
+IDS_WITH_ID = [IDS[0], "clef26_ID_2", IDS[2], "ID_1", IDS[4]]
 ALL_ID = [f"IDX_{n}" for n in (10, 2, 7)]
 LOWER_ID = [IDS[0], "img_id_2", IDS[2]]
 
@@ -203,7 +203,6 @@ def submission_cases(task: str) -> list[tuple[str, bytes]]:
     ]
 
     # Fields per row
-    first_id = IDS[0]
     cases += [
         ("a bare ID row", text(replaced(good, 3, IDS[1]))),
         ("every row a bare ID", text([good[0], *IDS])),
@@ -233,17 +232,16 @@ def submission_cases(task: str) -> list[tuple[str, bytes]]:
         ("first ID missing", text([good[0], *body[1:]])),
         ("middle ID missing", text([good[0], *body[:2], *body[3:]])),
         ("last ID missing", text(good[:-1])),
-        ("an unknown ID at the end", text([*good, f"ImageCLEFmedical_Caption_2026_valid_99,{body[0].split(',', 1)[1]}"])),
+        ("an unknown ID at the end", text([*good, body[0].replace("_10,", "_99,")])),
         ("an unknown ID inside", text(replaced(good, 3, good[2].replace("_2,", "_22,")))),
         ("an ID twice, adjacent", text(good[:3] + [good[2]] + good[3:])),
         ("an ID twice, at the end", text([*good, good[1]])),
         ("an ID in place of another", text(replaced(good, 4, good[1]))),
-        ("an ID in the wrong case", text(replaced(good, 2, good[1].replace("ImageCLEF", "imageclef")))),
+        ("an ID in the wrong case", text(replaced(good, 2, good[1].replace("clef", "CLEF")))),
         ("an ID with a file extension", text(replaced(good, 2, good[1].replace(",", ".jpg,", 1)))),
-        ("the 2025 prefix", text([good[0], *(line.replace("2026", "2025") for line in body)])),
+        ("last year's prefix", text([good[0], *(line.replace("clef26", "clef25") for line in body)])),
         ("an empty ID", text(replaced(good, 3, "," + good[2].split(",", 1)[1]))),
     ]
-    del first_id
 
     if task == "concepts":
         cases += concept_value_cases(good)
@@ -253,8 +251,6 @@ def submission_cases(task: str) -> list[tuple[str, bytes]]:
 
 
 def concept_value_cases(good: list[str]) -> list[tuple[str, bytes]]:
-    row = IDS[1]  # line 3
-
     def with_cuis(value: str, number: int = 3) -> bytes:
         return text(replaced(good, number, f"{IDS[number - 2]},{value}"))
 
@@ -275,7 +271,6 @@ def concept_value_cases(good: list[str]) -> list[tuple[str, bytes]]:
         ("101 CUIs", cuis_101), ("101 CUIs with a trailing ;", cuis_101 + ";"),
         ("a pipe between CUIs", "C0024485|C0022745"), ("a CUI with a line break inside quotes",
                                                        '"C0024485\nC0022745"'))]
-    del row
     return cases
 
 
@@ -299,7 +294,7 @@ def caption_value_cases(good: list[str]) -> list[tuple[str, bytes]]:
         ("a form feed and a comma, quoted", '"MRI,\x0cknee"'), ("U+2028", "MRI\u2028knee"),
         ("U+2028 and a comma, quoted", '"MRI,\u2028knee"'), ("a vertical tab", "MRI\x0bknee"),
         ("a NEL", "MRI\x85knee"), ("an unterminated quote", '"MRI of the knee'),
-        ("a long caption", quote("chest " * 2000)), ("a quote in the middle of a comma caption",
+        ("a long caption", quote("chest " * 300)), ("a quote in the middle of a comma caption",
                                                      'MRI "knee, left"'),
         ("a quoted caption with trailing spaces", '"MRI, knee"  '))]
     # A caption over two lines shifts the raw line the pre-check pairs with every row below it.
@@ -361,7 +356,7 @@ def reference_variants(task: str) -> list[tuple[str, bytes]]:
         ("an ID twice", text([*gt, gt[2]])),
         ("an ID twice, with a space", text([*gt, " " + gt[2]])),
         ("three columns", text([line + ",x" for line in gt])),
-        ("not UTF-8", text(gt) + b"ImageCLEFmedical_Caption_2026_valid_99,\xe9\n"),
+        ("not UTF-8", text(gt) + b"clef26_valid_99,\xe9\n"),
         ("header only", text(gt[:1])),
         ("one column", text(["ID", *IDS])),
     ]
@@ -428,8 +423,8 @@ class Organisers:
             if not (repo / part).is_file():
                 raise errors.UserError(f"--organisers_repo {repo} has no {part}: give a checkout of "
                                        "taubsity/clef-caption-evaluation-2026")
-        self.concept_check = load_module(repo / "concept_detection" / "submission_check.py", "organisers_concept_check")
-        self.caption_check = load_module(repo / "caption_prediction" / "submission_check.py", "organisers_caption_check")
+        self.concept_check = load_module(repo / "concept_detection" / "submission_check.py", "organisers_check_c")
+        self.caption_check = load_module(repo / "caption_prediction" / "submission_check.py", "organisers_check_k")
         try:
             self.concept_evaluator = load_module(repo / "concept_detection" / "evaluator.py", "organisers_concepts")
         except ImportError as e:
@@ -438,6 +433,12 @@ class Organisers:
                                            ["load_gt", "load_predictions", "raise_exception"])
 
     def verdict(self, task: str, submission_csv: Path, reference: Path, scorer_gt: Path) -> Verdict:
+        said = self.first_error(task, submission_csv, reference, scorer_gt)
+        # The messages name the scratch folder: keep them the same from one run to the next.
+        return Verdict(said is None, (said or "").replace(f"{submission_csv.parent}/", ""))
+
+    def first_error(self, task: str, submission_csv: Path, reference: Path, scorer_gt: Path) -> str | None:
+        """What the platform says first, in its order; None when it accepts the file."""
         with contextlib.redirect_stdout(io.StringIO()):
             try:
                 if task == "concepts":
@@ -445,7 +446,7 @@ class Organisers:
                 else:
                     self.caption_check.check_submission(str(submission_csv), str(reference), "valid")
             except Exception as e:  # noqa: BLE001 (the platform stops at any exception)
-                return Verdict(False, "pre-check: " + describe(e))
+                return "pre-check: " + describe(e)
             try:
                 if task == "concepts":
                     evaluator = self.concept_evaluator.ConceptEvaluator(str(scorer_gt), str(scorer_gt))
@@ -456,8 +457,8 @@ class Organisers:
                     reader.gt = reader.load_gt()
                     reader.load_predictions(str(submission_csv))
             except Exception as e:  # noqa: BLE001
-                return Verdict(False, "scorer: " + describe(e))
-        return Verdict(True, "")
+                return "scorer: " + describe(e)
+        return None
 
 
 def describe(error: BaseException) -> str:
@@ -474,7 +475,10 @@ def describe(error: BaseException) -> str:
 
 def tool_verdict(task: str, submission_csv: Path, reference: Path, role: str) -> Verdict:
     try:
-        report = submission.validate_file(task, submission_csv, submission.expected_ids(reference))
+        if role == "gt":
+            report = submission.validate_file(task, submission_csv, None, ground_truth=reference)
+        else:
+            report = submission.validate_file(task, submission_csv, reference)
     except errors.UserError as e:
         return Verdict(False, f"error: {e}")
     return Verdict(report.accepted, " | ".join(report.errors))
@@ -487,10 +491,10 @@ REASONS: list[tuple[str, str, str]] = [
     ("blank line", r"Empty line detected", r"blank line"),
     ("header", r"header", r"header|BOM|the file is empty"),
     ("fields", r"Expected exactly 2 columns|Wrong format|IndexError", r"\d+ fields?;|field"),
-    ("whitespace around the ID", r"ID has leading/trailing whitespace", r"whitespace around the ID"),
+    ("whitespace around the ID", r"ID has leading/trailing whitespace", r"whitespace around the ID|row without an ID"),
     ("whitespace around the CUIs", r"CUIs field has leading", r"whitespace around the CUIs"),
     ("duplicate ID", r"Duplicate ID detected|more than once in submission", r"duplicate image ID|twice"),
-    ("ID order", r"ID order mismatch|Extra ID beyond", r"ID order|unknown image ID"),
+    ("ID order", r"ID order mismatch|Extra ID beyond", r"ID order|unknown image ID|row without an ID"),
     ("unknown ID", r"not (found )?in \w+ ground truth|does not exist in testset", r"unknown image ID|ID order"),
     ("missing ID", r"Submission incomplete|Number of image IDs", r"missing|ID order"),
     ("empty CUI", r"Empty CUI", r"empty CUI"),
@@ -500,11 +504,16 @@ REASONS: list[tuple[str, str, str]] = [
     ("quotes", r"not enclosed in double quotes", r"double quotes"),
     ("CSV", r"CSV parsing error", r"readable CSV"),
     ("ground truth", r"scorer: (ZeroDivisionError|Exception: Answer file|IndexError)|Ground truth file header",
-     r"ground truth|ID list|lists no image|every image ID"),
+     r"ground truth|ID list|lists no image|no image would be scored"),
 ]
+# A tool message that blames the ground truth or ID list: the right reason when that file is not the clean one.
+BLAMES_THE_REFERENCE = r"^(error: )?(ground truth|ID list) "
 
 
-def same_reason(platform: str, tool: str) -> bool:
+def same_reason(case: Case, platform: str, tool: str) -> bool:
+    if case.reference not in (ground_truth(case.task, IDS), id_list(case.task, IDS)) and re.search(
+            BLAMES_THE_REFERENCE, tool):
+        return True
     wanted = [tool_words for _, platform_words, tool_words in REASONS if re.search(platform_words, platform)]
     return any(re.search(words, tool) for words in wanted)
 
@@ -537,21 +546,27 @@ def encoded(data: bytes) -> dict[str, str]:
         return {"base64": base64.b64encode(data).decode("ascii")}
 
 
+CASE_COLUMNS = ["task", "role", "name", "submission", "reference", "platform", "message"]
+MESSAGE_KEPT = 150  # characters of the platform's message kept in a recording: enough to see what it said
+
+
 def record(results: list[tuple[Case, Verdict, Verdict]], path: Path) -> None:
-    """The corpus and the platform's verdicts, one case per line; each reference file stored once."""
-    references: dict[str, dict[str, str]] = {}
-    rows = []
-    for case, platform, _ in results:
-        key = hashlib.sha256(case.reference).hexdigest()[:12]
-        references.setdefault(key, encoded(case.reference))
-        rows.append({"task": case.task, "name": case.name, "role": case.role, "reference": key,
-                     "submission": encoded(case.submission), "platform": "accepted" if platform.accepted
-                     else "rejected", "message": platform.message})
+    """The corpus and the platform's verdicts: every distinct file once, then one case per line."""
+    files: dict[str, dict[str, str]] = {}
+
+    def key(data: bytes) -> str:
+        name = hashlib.sha256(data).hexdigest()[:10]
+        files.setdefault(name, encoded(data))
+        return name
+
+    rows = [[case.task, case.role, case.name, key(case.submission), key(case.reference),
+             "accepted" if platform.accepted else "rejected", platform.message[:MESSAGE_KEPT]]
+            for case, platform, _ in results]
     lines = ["{", '"recorded_with": "benchmarks/platform_agreement.py and taubsity/clef-caption-evaluation-2026",',
-             '"references": {']
-    lines += [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in references.items()]
+             '"files": {']
+    lines += [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}," for k, v in files.items()]
     lines[-1] = lines[-1].rstrip(",")
-    lines += ["},", '"cases": [']
+    lines += ["},", f'"columns": {json.dumps(CASE_COLUMNS)},', '"cases": [']
     lines += [f"  {json.dumps(r, ensure_ascii=False)}," for r in rows]
     lines[-1] = lines[-1].rstrip(",")
     lines += ["]", "}"]
@@ -565,8 +580,8 @@ def table(results: list[tuple[Case, Verdict, Verdict]]) -> None:
         rows = [r for r in results if task in ("all", r[0].task)]
         agree = sum(p.accepted == t.accepted for _, p, t in rows)
         dangerous = sum(t.accepted and not p.accepted for _, p, t in rows)
-        both = [(p, t) for _, p, t in rows if not p.accepted and not t.accepted]
-        same = sum(same_reason(p.message, t.message) for p, t in both)
+        both = [(c, p, t) for c, p, t in rows if not p.accepted and not t.accepted]
+        same = sum(same_reason(c, p.message, t.message) for c, p, t in both)
         print(f"| {task} | {len(rows)} | {agree} | {len(rows) - agree} | {dangerous} | {same} of {len(both)} |")
     disagreements = [r for r in results if r[1].accepted != r[2].accepted]
     if disagreements:
@@ -576,7 +591,7 @@ def table(results: list[tuple[Case, Verdict, Verdict]]) -> None:
               f"{'accepted' if platform.accepted else 'REJECTED, ' + platform.message}\n    tool:     "
               f"{'accepted' if tool.accepted else 'REJECTED, ' + tool.message[:300]}")
     other = [(c, p, t) for c, p, t in results if not p.accepted and not t.accepted
-             and not same_reason(p.message, t.message)]
+             and not same_reason(c, p.message, t.message)]
     if other:
         print("\nBoth reject, for reasons the table of reasons does not match:")
     for case, platform, tool in other:
