@@ -530,14 +530,14 @@ def check_ids_2026(task: str, ids: list[tuple[int, str]], expected: list[str] | 
         line, position, image_id = out_of_place[0]
         wanted = repr(expected[position]) if position < len(expected) else "no further ID"
         problems.append((line, f"line {line}: ID order: expected {wanted} at position {position + 1}, found "
-                               f"{image_id!r}; {len(out_of_place)} of {len(unique)} rows "
+                               f"{image_id!r}; {len(out_of_place)} of {plural(len(unique), 'row')} "
                                f"{verb(len(out_of_place), 'is', 'are')} out of place (rows must follow the order of "
                                "the expected ID list exactly)"))
     distinct = list(dict.fromkeys(expected))
     missing = [i for i in distinct if i not in first_line]
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        file_problems.append(f"{len(missing)} of the {len(distinct)} expected image IDs "
+        file_problems.append(f"{len(missing)} of the {plural(len(distinct), 'expected image ID')} "
                              f"{verb(len(missing), 'is', 'are')} missing ({shown})")
 
 
