@@ -1,7 +1,7 @@
 """Does `jjvmed.submission.validate_file` give the platform's verdict? Hundreds of edge-case files, both tasks.
 
     python benchmarks/platform_agreement.py --organisers_repo DIR [--record tests/data/platform_verdicts.json]
-        [--keep DIR]
+        [--keep DIR] [--random N --seed S]
 
 DIR is a checkout of the organisers' public evaluator (github.com/taubsity/clef-caption-evaluation-2026).
 Their code is read from DIR at run time, never copied here. For each file of the corpus (made below, in
@@ -21,8 +21,10 @@ dangerous ones (the tool accepts what the platform rejects), and for files both 
 tool's messages name the platform's reason. Then each disagreement with both verdicts. Exit code 1 if
 any disagreement.
 
-`--record PATH` writes the corpus and the platform's verdicts as JSON (tests/data/platform_verdicts.json
-is such a recording, read by tests/test_submission_rules.py).
+`--random N` adds N files made by random edits of good files and references (characters the rules turn
+on), to look for what the corpus misses. `--record PATH` writes the corpus (without the random files) and
+the platform's verdicts as JSON (tests/data/platform_verdicts.json is such a recording, read by
+tests/test_submission_rules.py).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import random
 import re
 import sys
 import tempfile
@@ -385,6 +388,37 @@ def corpus() -> list[Case]:
     return cases
 
 
+# What random edits insert: the characters and pieces the rules turn on.
+PIECES = ['"', ",", ";", "\r", "\n", "\r\n", " ", "\t", "\x0c", "\u2028", "\xa0", "ID", "7", "C", '""', ',"', '",', "x"]
+
+
+def random_cases(count: int, seed: int) -> list[Case]:
+    """Good files and references with a few random insertions and deletions each, for what the corpus misses."""
+    rng = random.Random(seed)
+
+    def edit(data: str, edits: int) -> str:
+        for _ in range(edits):
+            at = rng.randrange(len(data) + 1)
+            if rng.random() < 0.7:
+                data = data[:at] + rng.choice(PIECES) + data[at:]
+            else:
+                data = data[:at] + data[at + rng.randint(1, 3):]
+        return data
+
+    cases = []
+    for number in range(count):
+        task, role = rng.choice(["concepts", "captions"]), rng.choice(["gt", "ids"])
+        ids = rng.choice([IDS, IDS_WITH_ID, LOWER_ID])
+        data = edit(text(lines_for(task, ids)).decode(), rng.randint(1, 4)).encode()
+        gt = ground_truth(task, ids)
+        reference = gt if role == "gt" else id_list(task, ids)
+        if rng.random() < 0.3:
+            reference = edit(reference.decode(), 1).encode()
+            gt = reference if role == "gt" else gt
+        cases.append(Case(f"random {number}", task, data, reference, role, gt))
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------
 # The platform: the organisers' code, read from their checkout
 # ---------------------------------------------------------------------------------------------
@@ -604,15 +638,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--organisers_repo", required=True, help="checkout of taubsity/clef-caption-evaluation-2026")
     parser.add_argument("--record", help="write the corpus and the platform's verdicts to this JSON file")
     parser.add_argument("--keep", help="write the corpus here (one folder per file) instead of a temporary folder")
+    parser.add_argument("--random", type=int, default=0, metavar="N", help="also N files with random edits (not "
+                        "recorded)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random edits")
     args = parser.parse_args(argv)
     organisers = Organisers(Path(args.organisers_repo))
-    cases = corpus()
+    cases = corpus() + random_cases(args.random, args.seed)
     with tempfile.TemporaryDirectory() as scratch:
         results = run(organisers, cases, Path(args.keep or scratch))
     print(f"Python {sys.version.split()[0]}; {len(cases)} files; the organisers' code from {args.organisers_repo}\n")
     table(results)
     if args.record:
-        record(results, Path(args.record))
+        record([r for r in results if not r[0].name.startswith("random ")], Path(args.record))
         print(f"\nrecorded: {args.record}")
     return 0 if all(p.accepted == t.accepted for _, p, t in results) else 1
 
