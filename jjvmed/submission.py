@@ -146,9 +146,9 @@ def check_header_row(records: list[tuple[int, list[str]]], path: Path, what: str
         raise errors.UserError(f"{what} {path}: line {line} is blank; the first row must be the header (ID,...), "
                                "as the platform reads it")
     if any(c.isdigit() for c in fields[0]):
-        raise errors.UserError(f"{what} {path}: the first row ({','.join(fields)!r}) looks like an image ID, but the "
-                               "first row is the header, which the platform skips whatever it holds: add a header "
-                               "row ID above it")
+        raise errors.UserError(f"{what} {path}: the first row starts with {fields[0]!r}, which looks like an image "
+                               "ID, but the first row is the header, which the platform skips whatever it holds: add "
+                               "a header row ID above it")
 
 
 def read_id_list(path: str | Path) -> list[str]:

@@ -356,7 +356,7 @@ def test_the_first_row_of_an_id_list_is_its_header_whatever_it_names(tmp_path, h
 
 
 @pytest.mark.parametrize("text, message", [
-    ("img_10\nimg_2\n", "the first row ('img_10') looks like an image ID"),
+    ("img_10\nimg_2\n", "the first row starts with 'img_10', which looks like an image ID"),
     ("ROCOv2_2023_test_000001,\nROCOv2_2023_test_000002,\n", "add a header row ID above it"),
     ("\nID,CUIs\nimg_10,\n", "line 1 is blank; the first row must be the header"),
     ("", "is empty; its first row must be the header"),
