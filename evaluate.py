@@ -31,7 +31,6 @@ from jjvmed.submission import (
     Rows,
     caption_pairs,
     concept_pairs,
-    expected_ids,
     is_header,
     log_report,
     read_id_list,
@@ -302,16 +301,14 @@ def validate(args: argparse.Namespace) -> int:
         hint = f"give --task {kind}" if kind in TASKS else "check the ID,CUIs file that was written beside it"
         raise errors.UserError(f"--task {args.task}, but --pred {args.pred} looks like {KIND_WORDS[kind]} "
                                f"({evidence}): {hint}")
-    source = args.gt or args.ids_csv
-    expected = expected_ids(source) if source else None
-    report = validate_file(args.task, args.pred, expected, args.rules)
+    report = validate_file(args.task, args.pred, args.ids_csv, args.rules, ground_truth=args.gt)
     written = write_zip(args.pred, args.zip) if args.zip and report.accepted else None
     if args.json:
         print(json.dumps({"accepted": report.accepted, "rules": report.rules, "errors": report.errors,
                           "warnings": report.warnings, "zip": str(written) if written else None}, indent=2))
     else:
         log_report(report, args.pred)
-        if expected is None:
+        if not (args.gt or args.ids_csv):
             errors.log("  note: no --ids_csv or --gt, so the ID set and order were not checked")
     if written:
         errors.log(f"wrote {written} (submission.csv inside): upload this file")

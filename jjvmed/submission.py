@@ -4,8 +4,11 @@ Two sets of rules:
 - "2026" (the default): every rejection rule of the 2026 pre-check (header exactly `ID,CUIs` /
   `ID,Caption`, two fields on every row, no whitespace around IDs and CUIs, no blank line, UTF-8
   without BOM, CUIs shaped `C` + digits, quoted captions with commas, rows in exactly the order of
-  the expected ID list), plus the rules of the scoring step that runs after it (at most 100
-  concepts; an ID containing 'ID' is skipped as a header by the concept scorer).
+  the expected ID list), plus what the scorer that runs after it refuses (more than 100 concepts,
+  except on a row it skips because its ID contains 'ID'; a file where it would score no image). The
+  expected IDs are read from an ID list as the pre-check reads it, and a ground truth is also read
+  as the scorer reads it. benchmarks/platform_agreement.py runs the organisers' own code beside
+  this on hundreds of edge-case files: the verdicts agree on every one.
 - "2025": the older, more lenient reader (any row whose first field contains 'ID' is a header, a
   bare `ID` row is allowed, order is free), for files made for earlier editions.
 
@@ -32,7 +35,7 @@ RULES = ("2026", "2025")
 TASKS = ("concepts", "captions")
 HEADERS = {"concepts": ["ID", "CUIs"], "captions": ["ID", "Caption"]}
 MAX_CONCEPTS = 100  # CUIs per image; the platform rejects a row with more
-CUI_SHAPE = re.compile(r"^C\d{7}$")  # a UMLS CUI
+CUI_SHAPE = re.compile(r"^C[0-9]{7}$")  # a UMLS CUI (ASCII digits; \d also takes other scripts' digits)
 CUI_2026 = re.compile(r"C\d+")  # what the 2026 pre-check accepts (case-sensitive, any number of digits)
 # Characters str.splitlines() breaks at besides \r and \n. The pre-check finds blank lines and pairs rows
 # with raw lines through splitlines(), while the csv reader does not break there.
@@ -41,6 +44,15 @@ ZIP_MEMBER = "submission.csv"
 ZIP_EARLIEST = 315_619_200  # 1980-01-02: zip dates cannot be older than 1980
 
 Rows = list[tuple[int, list[str]]]
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """'1 problem', '2 problems'."""
+    return f"{count} {noun if count == 1 else (nouns or noun + 's')}"
+
+
+def verb(count: int, singular: str, plural_form: str) -> str:
+    return singular if count == 1 else plural_form
 
 
 @dataclass
@@ -100,36 +112,68 @@ def caption_pairs(rows: Rows) -> dict[str, str]:
 # The expected IDs
 # ---------------------------------------------------------------------------------------------
 
+# The one rule for the header of an ID list or ground truth (the same sentence is in the docstrings below,
+# the help texts and the README):
+# The first row is the header and is never read as an ID, whatever it holds (`ID,CUIs`, `image_id,caption`),
+# as on the platform; a first row whose first field holds a digit is refused, because it is then an image ID
+# that the platform would silently drop.
+
+
+def read_records(path: Path, what: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of every CSV record of an ID list or ground truth, decoded as UTF-8 (a BOM is kept)."""
+    if not path.is_file():
+        raise errors.UserError(f"{what} {path} does not exist")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.UserError(f"{what} {path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    records = []
+    try:
+        for fields in reader:
+            records.append((reader.line_num, fields))
+    except csv.Error as e:
+        raise errors.UserError(f"{what} {path} is not a readable CSV: {e}") from None
+    return records
+
+
+def check_header_row(records: list[tuple[int, list[str]]], path: Path, what: str) -> None:
+    """The header rule (see above): the first row is the header; refused when it is blank or an image ID."""
+    if not records:
+        raise errors.UserError(f"{what} {path} is empty; its first row must be the header (ID,...)")
+    line, fields = records[0]
+    if not fields:
+        raise errors.UserError(f"{what} {path}: line {line} is blank; the first row must be the header (ID,...), "
+                               "as the platform reads it")
+    if any(c.isdigit() for c in fields[0]):
+        raise errors.UserError(f"{what} {path}: the first row starts with {fields[0]!r}, which looks like an image "
+                               "ID, but the first row is the header, which the platform skips whatever it holds: add "
+                               "a header row ID above it")
+
 
 def read_id_list(path: str | Path) -> list[str]:
     """The expected IDs, in the file's order: the first column of the organisers' ids.csv or a ground truth.
 
-    A first row whose first field is `ID` is the header. IDs are stripped and blank rows skipped, as
-    the organisers' own reader does; a UTF-8 BOM is tolerated. The order is kept exactly: the 2026
+    The first row is the header and is never read as an ID, whatever it holds (`ID,CUIs`, `image_id,caption`),
+    as on the platform; a first row whose first field holds a digit is refused, because it is then an image ID
+    that the platform would silently drop. IDs are stripped and blank rows skipped, as the organisers' own
+    reader does; a UTF-8 BOM is tolerated; an ID listed twice is refused. The order is kept exactly: the 2026
     pre-check wants the rows in this order.
     """
     path = Path(path)
-    if not path.is_file():
-        raise errors.UserError(f"ID list {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise errors.UserError(f"ID list {path} is not UTF-8 (byte {e.start})") from None
-    reader = csv.reader(io.StringIO(text, newline=""))
+    records = read_records(path, "ID list")
+    check_header_row(records, path, "ID list")
     ids: list[str] = []
     first_line: dict[str, int] = {}
-    try:
-        for fields in reader:
-            image_id = fields[0].strip() if fields else ""
-            if not image_id or (reader.line_num == 1 and image_id.lower() == "id"):
-                continue
-            if image_id in first_line:
-                raise errors.UserError(f"ID list {path}: image ID {image_id!r} is listed twice (lines "
-                                       f"{first_line[image_id]} and {reader.line_num})")
-            first_line[image_id] = reader.line_num
-            ids.append(image_id)
-    except csv.Error as e:
-        raise errors.UserError(f"ID list {path} is not a readable CSV: {e}") from None
+    for line, fields in records[1:]:
+        image_id = fields[0].strip() if fields else ""
+        if not image_id:
+            continue
+        if image_id in first_line:
+            raise errors.UserError(f"ID list {path}: image ID {image_id!r} is listed twice (lines "
+                                   f"{first_line[image_id]} and {line})")
+        first_line[image_id] = line
+        ids.append(image_id)
     if not ids:
         raise errors.UserError(f"ID list {path} lists no image IDs")
     return ids
@@ -146,18 +190,126 @@ def in_id_list_order(pairs: list[tuple[str, Any]], ids_csv: str | Path, where: s
     by_id = dict(pairs)
     missing = [i for i in wanted if i not in by_id]
     if missing:
-        raise errors.UserError(f"{len(missing)} of the {len(wanted)} IDs in {ids_csv} have no {where} "
-                               f"(first: {', '.join(missing[:5])})")
+        raise errors.UserError(f"{len(missing)} of the {plural(len(wanted), 'ID')} in {ids_csv} "
+                               f"{'has' if len(missing) == 1 else 'have'} no {where} (first: {', '.join(missing[:5])})")
     listed = set(wanted)
     return [(i, by_id[i]) for i in wanted], [i for i, _ in pairs if i not in listed]
 
 
 def expected_ids(source: str | Path) -> list[str]:
-    """Image IDs from a ground-truth/ID CSV (first column, its order) or an image folder (natural order)."""
+    """Image IDs from a ground-truth/ID CSV (first column, its order) or an image folder (natural order).
+
+    The first row is the header and is never read as an ID, whatever it holds (`ID,CUIs`, `image_id,caption`),
+    as on the platform; a first row whose first field holds a digit is refused, because it is then an image ID
+    that the platform would silently drop.
+    """
     source = Path(source)
     if source.is_dir():
         return [i for i, _ in list_images(source)]
     return read_id_list(source)
+
+
+@dataclass
+class Expected:
+    """The IDs the platform expects, in its order, and what the file they come from does to every submission."""
+    ids: list[str]
+    errors: list[str] = field(default_factory=list)  # the platform rejects every file checked against it
+    warnings: list[str] = field(default_factory=list)
+
+
+def read_expected(task: str, path: Path, scored: bool) -> Expected:
+    """An ID list or ground truth read exactly as the platform reads it for `task`.
+
+    The pre-check takes the first column of every row after the first, stripped, blank rows skipped (the
+    concept check also drops repeats; the caption check keeps them, and then wants the ID again at that
+    place). With `scored`, the file is also the ground truth the organisers' scorer reads, unstripped and
+    with its own header rule: what would make it fail, or disagree with the pre-check on the IDs, is an
+    error, since no file could then be scored.
+    """
+    what = "ground truth" if scored else "ID list"
+    records = read_records(path, what)
+    check_header_row(records, path, what)
+    found = Expected(ids=[])
+    first_line: dict[str, int] = {}
+    for line, fields in records[1:]:
+        if not fields:
+            if scored:
+                found.errors.append(f"{what} {path} line {line}: blank row; the organisers' {task[:-1]} scorer stops "
+                                    "at it (IndexError), so no file can be scored against this ground truth")
+            continue
+        image_id = fields[0].strip()
+        if image_id in first_line:
+            if task == "concepts":
+                found.warnings.append(f"{what} {path} line {line}: {image_id!r} is listed again (first on line "
+                                      f"{first_line[image_id]}); the platform keeps the first")
+                continue
+            found.warnings.append(f"{what} {path} line {line}: {image_id!r} is listed again (first on line "
+                                  f"{first_line[image_id]}); the platform's caption check wants every row at its "
+                                  "place in the list, repeats included")
+        elif not image_id:
+            found.warnings.append(f"{what} {path} line {line}: a row without an image ID; the platform expects the "
+                                  "ID '' at its place")
+        first_line.setdefault(image_id, line)
+        found.ids.append(image_id)
+    if not found.ids:
+        found.warnings.append(f"{what} {path} lists no image IDs; the platform then refuses every row")
+    if scored:
+        found.errors += scorer_problems(task, records, found.ids, f"{what} {path}")
+    return found
+
+
+def scorer_problems(task: str, records: list[tuple[int, list[str]]], ids: list[str], name: str) -> list[str]:
+    """Why the organisers' scorer, reading this ground truth, would fail or disagree with the pre-check's IDs.
+
+    The scorers read the ground truth unstripped. The concept scorer skips every row whose first field holds
+    'ID' (the header and any such image) and refuses a row without a second field; the caption scorer skips
+    the first row only when its first field is 'ID' in any letter case, and fails on a row without a second
+    field. After the pre-check passed, a file holds exactly the pre-check's IDs; the scorer then wants them
+    to be its own IDs, no more, no fewer.
+    """
+    problems = []
+    read: dict[str, int] = {}  # the scorer's IDs -> line
+    for index, (line, fields) in enumerate(records):
+        if not fields:
+            continue  # a blank row: reported by the caller
+        if task == "concepts":
+            if "ID" in fields[0]:
+                continue
+            if len(fields) == 1:
+                problems.append(f"{name} line {line}: no second field after {fields[0]!r}; the organisers' concept "
+                                "scorer refuses such a ground truth ('Answer file format is wrong')")
+                continue
+        else:
+            if index == 0 and fields[0].lower() == "id":
+                continue
+            if len(fields) == 1:
+                problems.append(f"{name} line {line}: no second field after {fields[0]!r}; the organisers' caption "
+                                "scorer stops at it (IndexError)")
+                continue
+        read.setdefault(fields[0], line)
+    wanted = [i for i in dict.fromkeys(ids) if task == "captions" or "ID" not in i]
+    wanted_set = set(wanted)
+    explained = set()
+    for image_id, line in read.items():
+        if image_id in wanted_set:
+            continue
+        if line == records[0][0]:
+            rule = ("skips only rows whose first field holds 'ID'" if task == "concepts" else
+                    "skips the first row only when its first field is 'ID' in any letter case, and nothing else")
+            problems.append(f"{name} line {line}: the organisers' {task[:-1]} scorer reads the header "
+                            f"{image_id!r} as an image (it {rule}), so no file can be scored against it")
+        elif image_id.strip() in wanted_set:
+            explained.add(image_id.strip())
+            problems.append(f"{name} line {line}: whitespace around the ID {image_id!r}; the pre-check strips it "
+                            "and the scorer does not, so no file can pass both")
+        else:
+            problems.append(f"{name} line {line}: the scorer reads the image {image_id!r}, which the pre-check "
+                            "does not expect")
+    unread = [i for i in wanted if i not in read and i not in explained]
+    if unread:
+        problems.append(f"{name}: the scorer does not read {plural(len(unread), 'expected ID')} "
+                        f"({', '.join(repr(i) for i in unread[:5])}), so no file can pass both")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +335,12 @@ def check_ids(rows: Rows, expected: list[str] | None, report: Report) -> None:
     missing = [i for i in expected if i not in seen]
     header_like = [i for i in missing if "ID" in i]
     if header_like:
-        report.errors.append(f"{len(header_like)} image IDs contain 'ID', so the evaluator skips their rows as "
-                             f"headers: {', '.join(header_like[:5])}")
+        report.errors.append(f"{plural(len(header_like), 'image ID')} {verb(len(header_like), 'contains', 'contain')}"
+                             f" 'ID', so the evaluator skips their rows as headers: {', '.join(header_like[:5])}")
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        report.errors.append(f"{len(seen)} image IDs but the test set has {len(expected)}: {len(missing)} missing "
-                             f"({shown})")
+        report.errors.append(f"{plural(len(seen), 'image ID')} but the test set has {len(expected)}: "
+                             f"{len(missing)} missing ({shown})")
 
 
 def data_rows(rows: Rows, report: Report) -> Iterator[tuple[int, list[str]]]:
@@ -288,16 +440,16 @@ def check_row_2026(task: str, line: int, fields: list[str], raw: str | None, raw
     row's own line unless a row above spans several lines.
     """
     image_id = fields[0]
+    columns = "ID,CUIs" if task == "concepts" else "ID,Caption"
     if len(fields) != 2:
-        count = f"{len(fields)} field" + ("" if len(fields) == 1 else "s")
-        if task == "concepts":
-            hint = ("write 'ID,' for an image with no concept" if len(fields) == 1
-                    else "separate CUIs with ';', not ','")
-            problems.append((line, f"line {line}: {count}; every row is exactly ID,CUIs ({hint})"))
+        count = plural(len(fields), "field")
+        if len(fields) == 1:
+            hint = ("write 'ID,' for an image with no concept" if task == "concepts"
+                    else "write 'ID,' for an empty caption")
         else:
-            hint = ("write 'ID,' for an empty caption" if len(fields) == 1
+            hint = ("separate CUIs with ';', not ','" if task == "concepts"
                     else "a caption that contains a comma must be enclosed in double quotes")
-            problems.append((line, f"line {line}: {count}; every row is exactly ID,Caption ({hint})"))
+        problems.append((line, f"line {line}: {count}; every row is exactly {columns} ({hint})"))
     if image_id != image_id.strip():
         problems.append((line, f"line {line}: whitespace around the ID {image_id!r}"))
     if len(fields) != 2:
@@ -329,7 +481,8 @@ def check_row_2026(task: str, line: int, fields: list[str], raw: str | None, raw
     dupes = sorted({p for p in parts if p and parts.count(p) > 1})
     if dupes:
         problems.append((line, f"line {line}: concept repeated for {image_id.strip()!r}: {', '.join(dupes)}"))
-    if len(parts) > MAX_CONCEPTS:  # rejected by the scoring step that runs after the pre-check
+    # The scoring step after the pre-check rejects more than 100, except on a row it skips as a header.
+    if len(parts) > MAX_CONCEPTS and "ID" not in image_id:
         problems.append((line, f"line {line}: {len(parts)} concepts for {image_id.strip()!r}; at most "
                                f"{MAX_CONCEPTS} (the scoring step rejects the file)"))
     odd = [p for p in parts if CUI_2026.fullmatch(p) and not CUI_SHAPE.match(p)]
@@ -338,8 +491,12 @@ def check_row_2026(task: str, line: int, fields: list[str], raw: str | None, raw
 
 
 def check_ids_2026(task: str, ids: list[tuple[int, str]], expected: list[str] | None,
-                   problems: list[tuple[int, str]], file_problems: list[str]) -> None:
-    """Every expected ID once, none unknown, in exactly the expected order."""
+                   problems: list[tuple[int, str]], file_problems: list[str], warnings: list[str]) -> None:
+    """Every expected ID once, none unknown, in exactly the expected order; what the concept scorer skips.
+
+    As on the platform, the n-th distinct ID of the file is compared with the n-th entry of the expected
+    list (repeats in the list included) and the file must hold every listed ID.
+    """
     first_line: dict[str, int] = {}
     unique: list[tuple[int, str]] = []
     for line, image_id in ids:
@@ -349,28 +506,39 @@ def check_ids_2026(task: str, ids: list[tuple[int, str]], expected: list[str] | 
             continue
         first_line[image_id] = line
         unique.append((line, image_id))
-        if task == "concepts" and "ID" in image_id:
-            problems.append((line, f"line {line}: the concept scorer skips the row of {image_id!r} as a header: "
-                                   "image IDs must not contain 'ID'"))
+    if task == "concepts":
+        # The concept scorer reads a row whose ID holds 'ID' as a header, in the file and in the ground truth
+        # alike: such images are left out of the score, and with none left it divides by zero.
+        listed = expected if expected is not None else [i for _, i in unique]
+        skipped = [i for i in dict.fromkeys(listed) if "ID" in i]
+        if listed and len(skipped) == len(set(listed)):
+            file_problems.append("no image would be scored: the concept scorer takes every row whose ID contains 'ID' "
+                                 "for a header, and all the image IDs here contain 'ID' (it then fails)")
+        elif skipped:
+            warnings.append(f"{plural(len(skipped), 'image ID')} {verb(len(skipped), 'contains', 'contain')} 'ID', so "
+                            f"the concept scorer skips {verb(len(skipped), 'its row', 'their rows')} as headers and "
+                            f"{verb(len(skipped), 'it is', 'they are')} not scored: {', '.join(skipped[:5])}")
     if expected is None:
         return
     expected_set = set(expected)
     for line, image_id in unique:
         if image_id not in expected_set:
             problems.append((line, f"line {line}: unknown image ID {image_id!r}"))
-    # The platform compares the n-th distinct ID of the file with the n-th expected ID.
     out_of_place = [(line, position, image_id) for position, (line, image_id) in enumerate(unique)
                     if position >= len(expected) or expected[position] != image_id]
     if out_of_place:
         line, position, image_id = out_of_place[0]
         wanted = repr(expected[position]) if position < len(expected) else "no further ID"
         problems.append((line, f"line {line}: ID order: expected {wanted} at position {position + 1}, found "
-                               f"{image_id!r}; {len(out_of_place)} of {len(unique)} rows are out of place (rows "
-                               "must follow the order of the expected ID list exactly)"))
-    missing = [i for i in expected if i not in first_line]
+                               f"{image_id!r}; {len(out_of_place)} of {plural(len(unique), 'row')} "
+                               f"{verb(len(out_of_place), 'is', 'are')} out of place (rows must follow the order of "
+                               "the expected ID list exactly)"))
+    distinct = list(dict.fromkeys(expected))
+    missing = [i for i in distinct if i not in first_line]
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
-        file_problems.append(f"{len(missing)} of the {len(expected)} expected image IDs are missing ({shown})")
+        file_problems.append(f"{len(missing)} of the {plural(len(distinct), 'expected image ID')} "
+                             f"{verb(len(missing), 'is', 'are')} missing ({shown})")
 
 
 def validate_2026(task: str, path: str | Path, expected: list[str] | None) -> Report:
@@ -388,16 +556,26 @@ def validate_2026(task: str, path: str | Path, expected: list[str] | None) -> Re
     for number, raw in enumerate(lines[1:], start=2):
         if not raw.strip() and raw != lines[0]:
             problems.append((number, f"line {number}: blank line"))
+    # The csv reader's lines, ends kept (it breaks only at CR, LF and CRLF): what each record was written as.
+    csv_lines = list(io.StringIO(text, newline=""))
     records = parse_records(text, problems)
     header = HEADERS[task]
     if not records:
         problems.append((1, f"line 1: the file is empty; the first line must be the header {','.join(header)}"))
     elif records[0][2] != header:
         problems.append((1, f"line 1: the header row must be {','.join(header)}"))
+    expected_set = set(expected or [])
     ids: list[tuple[int, str]] = []
     for index, (line, last, fields) in enumerate(records[1:], start=1):
-        if not fields or (len(fields) == 1 and not fields[0].strip()):
-            continue  # a blank line, reported above
+        source = "".join(csv_lines[line - 1:last]).rstrip("\r\n")
+        if not source.strip():
+            continue  # blank lines, reported above
+        if not "".join(fields).strip():
+            # A record of quotes around nothing but whitespace (or a lone quote): not a blank line, so the
+            # pre-check reads it as a row and rejects its field count. It names no image: no ID check.
+            problems.append((line, f"line {line}: {source!r} is a row without an ID ({plural(len(fields), 'field')}, "
+                                   "blank); every row is exactly " + ",".join(header) + ": delete it"))
+            continue
         if last > line:
             warnings.append(f"line {line}: a line break inside a field; the platform checks the file line by line, "
                             "so keep every row on one line")
@@ -408,8 +586,11 @@ def validate_2026(task: str, path: str | Path, expected: list[str] | None) -> Re
         # The pre-check pairs the n-th record with the n-th raw line (it assumes one line per row).
         raw = lines[index] if index < len(lines) else None
         check_row_2026(task, line, fields, raw, index + 1, problems, warnings)
-        ids.append((line, fields[0].strip()))
-    check_ids_2026(task, ids, expected, problems, file_problems)
+        # An ID with whitespace around it is reported once, above; for the ID checks take the ID it was
+        # meant to be, so that one stray space does not also make it unknown, out of place and missing.
+        image_id = fields[0]
+        ids.append((line, image_id if image_id in expected_set else image_id.strip()))
+    check_ids_2026(task, ids, expected, problems, file_problems, warnings)
     problems.sort(key=lambda p: p[0])  # stable: the order found within a line is kept
     return Report(errors=[message for _, message in problems] + file_problems, warnings=warnings, rules="2026")
 
@@ -419,27 +600,58 @@ def validate_2026(task: str, path: str | Path, expected: list[str] | None) -> Re
 # ---------------------------------------------------------------------------------------------
 
 
-def validate_file(task: str, path: str | Path, expected: list[str] | None, rules: str = "2026") -> Report:
-    """Check a submission file against the organisers' rules; expected=None skips the ID set and order checks."""
+def validate_file(task: str, path: str | Path, expected: list[str] | str | Path | None, rules: str = "2026",
+                  ground_truth: str | Path | None = None) -> Report:
+    """Check a submission file against the organisers' rules.
+
+    `expected`: the IDs the platform expects, in its order: a list; a file, the organisers' ID list
+    (ids.csv), read exactly as the platform's pre-check reads it for this task; or a folder of images
+    (natural order). None skips the ID set and order checks, unless `ground_truth` is given.
+    `ground_truth`: the file the platform scores against, when you have it (the validation set): its
+    IDs are the expected ones when `expected` is None, and what in it would stop the organisers'
+    scorer is reported too (no file could be scored against it).
+    For both files: the first row is the header and is never read as an ID, whatever it holds
+    (`ID,CUIs`, `image_id,caption`), as on the platform; a first row whose first field holds a digit is
+    refused, because it is then an image ID that the platform would silently drop.
+    """
     if task not in TASKS:
         raise errors.UserError(f"unknown task {task!r}; one of {', '.join(TASKS)}")
     if rules not in RULES:
         raise errors.UserError(f"unknown rules {rules!r}; one of {', '.join(RULES)}")
+    found = Expected(ids=[])
+    if ground_truth is not None and rules == "2026":
+        scored = read_expected(task, Path(ground_truth), scored=True)
+        found.errors += scored.errors
+        found.warnings += scored.warnings
+        if expected is None:
+            expected = scored.ids
+    elif ground_truth is not None and expected is None:
+        expected = read_id_list(ground_truth)
+    if isinstance(expected, str | Path):
+        if Path(expected).is_dir() or rules == "2025":
+            expected = expected_ids(expected)
+        else:
+            listed = read_expected(task, Path(expected), scored=False)
+            found.errors += listed.errors
+            found.warnings += listed.warnings
+            expected = listed.ids
     if rules == "2026":
-        return validate_2026(task, path, expected)
-    rows = read_rows(path)
-    return validate_concepts(rows, expected) if task == "concepts" else validate_captions(rows, expected)
+        report = validate_2026(task, path, expected)
+    else:
+        rows = read_rows(path)
+        report = validate_concepts(rows, expected) if task == "concepts" else validate_captions(rows, expected)
+    return Report(errors=found.errors + report.errors, warnings=found.warnings + report.warnings, rules=report.rules)
 
 
 def log_report(report: Report, name: str, limit: int = 50) -> None:
-    verdict = "accepted" if report.accepted else f"REJECTED ({len(report.errors)} problems)"
+    verdict = "accepted" if report.accepted else f"REJECTED ({plural(len(report.errors), 'problem')})"
     lines = [f"{name}: the official checks say {verdict} ({report.rules} rules)"]
     lines += [f"  error: {e}" for e in report.errors[:limit]]
     if len(report.errors) > limit:
-        lines.append(f"  ... and {len(report.errors) - limit} more errors")
+        lines.append(f"  ... and {plural(len(report.errors) - limit, 'more error')}")
     lines += [f"  warning: {w}" for w in report.warnings[:limit]]
     if len(report.warnings) > limit:
-        lines.append(f"  ... and {len(report.warnings) - limit} more warnings")
+        lines.append(f"  ... and {plural(len(report.warnings) - limit, 'more warning')}")
     errors.log("\n".join(lines))
 
 

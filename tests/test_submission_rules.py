@@ -1,7 +1,15 @@
-"""submission.py: the 2026 pre-check rule by rule, the ID list and its order, the 2025 reader, the upload zip."""
+"""The organisers' file rules (submission.py): the 2026 pre-check rule by rule and on a recorded corpus of the
+platform's own verdicts, the ID list and its header, the 2025 reader, the upload zip, `evaluate.py validate`.
+
+How a run gets there (--ids_csv, the check after the run, --zip) is tested in test_submitting.py.
+"""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -153,7 +161,7 @@ def test_bytes_that_are_not_utf8_are_reported_on_their_line_and_the_rest_still_c
 def test_a_missing_id_is_reported_with_the_count(tmp_path):
     pred = write(tmp_path / "pred.csv", CONCEPTS.replace("img_a,C0000726\n", ""))
     report = submission.validate_file("concepts", pred, IDS)
-    assert report.errors == ["1 of the 5 expected image IDs are missing (img_a)"]
+    assert report.errors == ["1 of the 5 expected image IDs is missing (img_a)"]
 
 
 def test_what_the_pre_check_allows_is_accepted(tmp_path):
@@ -237,3 +245,166 @@ def test_validate_exit_codes_from_the_command_line(tmp_path):
     missing = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(good), "--ids_csv",
                          str(tmp_path / "nope.csv"))
     assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The platform's own verdicts
+# ---------------------------------------------------------------------------------------------
+
+# 948 edge-case files for both tasks (headers, BOM, line ends, blank and whitespace-only records, quoting,
+# captions over several lines, CUI shapes, ID order, encodings, IDs containing "ID", ground-truth and ID-list
+# variants), each with the verdict of the organisers' own code (their 2026 pre-check, then their scorer's
+# reader), as benchmarks/platform_agreement.py recorded them.
+VERDICTS = Path(__file__).parent / "data" / "platform_verdicts.json"
+ORGANISERS_REPO = os.environ.get("JJVMED_ORGANISERS_REPO")
+
+
+def recorded_cases(task: str) -> list[dict]:
+    data = json.loads(VERDICTS.read_text(encoding="utf-8"))
+    files = {key: base64.b64decode(value["base64"]) if "base64" in value else value["text"].encode("utf-8")
+             for key, value in data["files"].items()}
+    cases = [dict(zip(data["columns"], row, strict=True)) for row in data["cases"]]
+    return [case | {"submission": files[case["submission"]], "reference": files[case["reference"]]}
+            for case in cases if case["task"] == task]
+
+
+def tool_verdict(task: str, case: dict, folder: Path) -> tuple[str, list[str]]:
+    """The verdict the way benchmarks/platform_agreement.py asks for it: with the ground truth, or the ID list."""
+    pred = write(folder / "submission.csv", case["submission"])
+    reference = write(folder / "reference.csv", case["reference"])
+    try:
+        if case["role"] == "gt":
+            report = submission.validate_file(task, pred, None, ground_truth=reference)
+        else:
+            report = submission.validate_file(task, pred, reference)
+    except errors.UserError as e:
+        return "rejected", [str(e)]
+    return ("accepted" if report.accepted else "rejected"), report.errors
+
+
+@pytest.mark.parametrize("task", ["concepts", "captions"])
+def test_every_recorded_file_gets_the_verdict_the_platform_gave(tmp_path, task):
+    cases = recorded_cases(task)
+    assert len(cases) > 400 and {c["platform"] for c in cases} == {"accepted", "rejected"}
+    wrong = []
+    for number, case in enumerate(cases):
+        folder = tmp_path / str(number)
+        folder.mkdir()
+        verdict, said = tool_verdict(task, case, folder)
+        if verdict != case["platform"]:
+            wrong.append(f"{case['name']} [{case['role']}]: the platform {case['platform']} it "
+                         f"({case['message']}); the tool {verdict} it {said[:2]}")
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.skipif(not ORGANISERS_REPO, reason="set JJVMED_ORGANISERS_REPO to a checkout of "
+                    "taubsity/clef-caption-evaluation-2026 to run the organisers' own code")
+def test_the_organisers_code_still_gives_the_recorded_verdicts_and_the_tool_agrees(tmp_path):
+    recording = tmp_path / "verdicts.json"
+    result = run_script("benchmarks/platform_agreement.py", "--organisers_repo", ORGANISERS_REPO, "--record",
+                        str(recording))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    files, agree = re.search(r"^\| all \| (\d+) \| (\d+) \| 0 \| 0 \|", result.stdout, re.M).groups()
+    assert files == agree
+    now, then = (json.loads(p.read_text(encoding="utf-8")) for p in (recording, VERDICTS))
+    assert now["cases"] == then["cases"] and now["files"] == then["files"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What the platform does that the validator once got wrong
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("record, line", [('""\n', 7), ('" "\n', 7), ('"\t"\n', 7), ('"\r"\n', 7), ('"\n"\n', 7),
+                                          ('"', 7), ('"\n', 7)])
+def test_a_record_of_quotes_around_whitespace_is_a_row_the_platform_rejects_not_a_blank_line(tmp_path, record, line):
+    # The raw line is not blank, so the pre-check reads it as a row of 1 field: "Expected exactly 2 columns".
+    report = submission.validate_file("concepts", write(tmp_path / "pred.csv", CONCEPTS + record), IDS)
+    assert not report.accepted
+    assert len(report.errors) == 1 and report.errors[0].startswith(f"line {line}: ")
+    assert "row without an ID" in report.errors[0] and "delete it" in report.errors[0]
+
+
+def test_an_id_with_a_leading_space_is_one_error_not_three(tmp_path):
+    # The image file " scan_1.png" gives the ID " scan_1": the platform refuses the space; that is the one problem.
+    pred = write(tmp_path / "pred.csv", "ID,Caption\n scan_1,a\nscan_2,b\n")
+    report = submission.validate_file("captions", pred, [" scan_1", "scan_2"])
+    assert report.errors == ["line 2: whitespace around the ID ' scan_1'"]
+    report = submission.validate_file("captions", pred, ["scan_1", "scan_2"])
+    assert report.errors == ["line 2: whitespace around the ID ' scan_1'"]
+
+
+def test_some_ids_containing_ID_are_accepted_with_a_warning_that_they_are_not_scored(tmp_path):
+    # The concept scorer skips such rows in the file and in the ground truth alike, so the platform scores the rest.
+    ids = ["img_1", "scan_ID_2", "img_3"]
+    pred = write(tmp_path / "pred.csv", "ID,CUIs\nimg_1,C0040405\nscan_ID_2,C0817096\nimg_3,\n")
+    report = submission.validate_file("concepts", pred, ids)
+    assert report.accepted, report.errors
+    assert report.warnings == ["1 image ID contains 'ID', so the concept scorer skips its row as headers and it is "
+                               "not scored: scan_ID_2"]
+    only = write(tmp_path / "only.csv", "ID,CUIs\nscan_ID_2,C0817096\n")
+    report = submission.validate_file("concepts", only, ["scan_ID_2"])
+    assert not report.accepted and "no image would be scored" in report.errors[0]
+
+
+@pytest.mark.parametrize("header", ["ID,CUIs", "id,caption", "image_id,caption", "Image,Whatever", "\ufeffID,x", "ID"])
+def test_the_first_row_of_an_id_list_is_its_header_whatever_it_names(tmp_path, header):
+    path = write(tmp_path / "ids.csv", header + "\n" + "".join(f"{i},\n" for i in IDS))
+    assert submission.read_id_list(path) == IDS
+    report = submission.validate_file("concepts", write(tmp_path / "pred.csv", CONCEPTS), path)
+    assert report.accepted, report.errors
+
+
+@pytest.mark.parametrize("text, message", [
+    ("img_10\nimg_2\n", "the first row starts with 'img_10', which looks like an image ID"),
+    ("ROCOv2_2023_test_000001,\nROCOv2_2023_test_000002,\n", "add a header row ID above it"),
+    ("\nID,CUIs\nimg_10,\n", "line 1 is blank; the first row must be the header"),
+    ("", "is empty; its first row must be the header"),
+])
+def test_an_id_list_without_a_header_is_refused_rather_than_losing_its_first_id(tmp_path, text, message):
+    path = write(tmp_path / "ids.csv", text)
+    for read in (submission.read_id_list, lambda p: submission.validate_file("concepts", write(
+            tmp_path / "pred.csv", CONCEPTS), p)):
+        with pytest.raises(errors.UserError, match=re.escape(message)) as caught:
+            read(path)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("gt, message", [
+    (CAPTIONS.replace("img_b,", "\nimg_b,"), "line 4: blank row; the organisers' caption scorer stops at it"),
+    (CAPTIONS.replace("img_b,", " img_b,"), "line 4: whitespace around the ID ' img_b'"),
+    ("\ufeff" + CAPTIONS, "line 1: the organisers' caption scorer reads the header '\\ufeffID' as an image"),
+    (CAPTIONS.replace("ID,Caption", "Image,Caption"), "reads the header 'Image' as an image"),
+    (CAPTIONS.replace("img_b,MRI of the knee", "img_b"), "line 4: no second field after 'img_b'"),
+])
+def test_a_ground_truth_the_organisers_scorer_cannot_use_rejects_every_file(tmp_path, gt, message):
+    # The pre-check passes (it skips blank rows, strips IDs and always skips the first row); their scorer then fails.
+    pred = write(tmp_path / "pred.csv", CAPTIONS)
+    report = submission.validate_file("captions", pred, None, ground_truth=write(tmp_path / "gt.csv", gt))
+    assert not report.accepted
+    assert any(message in e for e in report.errors), report.errors
+    # Used as an ID list only (the platform's pre-check), the same file is fine.
+    assert submission.validate_file("captions", pred, tmp_path / "gt.csv").accepted
+
+
+def test_validate_with_gt_names_the_ground_truths_blank_row(tmp_path):
+    gt = write(tmp_path / "gt.csv", CAPTIONS + "\n")
+    pred = write(tmp_path / "pred.csv", CAPTIONS)
+    result = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(pred), "--gt", str(gt))
+    assert result.returncode == 1 and "REJECTED (1 problem)" in result.stderr
+    assert f"ground truth {gt} line 7: blank row" in result.stderr
+    assert run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(pred), "--ids",
+                      str(gt)).returncode == 0
+
+
+def test_counts_of_one_read_in_the_singular(tmp_path, capsys):
+    report = submission.validate_file("concepts", write(tmp_path / "pred.csv", CONCEPTS + "\n"), IDS)
+    submission.log_report(report, "pred.csv")
+    assert "REJECTED (1 problem) " in capsys.readouterr().err
+    swapped = replace_line(replace_line(CONCEPTS, 5, "img_a,C0000726"), 6, "img_1,C1306645")
+    assert "2 of 5 rows are out of place" in submission.validate_file(
+        "concepts", write(tmp_path / "swapped.csv", swapped), IDS).errors[0]
+    extra = write(tmp_path / "extra.csv", CONCEPTS + "img_z,\n")
+    assert "1 of 6 rows is out of place" in submission.validate_file("concepts", extra, IDS).errors[-1]
+    with pytest.raises(errors.UserError, match=r"^1 of the 6 IDs in .* has no image \(first: img_z\)$"):
+        submission.in_id_list_order([(i, None) for i in IDS], ids_csv(tmp_path / "ids.csv", [*IDS, "img_z"]), "image")
