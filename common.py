@@ -24,6 +24,7 @@ from jjvmed.pipeline import RunConfig, run
 from jjvmed.prompts import LANGUAGES, MAX_NEW_TOKENS, PROMPT_TEMPLATES, resolve_template, task_prompt
 from jjvmed.shards import shard_from
 from jjvmed.sources import Generation
+from jjvmed.submission import ID_LIST_HEADER_RULE
 
 __all__ = ["Parser", "RunConfig", "run", "add_common_arguments", "config_from_args", "generation_from_args"]
 
@@ -49,8 +50,8 @@ def add_io_options(io, task: str) -> None:
     io.add_argument("--output_csv", default=default_out, help="final CSV (default: %(default)s)")
     io.add_argument("--ids_csv", default=None, metavar="PATH",
                     help="the expected IDs in the order the platform wants them: a CSV whose first column lists "
-                    "them (the organisers' ID list or a ground-truth file; header skipped). Rows follow it exactly; "
-                    "listed IDs without an image are an error, images it does not list are skipped")
+                    f"them (the organisers' ID list or a ground-truth file); {ID_LIST_HEADER_RULE}. Rows follow it "
+                    "exactly; listed IDs without an image are an error, images it does not list are skipped")
     io.add_argument("--zip", default=None, metavar="PATH",
                     help="also write the upload zip (only submission.csv inside) when the checks accept the file")
     io.add_argument("--limit", type=int, default=None, help="process only the first N images (a quick trial run)")

@@ -151,6 +151,12 @@ def check_header_row(records: list[tuple[int, list[str]]], path: Path, what: str
                                "a header row ID above it")
 
 
+# The header rule of an ID list, said once: the docstring below, --ids_csv's help and the README use it.
+ID_LIST_HEADER_RULE = ("its first row is the header and is never read as an ID, whatever it holds (ID,CUIs, "
+                       "image_id,caption), as on the platform; a first row whose first field holds a digit is "
+                       "refused: it would be an image ID the platform silently drops")
+
+
 def read_id_list(path: str | Path) -> list[str]:
     """The expected IDs, in the file's order: the first column of the organisers' ids.csv or a ground truth.
 
