@@ -7,6 +7,8 @@ generate() runs one of two ways, with the same greedy text:
   step (transformers compiles the step itself when generate() gets a static cache and a compile_config;
   the prefill stays eager). On a GPU this removes most of the host time per decoding step, which
   otherwise caps throughput whatever the batch size.
+Both decode with the attention the model is loaded with (model.py: attention.py's grouped attention,
+which reads the KV cache once per step instead of repeating it for every query head).
 
 `auto_batch_size` picks the largest batch that fits the GPU (`--batch_size auto`).
 """
