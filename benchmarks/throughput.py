@@ -343,7 +343,8 @@ def load_bundle(args, work: Path):
         config = tiny_config(processor.tokenizer, layers=args.layers or 1, heads=DRY_RUN_HEADS,
                              kv_heads=DRY_RUN_KV_HEADS)
         device, dtype = torch.device("cpu"), torch.float32
-        label = (f"dry run: tiny LLaVA, {config.text_config.num_hidden_layers} text layers, "
+        layers = config.text_config.num_hidden_layers
+        label = (f"dry run: tiny LLaVA, {layers} text layer{'s' if layers > 1 else ''}, "
                  f"{DRY_RUN_HEADS} query / {DRY_RUN_KV_HEADS} KV heads, random weights (cpu, float32)")
     else:
         config = llava_llama3_8b_config()
