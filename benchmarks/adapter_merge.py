@@ -35,6 +35,8 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
 
+    from jjvmed import attention
+
     config = tiny_config(train_tokenizer(), hidden=64, layers=1)  # a small vision side: only decoding is timed
     text = config.text_config
     text.hidden_size, text.intermediate_size = args.hidden, args.intermediate
@@ -43,8 +45,9 @@ def build(args):
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with device:
-        base = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with device:  # built where it runs, in its dtype, with the attention the tool loads
+        base = LlavaForConditionalGeneration._from_config(config, dtype=dtype,
+                                                          attn_implementation=attention.register()).eval()
         with torch.no_grad():
             base.lm_head.weight.normal_(0.0, 1.0)  # peaked logits: greedy tokens stable under rounding
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",

@@ -7,6 +7,8 @@ generate() runs one of two ways, with the same greedy text:
   step (transformers compiles the step itself when generate() gets a static cache and a compile_config;
   the prefill stays eager). On a GPU this removes most of the host time per decoding step, which
   otherwise caps throughput whatever the batch size.
+Both decode with the attention the model is loaded with (model.py: attention.py's grouped attention,
+which reads the KV cache once per step instead of repeating it for every query head).
 
 `auto_batch_size` picks the largest batch that fits the GPU (`--batch_size auto`).
 """
@@ -116,8 +118,8 @@ def generate_with_backoff(generate: Callable[[dict], list[str]], inputs: dict, n
 def padded_sizes(batch_size: int) -> list[int]:
     """The batch sizes the compiled step is ever run at: the configured size and the powers of two below it.
 
-    The last, smaller batch is padded to `batch_size`; halves after an out-of-memory to a power of two.
-    So a run compiles once, and at most log2(batch_size) + 1 times however memory goes.
+    Every batch, the last, smaller one too, is padded to `batch_size`; after an out-of-memory, to the next
+    power of two below. So a run compiles once, and at most log2(batch_size) + 1 times however memory goes.
     """
     sizes = {batch_size}
     power = 1
@@ -125,10 +127,6 @@ def padded_sizes(batch_size: int) -> list[int]:
         sizes.add(power)
         power *= 2
     return sorted(sizes)
-
-
-def padded_size(n: int, sizes: list[int]) -> int:
-    return next(s for s in sizes if s >= n)
 
 
 def pad_rows(tensor, rows: int):
@@ -163,8 +161,9 @@ class StaticGenerator:
     """generate() with a static KV cache and, given a backend, a compiled decoding step.
 
     A compiled step is specialised to its shapes (and, with CUDA graphs, to its buffers' addresses), so:
-    - every batch is padded, with copies of its first row whose outputs are dropped, to one of
-      `padded_sizes(batch_size)`;
+    - every batch is padded, with copies of its first row whose outputs are dropped, to the largest size
+      still allowed (`batch_size` until an out-of-memory lowers it): a short last batch costs some wasted
+      rows, a second compile would cost about a minute on the 8B model;
     - one cache is kept and reset between batches instead of a new one per call, and is only replaced
       when the batch size changes or a prompt needs more room;
     - after an out-of-memory the largest size is lowered for the rest of the run: going back up would
@@ -198,7 +197,7 @@ class StaticGenerator:
             for start in range(0, n, self.limit):
                 texts += self(slice_inputs(inputs, start, start + self.limit))
             return texts
-        rows = padded_size(n, self.sizes)
+        rows = self.limit  # a short batch (the last of a run) is padded: one compiled size, not a second compile
         try:
             return self.generate(inputs, n, rows)
         except torch.cuda.OutOfMemoryError:

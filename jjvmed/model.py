@@ -155,7 +155,11 @@ def quantization_config(torch_dtype):
 def load_base_model(path: str, device_map, torch_dtype, load_in_4bit: bool):
     from transformers import LlavaForConditionalGeneration
 
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": device_map, "attn_implementation": "sdpa"}
+    from . import attention
+
+    # SDPA, with decoding steps attending per KV head instead of on a 4x copy of the KV cache (attention.py).
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "device_map": device_map,
+                              "attn_implementation": attention.register()}
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(torch_dtype)
     try:

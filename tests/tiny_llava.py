@@ -66,8 +66,9 @@ def train_tokenizer(extra_text: list[str] | None = None, vocab_size: int = 1024)
     )
 
 
-def tiny_config(tokenizer, hidden: int = 64, layers: int = 2):
-    """LlavaConfig shaped like the 8B one, shrunk. Hidden >= 64 keeps bitsandbytes' CPU kernel happy."""
+def tiny_config(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    """LlavaConfig shaped like the 8B one, shrunk. Hidden >= 64 keeps bitsandbytes' CPU kernel happy.
+    `heads` / `kv_heads`: the text model's query and KV heads (the 8B has 32 and 8, a ratio of 4)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vocab = (len(tokenizer) + 63) // 64 * 64  # padded, as the 8B vocab is padded to 128320
@@ -76,8 +77,8 @@ def tiny_config(tokenizer, hidden: int = 64, layers: int = 2):
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         rope_theta=500000.0,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|begin_of_text|>"),
@@ -137,7 +138,8 @@ def image_processor():
     )
 
 
-def build_tiny_llava(out_dir: str | Path, seed: int = 0, extra_text: list[str] | None = None) -> Path:
+def build_tiny_llava(out_dir: str | Path, seed: int = 0, extra_text: list[str] | None = None,
+                     layers: int = 2, heads: int = 4, kv_heads: int = 2) -> Path:
     """Write a tiny random LLaVA to out_dir, laid out like the 8B repo, and return the folder."""
     import torch
     from transformers import GenerationConfig, LlavaForConditionalGeneration
@@ -146,7 +148,7 @@ def build_tiny_llava(out_dir: str | Path, seed: int = 0, extra_text: list[str] |
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(extra_text)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(tiny_config(tokenizer)).eval()
+    model = LlavaForConditionalGeneration(tiny_config(tokenizer, layers=layers, heads=heads, kv_heads=kv_heads)).eval()
     with torch.no_grad():
         # A wide lm_head gives peaked, well-separated logits: greedy decoding is then stable
         # under the tiny float differences of padding and batching, and the random model writes
