@@ -10,7 +10,7 @@ Contenders, each at every batch size asked for (`auto` too), compiled (--compile
 - generate only: the generation core (generation.generate_batches) on inputs preprocessed once, before any
   timing, and reused by every configuration (each image file decoded and resized once, each prompt
   tokenized once; all rows left-padded to one length, so every batch has the same prompt length);
-- engine: the engine's loader (decode workers, pinned memory on CUDA, the CPU split of common.cpu_split)
+- engine: the engine's loader (decode workers, pinned memory on CUDA, the CPU split of sources.cpu_split)
   feeding the same generation core.
 `--ab_batch_size N` adds rows at batch N with transformers' own SDPA attention, which repeats K/V for
 every query head in decoding steps with a mask (jjvmed/attention.py), against the grouped attention the
@@ -56,11 +56,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the tiny model fixture lives 
 
 from tiny_llava import build_tiny_llava, llava_llama3_8b_config, tiny_config  # noqa: E402
 
-import common  # noqa: E402
 from jjvmed import attention, generation, prompts  # noqa: E402
 from jjvmed.errors import UserError, first_line  # noqa: E402
 from jjvmed.images import Batch, ImageDataset, list_images, load_image  # noqa: E402
 from jjvmed.model import ModelSpec, input_device, load_model, load_processor, quantization_config, stop_token_ids  # noqa: E402
+from jjvmed.pipeline import RunConfig, select  # noqa: E402
+from jjvmed.sources import GenerateSource, Generation, cpu_split  # noqa: E402
 
 DEFAULT_IMAGES = ROOT / "tests" / "data" / "real_images"
 # Image i gets prompt i % 3: the caption and concept instructions the tool uses, and a short one.
@@ -277,7 +278,7 @@ def engine(model, processor, items, prompts, gen_kwargs, batch_size: int, worker
     from torch.utils.data import DataLoader
 
     device = input_device(model)
-    with common.cpu_split(device.type, workers) as n:
+    with cpu_split(device.type, workers) as n:
         loader = DataLoader(ImageDataset(items), batch_size=batch_size, shuffle=False, num_workers=n,
                             collate_fn=MixedPromptCollate(processor, prompts), pin_memory=device.type == "cuda",
                             prefetch_factor=4 if n > 0 else None)
@@ -639,7 +640,7 @@ def write_table(args, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory and resume, through the engine's own run (common.run's path)
+# Memory and resume, through the engine's own generation source (what pipeline.run calls)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -648,13 +649,16 @@ def memory_child(count: int, work: str) -> None:
     folder = build_tiny_llava(Path(work) / f"tiny-{count}")
     bundle = load_model(ModelSpec(str(folder), None, device="cpu"))
     out = Path(work) / f"mem-{count}.csv"
-    cfg = common.RunConfig(task="caption", image_dir=str(Path(work) / "small"), output_csv=str(out),
-                           model=ModelSpec(str(folder), None, device="cpu"), prompt=prompts.build_prompt("vicuna", "x"),
-                           gen_kwargs={"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False},
-                           batch_size=16, num_workers=2, limit=count, overwrite=True)
+    plan = Generation(task="caption", model=ModelSpec(str(folder), None, device="cpu"),
+                      prompt=prompts.build_prompt("vicuna", "x"),
+                      gen_kwargs={"max_new_tokens": 2, "min_new_tokens": 2, "do_sample": False},
+                      batch_size=16, num_workers=2)
+    cfg = RunConfig(task="caption", output_csv=str(out), image_dir=str(Path(work) / "small"), limit=count,
+                    overwrite=True)
+    source = GenerateSource(plan, bundle)
     with PeakMemory(every=0.005) as mem:
-        result = common.generate_run(cfg, common.select_images(cfg.image_dir, None, count), bundle)
-    assert result.generated == count
+        result = source.produce(cfg, select(cfg, source))
+    assert result.done_now == count
     print(json.dumps({"images": count, "peak_pss": mem.peak}))
 
 
@@ -698,28 +702,29 @@ def resume(args) -> None:
         for i in range(1, 20_001):  # the 20,000 finished images (never decoded: they are skipped)
             os.link(images / "img_00000.png", images / f"img_{i:05d}.png")
         out = work / "c.csv"
-        cfg = common.RunConfig(task="caption", image_dir=str(images), output_csv=str(out), model=spec,
-                               prompt=prompts.build_prompt("vicuna", "x"),
-                               gen_kwargs={"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False},
-                               batch_size=1, num_workers=0, resume="auto")
+        plan = Generation(task="caption", model=spec, prompt=prompts.build_prompt("vicuna", "x"),
+                          gen_kwargs={"max_new_tokens": 1, "min_new_tokens": 1, "do_sample": False},
+                          batch_size=1, num_workers=0)
+        cfg = RunConfig(task="caption", output_csv=str(out), image_dir=str(images), resume="auto")
         with open(cfg.journal_path, "wb") as fh:
-            fh.write(header_line(cfg.settings("float32"), os.path.abspath(images)))
+            fh.write(header_line(plan.settings("float32"), os.path.abspath(images)))
             for i in range(1, 20_001):
                 name = f"img_{i:05d}"
                 fh.write(record_line(Record(name, "a previous caption " * 5), file_identity(images / f"{name}.png")))
         first_batch = {}
-        original = common.generate_batches
+        original = generation.generate_batches
 
         def timed(*a, **k):
             for records in original(*a, **k):
                 first_batch.setdefault("t", time.perf_counter())
                 yield records
 
-        common.generate_batches = timed
+        generation.generate_batches = timed  # the source imports it when it starts generating
         start = time.perf_counter()
-        result = common.generate_run(cfg, common.select_images(cfg.image_dir, None, None), bundle)
-        common.generate_batches = original
-        assert result.generated == 1 and len(result.ids) == 20_001
+        source = GenerateSource(plan, bundle)
+        result = source.produce(cfg, select(cfg, source))
+        generation.generate_batches = original
+        assert result.done_now == 1 and len(result.ids) == 20_001
         print(f"\nresume with a 20,000-record journal: {first_batch['t'] - start:.3f} s to the first new batch "
               "(its generation included)")
     finally:
