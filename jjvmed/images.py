@@ -38,11 +38,14 @@ class FolderScan:
     skipped: dict[str, list[str]]  # why -> names of files and folders left out
 
 
+SKIPPED_NOT_UTF8 = "file names that are not valid UTF-8 (cannot be an ID in a CSV; convmv renames them)"
+
+
 def scan_folder(image_dir: str | Path) -> FolderScan:
     """Every image file in the folder, and what was left out and why. Two files with one ID is an error.
 
-    A broken symbolic link named like an image is kept: the user expects a row for it, and it fails
-    to load like any unreadable image (a warning, an empty row, the errors file).
+    A broken symbolic link named like an image is kept, a link in a loop too: the user expects a row
+    for it, and it fails to load like any unreadable image (a warning, an empty row, the errors file).
     """
     folder = Path(image_dir)
     if not folder.is_dir():
@@ -53,7 +56,11 @@ def scan_folder(image_dir: str | Path) -> FolderScan:
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if entry.is_dir():
+            try:
+                folder_or_link_to_one = entry.is_dir()
+            except OSError:  # a link in a loop (to itself, or two to each other): a file that fails to load
+                folder_or_link_to_one = False
+            if folder_or_link_to_one:
                 skipped.setdefault("subfolders (not searched)", []).append(entry.name)
                 continue
             if not dot or not stem or f".{ext.lower()}" not in IMAGE_EXTENSIONS:
@@ -64,13 +71,25 @@ def scan_folder(image_dir: str | Path) -> FolderScan:
             if any(c in stem for c in "\n\r"):
                 skipped.setdefault("file names with a line break (cannot be an ID in a CSV)", []).append(entry.name)
                 continue
-            if not entry.is_file() and not entry.is_symlink():
+            if not stem.isascii() and not is_utf8(stem):
+                skipped.setdefault(SKIPPED_NOT_UTF8, []).append(entry.name)
+                continue
+            if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():  # a FIFO, a device
                 continue
             if stem in found:
                 other = os.path.basename(found[stem])
                 raise UserError(f"two images have the ID {stem!r}: {other} and {entry.name}")
             found[stem] = entry.path
     return FolderScan(sorted(found.items(), key=lambda item: id_sort_key(item[0])), skipped)
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python holds those bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_images(image_dir: str | Path) -> list[tuple[str, str]]:

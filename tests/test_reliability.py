@@ -318,3 +318,33 @@ def test_sigterm_to_the_whole_job_still_stops_cleanly_with_143(tiny_model, tmp_p
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "stopped early" in stderr and "worker died" not in stderr
+
+
+def test_symlink_loops_in_the_image_folder_get_a_row_and_an_error(tiny_model, tmp_path):
+    images = copy_images(tmp_path / "images", 2)
+    (images / "a.png").symlink_to("b.png")  # two links pointing at each other
+    (images / "b.png").symlink_to("a.png")
+    (images / "self.png").symlink_to("self.png")  # a link to itself
+    (images / "here").symlink_to(".")  # a link to its own folder
+    out = tmp_path / "captions.csv"
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images))
+    assert result.returncode == 0, result.stderr
+    rows = dict(read_csv(out)[1:])
+    assert rows["a"] == rows["b"] == rows["self"] == "" and rows["REAL_DICOM_001"]
+    assert sorted(r[0] for r in read_csv(tmp_path / "captions.errors.csv")[1:]) == ["a", "b", "self"]
+    assert "subfolders (not searched): 1 ('here')" in result.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_its_batch_kept(tiny_model, tmp_path):
+    images = copy_images(tmp_path / "images", 3)
+    latin1 = os.fsencode(images) + b"/caf\xe9.png"  # a name from an old archive, not valid UTF-8
+    shutil.copy(REAL_IMAGES / "REAL_DICOM_004.png", latin1)
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, images, "--batch_size", "2")
+    result = run_in_process("generate_captions.py", *args)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out)[1:]
+    assert [r[0] for r in rows] == ["REAL_DICOM_001", "REAL_DICOM_002", "REAL_DICOM_003"] and all(r[1] for r in rows)
+    assert "not valid UTF-8" in result.stderr and "'caf\\udce9.png'" in result.stderr
+    resumed = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0 and "generated now: 0" in resumed.stderr
