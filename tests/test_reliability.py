@@ -348,3 +348,29 @@ def test_a_file_name_that_is_not_utf8_is_skipped_and_its_batch_kept(tiny_model, 
     assert "not valid UTF-8" in result.stderr and "'caf\\udce9.png'" in result.stderr
     resumed = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
     assert resumed.returncode == 0 and "generated now: 0" in resumed.stderr
+
+
+def test_a_second_ctrl_c_ends_the_decoding_workers_with_the_run(tiny_model, tmp_path):
+    """Workers ignore Ctrl-C (the main process decides); left running, they print into the terminal."""
+    out = tmp_path / "captions.csv"
+    proc = slow_run(tiny_model, out, "--num_workers", "2")
+    wait_for_records(out.with_name("captions.journal.jsonl"), proc, 1)
+    time.sleep(1)  # the workers have filled the prefetch queue and wait for more work
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+
+    def running(pid: str) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    time.sleep(0.5)
+    assert proc.returncode == 130
+    assert not [pid for pid in workers if running(pid)]
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr
