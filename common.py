@@ -386,7 +386,8 @@ def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: Mo
     ids = [i for i, _ in items]
     identities = {i: file_identity(p) for i, p in items}
     _, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
-    with lock_exclusive(cfg.journal_path), StopSignals() as stop:
+    remedy = "give this run another --checkpoint_dir" if cfg.resume in (None, "auto") else "resume another journal"
+    with lock_exclusive(cfg.journal_path, remedy), StopSignals() as stop:
         journal = open_journal(cfg.journal_path, cfg.settings(str(dtype).removeprefix("torch.")),
                                os.path.abspath(cfg.image_dir), identities, cfg.resume, cfg.force_resume,
                                cfg.overwrite, cfg.checkpoint_interval)

@@ -80,8 +80,8 @@ def check_writable(path: str | Path, what: str) -> None:
 
 
 @contextmanager
-def lock_exclusive(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock tied to `path` for the block, or refuse at once naming the holder.
+def lock_exclusive(path: str | Path, remedy: str = "give this run another --output_csv") -> Iterator[None]:
+    """Hold an exclusive lock tied to `path` for the block, or refuse at once naming the holder and `remedy`.
 
     An advisory lock on a side file (`.NAME.lock`): the OS drops it when the process dies, so a
     killed run never leaves a stale lock behind. A POSIX record lock (lockf), not flock: forked
@@ -96,8 +96,7 @@ def lock_exclusive(path: str | Path) -> Iterator[None]:
     except OSError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or give this run "
-                        "another --output_csv") from None
+        raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or {remedy}") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)

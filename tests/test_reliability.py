@@ -374,3 +374,19 @@ def test_a_second_ctrl_c_ends_the_decoding_workers_with_the_run(tiny_model, tmp_
     assert not [pid for pid in workers if running(pid)]
     _, stderr = proc.communicate(timeout=60)
     assert "Traceback" not in stderr
+
+
+def test_two_runs_sharing_a_checkpoint_dir_are_told_about_it(tiny_model, tmp_path):
+    checkpoints = ["--checkpoint_dir", str(tmp_path / "ck")]
+    first = slow_run(tiny_model, tmp_path / "a" / "captions.csv", *checkpoints)
+    try:
+        wait_for_records(tmp_path / "ck" / "captions.journal.jsonl", first, 1)
+        second = run_in_process("generate_captions.py", *slow_args(tiny_model, tmp_path / "b" / "captions.csv"),
+                                *checkpoints)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"(PID {first.pid})" in second.stderr and "--checkpoint_dir" in second.stderr
+    assert "another --output_csv" not in second.stderr
+
