@@ -29,7 +29,7 @@ from jjvmed.errors import UserError, exit_at_once, first_line, log
 from jjvmed.files import check_writable, lock_exclusive, write_csv_atomic
 from jjvmed.generation import auto_batch_size, generate_batches, parse_batch_size
 from jjvmed.images import scan_folder
-from jjvmed.journal import default_journal_path, file_identity, open_journal
+from jjvmed.journal import default_journal_path, open_journal
 from jjvmed.model import (
     DEFAULT_ADAPTER,
     DEFAULT_BASE_MODEL,
@@ -384,28 +384,26 @@ def generate_run(cfg: RunConfig, selection: Selection, model_bundle=None) -> Run
 def generate_into_journal(cfg: RunConfig, items: list[tuple[str, str]], spec: ModelSpec,
                           model_bundle=None) -> RunResult:
     ids = [i for i, _ in items]
-    identities = {i: file_identity(p) for i, p in items}
     _, dtype = resolve_device_and_dtype(spec.device, spec.dtype)
     remedy = "give this run another --checkpoint_dir" if cfg.resume in (None, "auto") else "resume another journal"
     with lock_exclusive(cfg.journal_path, remedy), StopSignals() as stop:
         journal = open_journal(cfg.journal_path, cfg.settings(str(dtype).removeprefix("torch.")),
-                               os.path.abspath(cfg.image_dir), identities, cfg.resume, cfg.force_resume,
+                               os.path.abspath(cfg.image_dir), dict(items), cfg.resume, cfg.force_resume,
                                cfg.overwrite, cfg.checkpoint_interval)
         todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
         start = time.perf_counter()
         generated, batch_size, generating = 0, None, 0.0
         try:
             if todo:
-                generated, batch_size, generating = generate_todo(cfg, todo, spec, journal, identities, stop,
-                                                                  model_bundle)
+                generated, batch_size, generating = generate_todo(cfg, todo, spec, journal, stop, model_bundle)
         finally:
             journal.close()
         return RunResult(ids, journal.records, cfg.journal_path, time.perf_counter() - start, generated,
                          stop.signum, batch_size, generating)
 
 
-def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, journal, identities: dict,
-                  stop: StopSignals, model_bundle=None) -> tuple[int, int, float]:
+def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, journal, stop: StopSignals,
+                  model_bundle=None) -> tuple[int, int, float]:
     """Load the model and append the records of every batch to the journal; returns how many were written,
     the batch size and the seconds spent generating (model loading and the batch-size probe left out)."""
     import torch
@@ -426,7 +424,7 @@ def generate_todo(cfg: RunConfig, todo: list[tuple[str, str]], spec: ModelSpec, 
             try:
                 for records in generate_batches(model, processor, guarded(loader), cfg.gen_kwargs,
                                                 "inductor" if cfg.compile else None, batch_size):
-                    journal.append(records, identities)
+                    journal.append(records, loader.digests)
                     for r in records:
                         if not r.ok:
                             bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
@@ -518,7 +516,8 @@ def merge_shards(cfg: RunConfig, selection: Selection) -> RunResult:
     """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
     _, dtype = resolve_device_and_dtype(cfg.model.device, cfg.model.dtype)
     records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids,
-                                  cfg.settings(str(dtype).removeprefix("torch.")), os.path.abspath(cfg.image_dir))
+                                  cfg.settings(str(dtype).removeprefix("torch.")), os.path.abspath(cfg.image_dir),
+                                  dict(selection.items))
     log(f"merged the shards: {len(selection.ids)} images")
     return RunResult(selection.ids, records, default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent, 0.0, 0)
 

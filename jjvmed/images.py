@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import file_digest
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -143,8 +145,17 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS):
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
+# Where a decoded image carries the digest of the file it came from (PIL's `info` holds file metadata),
+# so it reaches the journal without changing what the dataset hands out.
+DIGEST_KEY = "jjvmed_crc32"
+
+
 class ImageDataset:
-    """Map-style dataset of (ID, image or None, error message or None); never raises on bad files."""
+    """Map-style dataset of (ID, image or None, error message or None); never raises on bad files.
+
+    The decoding worker also takes the file's digest (it reads the file anyway): the journal keeps it,
+    so a resume can tell a copied file (same bytes) from a replaced one.
+    """
 
     def __init__(self, items: list[tuple[str, str]]):
         self.items = items
@@ -155,9 +166,12 @@ class ImageDataset:
     def __getitem__(self, index: int):
         image_id, path = self.items[index]
         try:
-            return image_id, load_image(path), None
+            digest = file_digest(path)
+            image = load_image(path)
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported per image
             return image_id, None, f"{type(e).__name__}: {e}".strip()
+        image.info[DIGEST_KEY] = digest
+        return image_id, image, None
 
 
 @dataclass
@@ -165,6 +179,7 @@ class Batch:
     ids: list[str]  # images that decoded and are in `inputs`, in row order
     inputs: dict | None  # processor output (input_ids, attention_mask, pixel_values) or None
     failures: list[tuple[str, str]]  # (ID, error) for images that could not be read
+    digests: dict[str, str] = field(default_factory=dict)  # ID -> digest of the file decoded, when known
 
     def pin_memory(self) -> Batch:
         """A copy with its tensors in page-locked memory, so the copies to the GPU run asynchronously.
@@ -174,7 +189,7 @@ class Batch:
         """
         if self.inputs is None:
             return self
-        return Batch(self.ids, {k: v.pin_memory() for k, v in self.inputs.items()}, self.failures)
+        return Batch(self.ids, {k: v.pin_memory() for k, v in self.inputs.items()}, self.failures, self.digests)
 
 
 class Collate:
@@ -191,10 +206,11 @@ class Collate:
     def __call__(self, samples: list) -> Batch:
         good = [(i, img) for i, img, err in samples if err is None]
         failures = [(i, err) for i, _, err in samples if err is not None]
+        digests = {i: img.info[DIGEST_KEY] for i, img in good if DIGEST_KEY in img.info}
         if not good:
             return Batch([], None, failures)
         try:
-            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures)
+            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures, digests)
         except Exception:  # noqa: BLE001 - find the image the processor cannot take, keep the others
             kept = []
             for image_id, img in good:
@@ -204,7 +220,7 @@ class Collate:
                 except Exception as e:  # noqa: BLE001
                     failures.append((image_id, f"preprocessing failed: {type(e).__name__}: {e}"))
             inputs = self.process([img for _, img in kept]) if kept else None
-            return Batch([i for i, _ in kept], inputs, failures)
+            return Batch([i for i, _ in kept], inputs, failures, {i: digests[i] for i, _ in kept if i in digests})
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
@@ -221,11 +237,27 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+class Loader:
+    """The run's batches, and the digest of every file they decoded, for the journal (`digests`, by ID)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.digests: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self.digests.update(batch.digests)
+            yield batch
+
+
 def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size: int, num_workers: int,
-                pin_memory: bool = False):
+                pin_memory: bool = False) -> Loader:
     from torch.utils.data import DataLoader
 
-    return DataLoader(
+    return Loader(DataLoader(
         ImageDataset(items),
         batch_size=batch_size,
         shuffle=False,
@@ -235,4 +267,4 @@ def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
-    )
+    ))

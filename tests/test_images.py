@@ -10,7 +10,8 @@ from conftest import REAL_IMAGES
 from PIL import Image
 
 from jjvmed import errors, prompts
-from jjvmed.images import SKIPPED_NOT_UTF8, Collate, ImageDataset, list_images, load_image, scan_folder
+from jjvmed.files import file_digest
+from jjvmed.images import SKIPPED_NOT_UTF8, Collate, ImageDataset, list_images, load_image, make_loader, scan_folder
 from jjvmed.model import load_processor
 
 
@@ -124,3 +125,16 @@ def test_a_fifo_named_like_an_image_is_not_listed(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
     os.mkfifo(tmp_path / "pipe.png")  # opening it would wait forever for a writer
     assert [i for i, _ in list_images(tmp_path)] == ["good"]
+
+
+def test_each_decoded_image_reaches_the_batch_with_the_digest_of_its_file(tiny_model, tmp_path):
+    for n, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"img_{n}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    items = list_images(tmp_path)
+    loader = make_loader(items, load_processor(str(tiny_model)), prompts.build_prompt("vicuna", "x"), 2, 0)
+    batches = list(loader)
+    assert [b.ids for b in batches] == [["img_0"], ["img_1"]]  # "bad" sorts first and fails alone
+    assert [i for i, _ in batches[0].failures] == ["bad"]
+    assert loader.digests == {i: file_digest(p) for i, p in items if i != "bad"}
+    assert batches[1].digests == {"img_1": file_digest(tmp_path / "img_1.png")}
