@@ -122,10 +122,11 @@ def file_identity(path: str | Path) -> list[int]:
 
 
 def file_digest(path: str | Path) -> str:
-    """CRC-32 of the file's bytes (8 hex digits): ~4.5 GB/s on one core here, 7x faster than SHA-256.
+    """CRC-32 of the file's bytes (8 hex digits).
 
     It only has to tell a file replaced by accident from a copy of the same bytes (1 in 4 billion
-    replacements would pass), not resist a file made to match.
+    replacements would pass), not resist a file made to match; it costs half what SHA-256 does (0.2
+    ms for a 306 KB PNG, 1.7% of decoding it: benchmarks/listing_resume.py).
     """
     crc = 0
     with open(path, "rb") as fh:
