@@ -14,7 +14,8 @@ Phases, each timed in a fresh interpreter of its own revision (same code path as
   folder holds hard links to the shipped real PNGs (306 KB on average), so reads come from a warm
   page cache: the CPU cost; a cold disk adds its read time.
 - decoding worker, per image: load_image alone (what the earlier dataset did per image) against the
-  CRC-32 plus load_image (what it does now), and SHA-256 plus load_image (the digest not chosen),
+  CRC-32 plus load_image (what the run's loader does now; embedding runs leave the digest off), and
+  SHA-256 plus load_image (the digest not chosen),
   over the shipped real PNGs; and each digest alone, the steadier measure of what it adds.
 
 Contenders run interleaved (A B, B A, ...) and repeated; tables give min / median / max. Every

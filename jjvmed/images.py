@@ -153,12 +153,14 @@ DIGEST_KEY = "jjvmed_crc32"
 class ImageDataset:
     """Map-style dataset of (ID, image or None, error message or None); never raises on bad files.
 
-    The decoding worker also takes the file's digest (it reads the file anyway): the journal keeps it,
-    so a resume can tell a copied file (same bytes) from a replaced one.
+    With `digests`, the decoding worker also takes the file's digest (it reads the file anyway): the
+    journal keeps it, so a resume can tell a copied file (same bytes) from a replaced one. Runs that
+    keep no journal (embeddings) leave it off and do not pay for it.
     """
 
-    def __init__(self, items: list[tuple[str, str]]):
+    def __init__(self, items: list[tuple[str, str]], digests: bool = False):
         self.items = items
+        self.digests = digests
 
     def __len__(self) -> int:
         return len(self.items)
@@ -166,11 +168,12 @@ class ImageDataset:
     def __getitem__(self, index: int):
         image_id, path = self.items[index]
         try:
-            digest = file_digest(path)
+            digest = file_digest(path) if self.digests else None
             image = load_image(path)
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported per image
             return image_id, None, f"{type(e).__name__}: {e}".strip()
-        image.info[DIGEST_KEY] = digest
+        if digest is not None:
+            image.info[DIGEST_KEY] = digest
         return image_id, image, None
 
 
@@ -258,7 +261,7 @@ def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size
     from torch.utils.data import DataLoader
 
     return Loader(DataLoader(
-        ImageDataset(items),
+        ImageDataset(items, digests=True),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
