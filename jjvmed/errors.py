@@ -60,4 +60,22 @@ def exit_at_once(signum, frame, hint: str = RESUME_HINT) -> None:
     import or finalizer and end in a traceback.
     """
     print(stopped_message(signum, hint), file=sys.stderr, flush=True)
+    end_worker_processes()
     os._exit(128 + signum)
+
+
+def end_worker_processes() -> None:
+    """Kill this process's worker processes (image decoding) before an exit that skips their shutdown.
+
+    They ignore Ctrl-C and SIGTERM (the main process decides when to stop). Left behind, they wait
+    seconds before noticing the main process is gone, and one handing over a batch at that moment
+    prints a ConnectionResetError traceback into the terminal.
+    """
+    multiprocessing = sys.modules.get("multiprocessing")  # not imported: no workers (and no import in a handler)
+    if multiprocessing is None:
+        return
+    for child in multiprocessing.active_children():
+        try:
+            child.kill()
+        except OSError:
+            pass  # already gone

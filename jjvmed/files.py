@@ -1,4 +1,5 @@
-"""Every file the tool writes goes through here: whole or not at all, readable by colleagues."""
+"""Every file the tool writes goes through here: whole or not at all, readable by colleagues; and what
+identifies a file the tool read, so a resume can tell whether it changed."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import fcntl
 import io
 import os
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,27 +82,70 @@ def check_writable(path: str | Path, what: str) -> None:
 
 
 @contextmanager
-def lock_exclusive(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock tied to `path` for the block, or refuse at once naming the holder.
+def lock_exclusive(path: str | Path, remedy: str = "give this run another --output_csv") -> Iterator[None]:
+    """Hold an exclusive lock tied to `path` for the block, or refuse at once naming the holder and `remedy`.
 
     An advisory lock on a side file (`.NAME.lock`): the OS drops it when the process dies, so a
     killed run never leaves a stale lock behind. A POSIX record lock (lockf), not flock: forked
     DataLoader workers do not inherit it, so a worker outliving its killed parent holds nothing.
+    The side file is removed when the block ends, so a run that stopped (or failed to start) leaves
+    nothing beside its outputs; only a killed process leaves it, unlocked.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or {remedy}") from None
+        # The holder before us removes the file as it lets go: if that happened between our open and our
+        # lock, we hold a file nobody else can find. Take the lock again on the file the path names now.
+        if same_file(fd, lock_path):
+            break
         os.close(fd)
-        raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or give this run "
-                        "another --output_csv") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
+        lock_path.unlink(missing_ok=True)  # while still holding it: whoever opens it next gets a new file
         os.close(fd)
+
+
+def same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def file_identity(path: str | Path) -> list[int]:
+    """What a resume compares without reading the file: size, modification time and status-change time (ns).
+
+    The status-change time (ctime) is set by the system on every write, rename, chmod or time change
+    and cannot be set back: a file replaced by one of the same size with its modification time
+    restored still shows a new ctime. [] if the file cannot be read.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_digest(path: str | Path) -> str:
+    """CRC-32 of the file's bytes (8 hex digits).
+
+    It only has to tell a file replaced by accident from a copy of the same bytes (1 in 4 billion
+    replacements would pass), not resist a file made to match; it costs half what SHA-256 does (0.2
+    ms for a 306 KB PNG, 1.7% of decoding it: benchmarks/listing_resume.py).
+    """
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"

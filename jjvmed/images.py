@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .files import file_digest
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -38,11 +40,14 @@ class FolderScan:
     skipped: dict[str, list[str]]  # why -> names of files and folders left out
 
 
+SKIPPED_NOT_UTF8 = "file names that are not valid UTF-8 (cannot be an ID in a CSV; convmv renames them)"
+
+
 def scan_folder(image_dir: str | Path) -> FolderScan:
     """Every image file in the folder, and what was left out and why. Two files with one ID is an error.
 
-    A broken symbolic link named like an image is kept: the user expects a row for it, and it fails
-    to load like any unreadable image (a warning, an empty row, the errors file).
+    A broken symbolic link named like an image is kept, a link in a loop too: the user expects a row
+    for it, and it fails to load like any unreadable image (a warning, an empty row, the errors file).
     """
     folder = Path(image_dir)
     if not folder.is_dir():
@@ -53,7 +58,11 @@ def scan_folder(image_dir: str | Path) -> FolderScan:
     with os.scandir(folder) as entries:
         for entry in entries:
             stem, dot, ext = entry.name.rpartition(".")
-            if entry.is_dir():
+            try:
+                folder_or_link_to_one = entry.is_dir()
+            except OSError:  # a link in a loop (to itself, or two to each other): a file that fails to load
+                folder_or_link_to_one = False
+            if folder_or_link_to_one:
                 skipped.setdefault("subfolders (not searched)", []).append(entry.name)
                 continue
             if not dot or not stem or f".{ext.lower()}" not in IMAGE_EXTENSIONS:
@@ -64,13 +73,25 @@ def scan_folder(image_dir: str | Path) -> FolderScan:
             if any(c in stem for c in "\n\r"):
                 skipped.setdefault("file names with a line break (cannot be an ID in a CSV)", []).append(entry.name)
                 continue
-            if not entry.is_file() and not entry.is_symlink():
+            if not stem.isascii() and not is_utf8(stem):
+                skipped.setdefault(SKIPPED_NOT_UTF8, []).append(entry.name)
+                continue
+            if not entry.is_file(follow_symlinks=False) and not entry.is_symlink():  # a FIFO, a device
                 continue
             if stem in found:
                 other = os.path.basename(found[stem])
                 raise UserError(f"two images have the ID {stem!r}: {other} and {entry.name}")
             found[stem] = entry.path
     return FolderScan(sorted(found.items(), key=lambda item: id_sort_key(item[0])), skipped)
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (Python holds those bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def list_images(image_dir: str | Path) -> list[tuple[str, str]]:
@@ -124,11 +145,22 @@ def load_image(path: str | Path, max_pixels: int = MAX_PIXELS):
         return img if img.mode == "RGB" else img.convert("RGB")
 
 
-class ImageDataset:
-    """Map-style dataset of (ID, image or None, error message or None); never raises on bad files."""
+# Where a decoded image carries the digest of the file it came from (PIL's `info` holds file metadata),
+# so it reaches the journal without changing what the dataset hands out.
+DIGEST_KEY = "jjvmed_crc32"
 
-    def __init__(self, items: list[tuple[str, str]]):
+
+class ImageDataset:
+    """Map-style dataset of (ID, image or None, error message or None); never raises on bad files.
+
+    With `digests`, the decoding worker also takes the file's digest (it reads the file anyway): the
+    journal keeps it, so a resume can tell a copied file (same bytes) from a replaced one. Runs that
+    keep no journal (embeddings) leave it off and do not pay for it.
+    """
+
+    def __init__(self, items: list[tuple[str, str]], digests: bool = False):
         self.items = items
+        self.digests = digests
 
     def __len__(self) -> int:
         return len(self.items)
@@ -136,9 +168,13 @@ class ImageDataset:
     def __getitem__(self, index: int):
         image_id, path = self.items[index]
         try:
-            return image_id, load_image(path), None
+            digest = file_digest(path) if self.digests else None
+            image = load_image(path)
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported per image
             return image_id, None, f"{type(e).__name__}: {e}".strip()
+        if digest is not None:
+            image.info[DIGEST_KEY] = digest
+        return image_id, image, None
 
 
 @dataclass
@@ -146,6 +182,7 @@ class Batch:
     ids: list[str]  # images that decoded and are in `inputs`, in row order
     inputs: dict | None  # processor output (input_ids, attention_mask, pixel_values) or None
     failures: list[tuple[str, str]]  # (ID, error) for images that could not be read
+    digests: dict[str, str] = field(default_factory=dict)  # ID -> digest of the file decoded, when known
 
     def pin_memory(self) -> Batch:
         """A copy with its tensors in page-locked memory, so the copies to the GPU run asynchronously.
@@ -155,7 +192,7 @@ class Batch:
         """
         if self.inputs is None:
             return self
-        return Batch(self.ids, {k: v.pin_memory() for k, v in self.inputs.items()}, self.failures)
+        return Batch(self.ids, {k: v.pin_memory() for k, v in self.inputs.items()}, self.failures, self.digests)
 
 
 class Collate:
@@ -172,10 +209,11 @@ class Collate:
     def __call__(self, samples: list) -> Batch:
         good = [(i, img) for i, img, err in samples if err is None]
         failures = [(i, err) for i, _, err in samples if err is not None]
+        digests = {i: img.info[DIGEST_KEY] for i, img in good if DIGEST_KEY in img.info}
         if not good:
             return Batch([], None, failures)
         try:
-            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures)
+            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures, digests)
         except Exception:  # noqa: BLE001 - find the image the processor cannot take, keep the others
             kept = []
             for image_id, img in good:
@@ -185,7 +223,7 @@ class Collate:
                 except Exception as e:  # noqa: BLE001
                     failures.append((image_id, f"preprocessing failed: {type(e).__name__}: {e}"))
             inputs = self.process([img for _, img in kept]) if kept else None
-            return Batch([i for i, _ in kept], inputs, failures)
+            return Batch([i for i, _ in kept], inputs, failures, {i: digests[i] for i, _ in kept if i in digests})
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
@@ -202,12 +240,28 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
         signal.signal(s, signal.SIG_IGN)
 
 
+class Loader:
+    """The run's batches, and the digest of every file they decoded, for the journal (`digests`, by ID)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.digests: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.loader:
+            self.digests.update(batch.digests)
+            yield batch
+
+
 def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size: int, num_workers: int,
-                pin_memory: bool = False):
+                pin_memory: bool = False) -> Loader:
     from torch.utils.data import DataLoader
 
-    return DataLoader(
-        ImageDataset(items),
+    return Loader(DataLoader(
+        ImageDataset(items, digests=True),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
@@ -216,4 +270,4 @@ def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
-    )
+    ))

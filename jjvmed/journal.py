@@ -1,14 +1,16 @@
 """The append-only journal of raw generations: the single source of truth for the CSVs.
 
 One JSON line per image, appended after every batch. The first line records what the journal is
-of: the settings that decide the text and the image folder; each record also keeps its file's
-size and modification time. A resume with other settings or another folder is refused, and an
-image whose file changed since is generated again: stale text is never reused.
+of: the settings that decide the text and the image folder; each record also keeps what identified
+its file (size, modification and status-change times) and the CRC-32 of the bytes the model saw.
+A resume with other settings or another folder is refused, and an image whose file changed since
+is generated again: stale text is never reused.
 
 A journal survives anything a run can meet: a torn last line (a kill mid-write) is dropped and
-redone; a damaged line elsewhere is set aside in a side file and its image redone; an exclusive
-lock (released by the OS when the process dies, so a SIGKILL leaves none behind) keeps a second
-run off the same journal.
+redone; a damaged line elsewhere is set aside in a side file and its image redone; a journal cut
+off before its first line ended (a kill or a full disk at the first write) holds nothing and is
+started over; an exclusive lock (released by the OS when the process dies, so a SIGKILL leaves none
+behind) keeps a second run off the same journal.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, log
-from .files import write_bytes_atomic
+from .files import file_digest, file_identity, write_bytes_atomic
 from .records import Record
 
-JOURNAL_VERSION = 2
+JOURNAL_VERSION = 3  # 3: records keep the status-change time and the content digest; 2 kept size and mtime only
+HEADER_START = b'{"journal": "jj-vmed"'  # how every header line begins (json.dumps keeps the key order)
 
 
 def default_journal_path(output_csv: str | Path, checkpoint_dir: str | None, suffix: str = "") -> Path:
@@ -32,70 +35,102 @@ def default_journal_path(output_csv: str | Path, checkpoint_dir: str | None, suf
     return folder / f"{out.stem}{suffix}.journal.jsonl"
 
 
-def file_identity(path: str) -> list[int]:
-    """A cheap identity of an image file: size and modification time (ns). [] if it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return []
-    return [st.st_size, st.st_mtime_ns]
-
-
 @dataclass(frozen=True)
 class JournalContents:
     header: dict
     records: dict[str, Record]  # last record per ID
-    identities: dict[str, list[int]]  # ID -> file identity when its record was written
+    identities: dict[str, list]  # ID -> file identity when its record was written (files.file_identity)
+    digests: dict[str, str]  # ID -> digest of the file its text was generated from (journals of version 3)
     bad_lines: list[tuple[int, bytes]]  # (line number, raw line) that could not be read as a record
     torn_tail: bool  # the last line was cut off by a kill
 
 
-def parse_record(raw: bytes) -> tuple[Record, list[int]] | None:
-    """A record line, or None if it is not one (damaged JSON, wrong types, missing fields)."""
+DECODER = json.JSONDecoder()
+
+
+def parse_json(line: str):
+    """The JSON value of a line, or None if it is not one (garbage, or nesting too deep to read).
+
+    The decoder directly, on lines decoded from the file at once: cheaper than json.loads per line
+    of bytes, which keeps the longer records of version 3 from slowing a resume
+    (benchmarks/listing_resume.py).
+    """
+    line = line.lstrip()
     try:
-        entry = json.loads(raw)
-    except ValueError:
+        value, end = DECODER.raw_decode(line)
+    except (ValueError, RecursionError):
         return None
+    return value if end == len(line) or line[end:].isspace() else None
+
+
+def parse_record(line: str) -> tuple[Record, list, str | None] | None:
+    """A record line, or None if it is not one (damaged JSON, wrong types, missing fields)."""
+    entry = parse_json(line)
     if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
         return None
-    text, error, ident = entry.get("text"), entry.get("error"), entry.get("file", [])
-    if not isinstance(text, str) or not (error is None or isinstance(error, str)) or not isinstance(ident, list):
+    image_id, text, error, ident, digest = (entry["id"], entry.get("text"), entry.get("error"), entry.get("file", []),
+                                            entry.get("crc32"))
+    if not isinstance(text, str) or not (error is None or isinstance(error, str)) or not isinstance(ident, list) \
+            or not (digest is None or isinstance(digest, str)):
         return None
-    return Record(entry["id"], text, error), ident
+    if not (image_id.isascii() and text.isascii() and (error is None or error.isascii())) \
+            and not all(is_utf8(s) for s in (image_id, text, error or "")):
+        return None  # bytes that are not UTF-8, or a lone surrogate (\ud800): no CSV can hold them
+    return Record(image_id, text, error), ident, digest
 
 
-def read_journal(path: Path) -> JournalContents:
-    """Everything a journal holds; damaged lines are returned apart, never raised on."""
+def is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def holds_nothing(data: bytes) -> bool:
+    """A journal cut off before its first line ended: empty, or the start of a header and no more."""
+    return b"\n" not in data and (data.startswith(HEADER_START) or HEADER_START.startswith(data))
+
+
+def read_journal(path: Path) -> JournalContents | None:
+    """Everything a journal holds; damaged lines are returned apart, never raised on.
+
+    None for a journal cut off before its first line ended (it holds nothing to resume).
+    """
     with open(path, "rb") as fh:
         data = fh.read()
-    lines = data.split(b"\n")
-    torn = bool(lines) and lines[-1].strip() != b""  # no final newline: the last write was cut off
-    body = lines[:-1]
+    if holds_nothing(data):
+        return None
+    # Bytes that are not UTF-8 stay as lone surrogates: the line is set aside, and written back unchanged.
+    lines = data.decode("utf-8", "surrogateescape").split("\n")
+    torn = lines[-1].strip() != ""  # no final newline: the last write was cut off
     header = None
     records: dict[str, Record] = {}
-    identities: dict[str, list[int]] = {}
+    identities: dict[str, list] = {}
+    digests: dict[str, str] = {}
     bad: list[tuple[int, bytes]] = []
-    for number, raw in enumerate(body, start=1):
-        if not raw.strip():
+    for number, line in enumerate(lines[:-1], start=1):
+        if not line or line.isspace():
             continue
         if header is None:
-            try:
-                header = json.loads(raw)
-            except ValueError:
-                header = None
+            header = parse_json(line)
             if not isinstance(header, dict) or header.get("journal") != "jj-vmed":
                 raise UserError(f"{path} is not a JJ-VMed checkpoint journal (line {number}); move it away")
             continue
-        parsed = parse_record(raw)
+        parsed = parse_record(line)
         if parsed is None:
-            bad.append((number, raw))
+            bad.append((number, line.encode("utf-8", "surrogateescape")))
             continue
-        record, ident = parsed
+        record, ident, digest = parsed
         records[record.id] = record
         identities[record.id] = ident
+        if digest is None:
+            digests.pop(record.id, None)
+        else:
+            digests[record.id] = digest
     if header is None:
-        raise UserError(f"checkpoint journal {path} has no header line; delete it to start over")
-    return JournalContents(header, records, identities, bad, torn)
+        raise UserError(f"{path} is not a JJ-VMed checkpoint journal (no header line); move it away")
+    return JournalContents(header, records, identities, digests, bad, torn)
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
@@ -103,91 +138,188 @@ def settings_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def record_line(record: Record, identity: list[int]) -> bytes:
+JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",
+              type(None): "null"}
+
+
+def header_differences(header: dict, settings: dict, image_dir: str) -> list[str]:
+    """How the journal's header differs from this command (its value -> this command's).
+
+    Settings that cannot be read (a damaged header) count as different: they cannot be shown equal.
+    """
+    old = header.get("settings", {})
+    if isinstance(old, dict):
+        diffs = settings_differences(old, settings)
+    else:
+        found = JSON_TYPES.get(type(old), type(old).__name__)
+        diffs = [f"settings: unreadable in the journal ({found} instead of an object)"]
+    old_dir = header.get("image_dir")
+    if old_dir is not None and old_dir != image_dir:
+        diffs.append(f"image folder: {old_dir} -> {image_dir}")
+    return diffs
+
+
+def changed_images(contents: JournalContents, files: dict[str, str], identities: dict[str, list]) -> set[str]:
+    """IDs among `files` (ID -> path; `identities`: their identity now) whose record was made from another file.
+
+    Size and modification time must match. The status-change time too, or else the content: a copy
+    with its times kept (cp -a, rsync -a) or a chmod gives a new ctime and the same bytes, and such a
+    file is read once more to compare its digest. Journals of version 2 recorded size and
+    modification time only, and are compared on those.
+    """
+    changed: set[str] = set()
+    by_content: list[str] = []
+    for i, recorded in contents.identities.items():
+        if i not in files or recorded == identities[i]:
+            continue
+        if recorded[:2] != identities[i][:2]:
+            changed.add(i)
+        elif len(recorded) > 2:
+            by_content.append(i)
+            if not same_content(files[i], contents.digests.get(i)):
+                changed.add(i)
+    if by_content:
+        log(f"{len(by_content)} image(s) kept their size and modification time but have a new status-change time "
+            f"(copied, restored or chmod-ed): compared by content, {len(changed.intersection(by_content))} changed")
+    return changed
+
+
+def same_content(path: str, digest: str | None) -> bool:
+    if digest is None:  # no digest recorded (the image had failed): nothing to show it is the same
+        return False
+    try:
+        return file_digest(path) == digest
+    except OSError:
+        return False
+
+
+def record_line(record: Record, identity: list, digest: str | None = None) -> bytes:
     entry = {"id": record.id, "text": record.text, "error": record.error, "file": identity}
+    if digest is not None:
+        entry["crc32"] = digest
     return (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def header_line(settings: dict, image_dir: str) -> bytes:
     header = {"journal": "jj-vmed", "version": JOURNAL_VERSION, "settings": settings, "image_dir": image_dir,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    return (json.dumps(header, ensure_ascii=False) + "\n").encode("utf-8")
+    return encode_header(header)
+
+
+def encode_header(header: dict) -> bytes:
+    """A folder or model path whose bytes are not UTF-8 is written back as those bytes, as it is read."""
+    return (json.dumps(header, ensure_ascii=False) + "\n").encode("utf-8", "surrogateescape")
 
 
 class Journal:
     """Appends one JSON line per image after every batch; fsyncs every `sync_every` batches.
 
     A new journal's file is created with the first records, so a run that fails before
-    generating anything (model not found, no GPU) leaves nothing that blocks the plain rerun.
+    generating anything (model not found, no GPU) leaves nothing that blocks the plain rerun; if
+    that first write fails (a full disk), the file is removed again for the same reason.
     """
 
-    def __init__(self, path: Path, header: bytes, records: dict[str, Record], sync_every: int, exists: bool):
+    def __init__(self, path: Path, header: bytes, records: dict[str, Record], identities: dict[str, list],
+                 sync_every: int, exists: bool):
         self.path = path
         self.header = header
         self.records = dict(records)
+        self.identities = identities  # ID -> identity of its file when the run started
         self.sync_every = sync_every
         self.batches = 0
         self.fh = open(path, "ab") if exists else None
+        self.failed = False
 
-    def append(self, records: list[Record], identities: dict[str, list[int]]) -> None:
+    def append(self, records: list[Record], digests: dict[str, str]) -> None:
+        """Write the batch's records; `digests`: ID -> digest of the file decoded (images.Loader.digests)."""
         if not records:
             return
-        if self.fh is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.fh = open(self.path, "wb")
-            self.fh.write(self.header)
-        self.fh.write(b"".join(record_line(r, identities.get(r.id, [])) for r in records))
-        self.fh.flush()
+        lines = b"".join(record_line(r, self.identities.get(r.id, []), digests.get(r.id)) for r in records)
+        try:
+            if self.fh is None:
+                self.start(lines)
+            else:
+                self.fh.write(lines)
+                self.fh.flush()
+        except OSError as e:
+            self.failed = True
+            if e.filename is None:  # a failed write names no file: say which one
+                raise OSError(e.errno, e.strerror, str(self.path)) from e
+            raise
         self.records.update((r.id, r) for r in records)
         self.batches += 1
         if self.batches % self.sync_every == 0:
             os.fsync(self.fh.fileno())
 
+    def start(self, lines: bytes) -> None:
+        """Create the file with its header and first records, or leave no file at all."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "wb")
+        try:
+            fh.write(self.header + lines)
+            fh.flush()
+        except BaseException:
+            try:
+                fh.close()
+            except OSError:
+                pass  # the bytes it still holds cannot be written either
+            self.path.unlink(missing_ok=True)
+            raise
+        self.fh = fh
+
     def close(self) -> None:
-        if self.fh is not None and not self.fh.closed:
-            self.fh.flush()
-            os.fsync(self.fh.fileno())
-            self.fh.close()
+        if self.fh is None or self.fh.closed:
+            return
+        if self.failed:  # a write already failed (a full disk): what is on disk is a prefix, read as such
+            try:
+                self.fh.close()
+            except OSError:
+                pass
+            return
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+        self.fh.close()
 
 
 def heal(path: Path, contents: JournalContents) -> None:
     """Set damaged lines aside in a side file and rewrite the journal with its good lines only."""
     side = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}.txt")
     write_bytes_atomic(side, b"".join(b"line %d: %s\n" % (n, raw) for n, raw in contents.bad_lines))
-    body = b"".join(record_line(r, contents.identities.get(i, [])) for i, r in contents.records.items())
-    header = (json.dumps(contents.header, ensure_ascii=False) + "\n").encode("utf-8")
-    write_bytes_atomic(path, header + body)
+    body = b"".join(record_line(r, contents.identities.get(i, []), contents.digests.get(i))
+                    for i, r in contents.records.items())
+    write_bytes_atomic(path, encode_header(contents.header) + body)
     log(f"warning: {len(contents.bad_lines)} damaged line(s) in {path} set aside in {side}; "
         "their images are generated again")
 
 
-def open_journal(path: Path, settings: dict, image_dir: str, identities: dict[str, list[int]], resume: str | None,
+def open_journal(path: Path, settings: dict, image_dir: str, files: dict[str, str], resume: str | None,
                  force_resume: bool, overwrite: bool, sync_every: int) -> Journal:
     """Start or continue a journal, refusing anything that could mix two different runs.
 
-    The records it starts with are only those still valid: same settings, same folder, and an
-    image file unchanged since its record was written.
+    `files`: ID -> path of every image of this run. The records it starts with are only those still
+    valid: same settings, same folder, and an image file unchanged since its record was written.
     """
     header = header_line(settings, image_dir)
+    identities = {i: file_identity(p) for i, p in files.items()}
     explicit = resume not in (None, "auto")
-    if not path.exists() or overwrite:
-        if explicit and not overwrite:
-            raise UserError(f"--resume_from_checkpoint {path}: no such journal")
-        if resume == "auto":
+    if overwrite:
+        path.unlink(missing_ok=True)
+    elif explicit and not path.exists():
+        raise UserError(f"--resume_from_checkpoint {path}: no such journal")
+    contents = read_journal(path) if path.exists() else None
+    if contents is None:
+        if path.exists():
+            log(f"checkpoint journal {path} was cut off before its first record (a kill or a full disk at the "
+                "first write); starting it over")
+        elif resume == "auto":
             log(f"no checkpoint journal at {path}; starting fresh")
-        if overwrite:
-            path.unlink(missing_ok=True)
-        return Journal(path, header, {}, sync_every, exists=False)
-    contents = read_journal(path)
+        return Journal(path, header, {}, identities, sync_every, exists=False)
     if resume is None:
         raise UserError(
             f"a checkpoint journal from an earlier run exists at {path} ({len(contents.records)} images done); "
             "add --resume_from_checkpoint auto to continue it, or --overwrite to start over"
         )
-    diffs = settings_differences(contents.header.get("settings", {}), settings)
-    old_dir = contents.header.get("image_dir")
-    if old_dir is not None and old_dir != image_dir:
-        diffs.append(f"image folder: {old_dir} -> {image_dir}")
+    diffs = header_differences(contents.header, settings, image_dir)
     if diffs and not force_resume:
         raise UserError(
             f"cannot resume from {path}: it was written with other settings ({'; '.join(diffs)}); "
@@ -197,13 +329,12 @@ def open_journal(path: Path, settings: dict, image_dir: str, identities: dict[st
         heal(path, contents)
     elif contents.torn_tail:
         truncate_torn_tail(path)
-    valid = {i: r for i, r in contents.records.items()
-             if i in identities and contents.identities.get(i) == identities[i]}
-    changed = sum(1 for i in contents.records if i in identities and i not in valid)
+    changed = changed_images(contents, files, identities)
+    valid = {i: r for i, r in contents.records.items() if i in files and i not in changed}
     if changed:
-        log(f"warning: {changed} image(s) changed since the journal recorded them; they are generated again")
+        log(f"warning: {len(changed)} image(s) changed since the journal recorded them; they are generated again")
     log(f"resuming from {path}: {sum(1 for r in valid.values() if r.ok)} images already done")
-    return Journal(path, header, valid, sync_every, exists=True)
+    return Journal(path, header, valid, identities, sync_every, exists=True)
 
 
 def truncate_torn_tail(path: Path) -> None:

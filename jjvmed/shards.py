@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
-from .journal import default_journal_path, read_journal, settings_differences
+from .files import file_identity
+from .journal import changed_images, default_journal_path, header_differences, read_journal
 from .records import Record
 
 
@@ -99,37 +100,43 @@ def shard_journals(output_csv: str | Path, checkpoint_dir: str | None) -> list[P
 
 
 def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_ids: list[str],
-                        settings: dict, image_dir: str) -> dict[str, Record]:
-    """--merge_shards: every shard's records, refusing a missing, incomplete or mismatched shard.
+                        settings: dict, image_dir: str, files: dict[str, str]) -> dict[str, Record]:
+    """--merge_shards: every shard's records, refusing a missing, incomplete, mismatched or outdated shard.
 
     Each shard must have been run with this command's settings on this image folder: stale journals
-    from another run with the same shard count are refused, not merged.
+    from another run with the same shard count are refused, not merged. `files` (ID -> path) are
+    checked as a resume checks them: an image changed since its shard ran is refused, naming the
+    shard to resume, which generates it again.
     """
     counts = {int(re.search(r"-of-(\d+)\.journal", p.name).group(1)) for p in shard_journals(output_csv,
                                                                                             checkpoint_dir)}
     if len(counts) != 1:
         raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
     count = counts.pop()
+    identities = {i: file_identity(p) for i, p in files.items()}
     records: dict[str, Record] = {}
     problems = []
     for index in range(count):
         shard = Shard(index, count)
         path = default_journal_path(output_csv, checkpoint_dir, shard.suffix)
+        rerun = f"rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto"
         if not path.exists():
             problems.append(f"shard {index} of {count} is missing ({path.name})")
             continue
         contents = read_journal(path)
-        shard_records = contents.records
-        diffs = settings_differences(settings, contents.header.get("settings", {}))
-        if contents.header.get("image_dir") not in (None, image_dir):
-            diffs.append(f"image folder: {image_dir} -> {contents.header['image_dir']}")
+        shard_records = contents.records if contents else {}
+        diffs = header_differences(contents.header, settings, image_dir) if contents else []
         if diffs:
             problems.append(f"shard {index} was run with other settings than this command ({'; '.join(diffs)})")
         mine = shard.take(all_ids)
         missing = [i for i in mine if i not in shard_records]
         if missing:
             problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of {len(mine)} images missing "
-                            f"(rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto)")
+                            f"({rerun})")
+        changed = sorted(changed_images(contents, files, identities).intersection(mine)) if contents else []
+        if changed:
+            problems.append(f"shard {index} of {count}: {len(changed)} image(s) changed since it ran "
+                            f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}; {rerun})")
         records.update(shard_records)
     if problems:
         raise UserError("cannot merge: " + "; ".join(problems))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .errors import RESUME_HINT, UserError, log
 from .files import lock_exclusive
-from .journal import default_journal_path, file_identity, open_journal
+from .journal import default_journal_path, open_journal
 from .model import ModelSpec, load_model, resolve_device_and_dtype
 from .pipeline import RunConfig, RunResult, Selection, worker_died
 from .records import Record
@@ -109,29 +109,29 @@ class GenerateSource:
 
     def into_journal(self, cfg: RunConfig, ids: list[str], items: list[tuple[str, str]], spec: ModelSpec) -> RunResult:
         """Open this process's journal and generate what it lacks."""
-        identities = {i: file_identity(p) for i, p in items}
         settings = replace(self.generation, model=spec).resolved_settings()
         journal_path = cfg.journal_path
+        remedy = "give this run another --checkpoint_dir" if cfg.resume in (None, "auto") else "resume another journal"
 
         def hint() -> str:
             return RESUME_HINT if journal_path.exists() else "nothing was generated yet: rerun the same command"
 
-        with lock_exclusive(journal_path), StopSignals("after the current batch", hint=hint) as stop:
-            journal = open_journal(cfg.journal_path, settings, os.path.abspath(cfg.image_dir), identities, cfg.resume,
+        with lock_exclusive(journal_path, remedy), StopSignals("after the current batch", hint=hint) as stop:
+            journal = open_journal(journal_path, settings, os.path.abspath(cfg.image_dir), dict(items), cfg.resume,
                                    cfg.force_resume, cfg.overwrite, cfg.checkpoint_interval)
             todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
             start = time.perf_counter()
             done, detail, working = 0, "", 0.0
             try:
                 if todo:
-                    done, detail, working = self.generate(todo, spec, journal, identities, stop)
+                    done, detail, working = self.generate(todo, spec, journal, stop)
             finally:
                 journal.close()
             return RunResult(ids, journal.records, ("journal", cfg.journal_path), time.perf_counter() - start, done,
                              stop.signum, detail, working)
 
-    def generate(self, todo: list[tuple[str, str]], spec: ModelSpec, journal, identities: dict,
-                 stop: StopSignals) -> tuple[int, str, float]:
+    def generate(self, todo: list[tuple[str, str]], spec: ModelSpec, journal, stop: StopSignals
+                 ) -> tuple[int, str, float]:
         """Load the model and append the records of every batch to the journal; returns how many were written,
         how (batch size) and the seconds spent generating (model loading and the batch-size probe left out)."""
         import torch
@@ -155,7 +155,7 @@ class GenerateSource:
                 try:
                     for records in generate_batches(model, processor, guarded(loader), g.gen_kwargs,
                                                     "inductor" if g.compile else None, batch_size):
-                        journal.append(records, identities)
+                        journal.append(records, loader.digests)
                         for r in records:
                             if not r.ok:
                                 bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
@@ -173,7 +173,7 @@ class GenerateSource:
 def merge_shards(cfg: RunConfig, generation: Generation, selection: Selection) -> RunResult:
     """--merge_shards: all shards' journals -> one result, refusing a missing or incomplete shard."""
     records = merge_shard_records(cfg.output_csv, cfg.checkpoint_dir, selection.ids, generation.resolved_settings(),
-                                  os.path.abspath(cfg.image_dir))
+                                  os.path.abspath(cfg.image_dir), dict(selection.items))
     log(f"merged the shards: {len(selection.ids)} images")
     folder = default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent
     return RunResult(selection.ids, records, ("shard journals in", folder))

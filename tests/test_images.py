@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from conftest import REAL_IMAGES
 from PIL import Image
 
 from jjvmed import errors, prompts
-from jjvmed.images import Collate, ImageDataset, list_images, load_image
+from jjvmed.files import file_digest
+from jjvmed.images import SKIPPED_NOT_UTF8, Collate, ImageDataset, list_images, load_image, make_loader, scan_folder
 from jjvmed.model import load_processor
 
 
@@ -93,3 +96,45 @@ def test_an_image_the_processor_rejects_fails_alone_and_its_batch_goes_on(tiny_m
     batch = collate(samples)
     assert batch.ids == ["a", "c"] and batch.inputs["pixel_values"].shape[0] == 2
     assert [i for i, _ in batch.failures] == ["gone", "bad"]
+
+
+def test_links_in_a_loop_are_listed_as_images_that_fail_alone(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    (tmp_path / "a.png").symlink_to("b.png")  # two links pointing at each other
+    (tmp_path / "b.png").symlink_to("a.png")
+    (tmp_path / "self.jpg").symlink_to("self.jpg")  # a link to itself
+    (tmp_path / "here").symlink_to(".")  # a link to its own folder
+    (tmp_path / "up.png").symlink_to("..")  # a link to a folder, named like an image
+    scan = scan_folder(tmp_path)
+    assert [i for i, _ in scan.items] == ["a", "b", "good", "self"]
+    assert sorted(scan.skipped["subfolders (not searched)"]) == ["here", "up.png"]
+    dataset = ImageDataset(scan.items)
+    assert [dataset[n][2] is None for n in range(4)] == [False, False, True, False]
+    assert "Too many levels of symbolic links" in dataset[0][2]
+
+
+def test_names_that_are_not_utf8_are_left_out_and_reported(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "caf\u00e9.png")  # UTF-8: an ID like any other
+    Image.new("RGB", (8, 8)).save(os.fsencode(tmp_path) + b"/r\xe9sum\xe9.png")  # Latin-1 bytes
+    scan = scan_folder(tmp_path)
+    assert [i for i, _ in scan.items] == ["caf\u00e9"]
+    assert scan.skipped == {SKIPPED_NOT_UTF8: ["r\udce9sum\udce9.png"]}
+
+
+def test_a_fifo_named_like_an_image_is_not_listed(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait forever for a writer
+    assert [i for i, _ in list_images(tmp_path)] == ["good"]
+
+
+def test_each_decoded_image_reaches_the_batch_with_the_digest_of_its_file(tiny_model, tmp_path):
+    for n, colour in enumerate([(255, 0, 0), (0, 255, 0)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"img_{n}.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    items = list_images(tmp_path)
+    loader = make_loader(items, load_processor(str(tiny_model)), prompts.build_prompt("vicuna", "x"), 2, 0)
+    batches = list(loader)
+    assert [b.ids for b in batches] == [["img_0"], ["img_1"]]  # "bad" sorts first and fails alone
+    assert [i for i, _ in batches[0].failures] == ["bad"]
+    assert loader.digests == {i: file_digest(p) for i, p in items if i != "bad"}
+    assert batches[1].digests == {"img_1": file_digest(tmp_path / "img_1.png")}

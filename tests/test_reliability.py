@@ -156,7 +156,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_plain_rerun(tmp_path):
     for _ in range(2):
         result = run_in_process("generate_captions.py", *args)
         assert result.returncode == 2 and "no-model-here: no such folder" in result.stderr
-    assert not out.with_name("captions.journal.jsonl").exists()
+    assert list(tmp_path.iterdir()) == []  # no journal, no lock side file: nothing at all
 
 
 def test_changed_image_files_are_generated_again_not_reused(tiny_model, tmp_path):
@@ -318,3 +318,142 @@ def test_sigterm_to_the_whole_job_still_stops_cleanly_with_143(tiny_model, tmp_p
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     assert "stopped early" in stderr and "worker died" not in stderr
+
+
+def test_symlink_loops_in_the_image_folder_get_a_row_and_an_error(tiny_model, tmp_path):
+    images = copy_images(tmp_path / "images", 2)
+    (images / "a.png").symlink_to("b.png")  # two links pointing at each other
+    (images / "b.png").symlink_to("a.png")
+    (images / "self.png").symlink_to("self.png")  # a link to itself
+    (images / "here").symlink_to(".")  # a link to its own folder
+    out = tmp_path / "captions.csv"
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images))
+    assert result.returncode == 0, result.stderr
+    rows = dict(read_csv(out)[1:])
+    assert rows["a"] == rows["b"] == rows["self"] == "" and rows["REAL_DICOM_001"]
+    assert sorted(r[0] for r in read_csv(tmp_path / "captions.errors.csv")[1:]) == ["a", "b", "self"]
+    assert "subfolders (not searched): 1 ('here')" in result.stderr
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped_and_its_batch_kept(tiny_model, tmp_path):
+    images = copy_images(tmp_path / "images", 3)
+    latin1 = os.fsencode(images) + b"/caf\xe9.png"  # a name from an old archive, not valid UTF-8
+    shutil.copy(REAL_IMAGES / "REAL_DICOM_004.png", latin1)
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, images, "--batch_size", "2")
+    result = run_in_process("generate_captions.py", *args)
+    assert result.returncode == 0, result.stderr
+    rows = read_csv(out)[1:]
+    assert [r[0] for r in rows] == ["REAL_DICOM_001", "REAL_DICOM_002", "REAL_DICOM_003"] and all(r[1] for r in rows)
+    assert "not valid UTF-8" in result.stderr and "'caf\\udce9.png'" in result.stderr
+    resumed = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert resumed.returncode == 0 and "generated now: 0" in resumed.stderr
+
+
+def test_an_image_folder_whose_name_is_not_utf8_runs_and_resumes(tiny_model, tmp_path):
+    images = Path(os.fsdecode(os.fsencode(tmp_path) + b"/im\xe1genes"))  # the folder's name in Latin-1
+    copy_images(images, 2)
+    out = tmp_path / "captions.csv"
+    assert run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images)).returncode == 0
+    resumed = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images), "--resume_from_checkpoint",
+                             "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "generated now: 0" in resumed.stderr and len(read_csv(out)) == 3
+
+
+def test_disk_full_at_the_first_journal_write_leaves_nothing_that_blocks_the_resume(tiny_model, tmp_path,
+                                                                                      monkeypatch):
+    from jjvmed import journal
+
+    def open_on_a_full_disk(path, mode="r", *a, **k):
+        fh = open(path, mode, *a, **k)
+        if "r" not in mode:  # the file is created; every byte written to it then fails as on a full disk
+            full = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(full, fh.fileno())
+            os.close(full)
+        return fh
+
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, REAL_IMAGES, "--limit", "3")
+    monkeypatch.setattr(journal, "open", open_on_a_full_disk, raising=False)
+    result = run_in_process("generate_captions.py", *args)
+    assert result.returncode == 2 and "disk full" in result.stderr and "Traceback" not in result.stderr
+    monkeypatch.undo()
+    resumed = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")  # the advice given
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_csv(out)) == 4
+
+
+def test_an_image_replaced_by_one_of_the_same_size_with_its_time_restored_is_generated_again(tiny_model, tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("REAL_DICOM_001", "REAL_DICOM_010"):  # BMP: the same dimensions give the same file size
+        Image.open(REAL_IMAGES / f"{name}.png").convert("RGB").resize((64, 64)).save(images / f"{name}.bmp")
+    out = tmp_path / "captions.csv"
+    assert run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images)).returncode == 0
+    target = images / "REAL_DICOM_001.bmp"
+    before = target.stat()
+    target.write_bytes((images / "REAL_DICOM_010.bmp").read_bytes())  # other picture, same size
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))  # and the old modification time
+    assert target.stat().st_size == before.st_size and target.stat().st_mtime_ns == before.st_mtime_ns
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images), "--resume_from_checkpoint",
+                            "auto")
+    assert result.returncode == 0, result.stderr
+    assert "1 image(s) changed" in result.stderr and "generated now: 1" in result.stderr
+
+
+def test_an_image_folder_copied_back_with_its_times_kept_is_reused(tiny_model, tmp_path):
+    images = copy_images(tmp_path / "images", 3)
+    out = tmp_path / "captions.csv"
+    assert run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images)).returncode == 0
+    shutil.copytree(images, tmp_path / "backup")  # copy2: the same bytes and modification times
+    shutil.rmtree(images)
+    shutil.copytree(tmp_path / "backup", images)
+    result = run_in_process("generate_captions.py", *tiny_args(tiny_model, out, images), "--resume_from_checkpoint",
+                            "auto")
+    assert result.returncode == 0, result.stderr
+    assert "generated now: 0" in result.stderr and "3 image(s) kept their size" in result.stderr
+    assert "changed since the journal" not in result.stderr
+
+
+def test_a_second_ctrl_c_ends_the_decoding_workers_with_the_run(tiny_model, tmp_path):
+    """Workers ignore Ctrl-C (the main process decides); left running, they print into the terminal."""
+    out = tmp_path / "captions.csv"
+    proc = slow_run(tiny_model, out, "--num_workers", "2")
+    wait_for_records(out.with_name("captions.journal.jsonl"), proc, 1)
+    time.sleep(1)  # the workers have filled the prefetch queue and wait for more work
+    workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+
+    def running(pid: str) -> bool:
+        try:
+            return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+
+    time.sleep(0.5)
+    assert proc.returncode == 130
+    assert not [pid for pid in workers if running(pid)]
+    _, stderr = proc.communicate(timeout=60)
+    assert "Traceback" not in stderr
+
+
+def test_two_runs_sharing_a_checkpoint_dir_are_told_about_it(tiny_model, tmp_path):
+    checkpoints = ["--checkpoint_dir", str(tmp_path / "ck")]
+    first = slow_run(tiny_model, tmp_path / "a" / "captions.csv", *checkpoints)
+    try:
+        wait_for_records(tmp_path / "ck" / "captions.journal.jsonl", first, 1)
+        second = run_in_process("generate_captions.py", *slow_args(tiny_model, tmp_path / "b" / "captions.csv"),
+                                *checkpoints)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    assert f"(PID {first.pid})" in second.stderr and "--checkpoint_dir" in second.stderr
+    assert "another --output_csv" not in second.stderr

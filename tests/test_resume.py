@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REAL_IMAGES, ROOT, read_csv, run_in_process, run_script, tiny_args
 
 
@@ -105,3 +106,32 @@ def test_damaged_journal_lines_are_set_aside_and_only_their_images_redone(tiny_m
     assert len(side) == 1 and all(j in side[0].read_text() for j in junk)
     again = run_script("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
     assert again.returncode == 0 and "damaged line" not in again.stderr and "generated now: 0" in again.stderr
+
+
+def test_a_journal_line_of_deeply_nested_brackets_is_set_aside(tiny_model, tmp_path):
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, REAL_IMAGES, "--limit", "3")
+    assert run_in_process("generate_captions.py", *args).returncode == 0
+    journal = out.with_name("captions.journal.jsonl")
+    with open(journal, "ab") as fh:
+        fh.write(b"[" * 300_000 + b"\n")
+    result = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 damaged line(s)" in result.stderr and "generated now: 0" in result.stderr
+
+
+@pytest.mark.parametrize("settings", ["[1, 2]", "42", '"caption"', "null"])
+def test_a_journal_header_with_settings_of_the_wrong_type_is_refused_in_one_line(tiny_model, tmp_path, settings):
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, REAL_IMAGES, "--limit", "2")
+    assert run_in_process("generate_captions.py", *args).returncode == 0
+    journal = out.with_name("captions.journal.jsonl")
+    lines = journal.read_text().splitlines(keepends=True)
+    header = json.loads(lines[0])
+    lines[0] = json.dumps({**header, "settings": json.loads(settings)}) + "\n"
+    journal.write_text("".join(lines))
+    result = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "settings" in result.stderr and "--force_resume" in result.stderr
+    forced = run_in_process("generate_captions.py", *args, "--resume_from_checkpoint", "auto", "--force_resume")
+    assert forced.returncode == 0, forced.stderr[-2000:]

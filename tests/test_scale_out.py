@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,23 @@ def test_stale_shards_of_another_run_are_not_merged_by_this_command(tiny_model, 
 def test_bad_shard_arguments_are_clear_errors(tiny_model, tmp_path, extra, message):
     result = run_captions(*model_args(tiny_model, tmp_path / "c.csv"), *extra)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_merge_refuses_a_shard_whose_image_changed_since_it_ran(tiny_model, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(REAL_IMAGES, images)
+    out = tmp_path / "captions.csv"
+    args = tiny_args(tiny_model, out, images, "--batch_size", "3")
+    for index in ("0", "1"):
+        assert run_captions(*args, "--num_shards", "2", "--shard_index", index).returncode == 0
+    shutil.copy(REAL_IMAGES / "REAL_DICOM_010.png", images / "REAL_DICOM_002.png")  # shard 1's, other picture
+    merge = run_captions(*args, "--merge_shards")
+    assert merge.returncode == 2, merge.stderr
+    assert "shard 1 of 2" in merge.stderr and "changed" in merge.stderr and "--shard_index 1" in merge.stderr
+    assert not out.exists()
+    rerun = run_captions(*args, "--num_shards", "2", "--shard_index", "1", "--resume_from_checkpoint", "auto")
+    assert rerun.returncode == 0 and "generated now: 1" in rerun.stderr
+    assert run_captions(*args, "--merge_shards").returncode == 0
+    whole = tmp_path / "whole.csv"
+    assert run_captions(*tiny_args(tiny_model, whole, images, "--batch_size", "3")).returncode == 0
+    assert read_csv(out) == read_csv(whole)
