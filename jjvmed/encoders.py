@@ -113,7 +113,9 @@ def load_encoder(spec: str, pooling: str = "default", device: str = "auto", dtyp
     info = {"source": spec, **info, "weights": weights_fingerprint(model)}
     model = model.to(target, torch_dtype).eval()
     encoder = Encoder(family, model, preprocess, pooling, torch.device(target), info)
-    encoder.info["dim"] = int(pooled_features(encoder, preprocess([blank_image()])).shape[1])
+    pixels = preprocess([blank_image()])
+    encoder.info["image_size"] = [int(pixels.shape[2]), int(pixels.shape[3])]  # what the model takes, as preprocessed
+    encoder.info["dim"] = int(pooled_features(encoder, pixels).shape[1])
     return encoder
 
 
@@ -277,10 +279,7 @@ def load_hf(source: str):
         model = cls.from_pretrained(source)
     except (OSError, ValueError) as e:
         raise UserError(f"--encoder {spec}: cannot load the model ({first_line(e)})") from None
-    size = getattr(processor, "crop_size", None) or getattr(processor, "size", None) or {}
-    image_size = [size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))] \
-        if isinstance(size, dict) else size
-    return model, HFPreprocess(processor), {"name": kind, "kind": kind, "image_size": image_size}
+    return model, HFPreprocess(processor), {"name": kind}
 
 
 class HFPreprocess:
@@ -317,7 +316,7 @@ def load_open_clip(source: str):
 
     preprocess = from_open_clip_config(config.get("preprocess_cfg", {}), image_size)
     name = model_cfg["vision_cfg"].get("timm_model_name") or f"vit-{model_cfg['vision_cfg'].get('width')}"
-    return visual, preprocess, {"name": name, "image_size": list(preprocess.size)}
+    return visual, preprocess, {"name": name}
 
 
 def load_timm(source: str):
@@ -344,7 +343,7 @@ def load_timm(source: str):
     from .preprocessing import from_timm_config
 
     preprocess = from_timm_config(timm.data.resolve_model_data_config(model))
-    return model, preprocess, {"name": name, "image_size": list(preprocess.size)}
+    return model, preprocess, {"name": name}
 
 
 LOADERS = {"hf": load_hf, "open_clip": load_open_clip, "timm": load_timm}
