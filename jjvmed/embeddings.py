@@ -90,7 +90,9 @@ def load_embeddings(path: str | Path) -> Embeddings:
             failed = dict(zip(data["failed_ids"].tolist(), data["failed_errors"].tolist(), strict=True))
             meta = json.loads(str(data["meta"]))
             if kind in OLD_FORMATS:
-                encoders = [{"family": "llava", **{k: v for k, v in meta.items() if k != "settings"}}]
+                # version 1 was LLaVA's tower only, whose vision model is a CLIP one
+                encoders = [{"family": "llava", "name": "clip_vision_model", "source": "llava",
+                             **{k: v for k, v in meta.items() if k in ("pooling", "feature_layer", "dtype")}}]
                 vectors = [data["vectors"]]
             else:
                 encoders = json.loads(str(data["encoders"]))
