@@ -28,7 +28,6 @@ from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings  # no
 from jjvmed.index import ProbeOptions, fit_index, nearest, train_probe  # noqa: E402
 from jjvmed.tuning import K_GRID, tune  # noqa: E402
 
-
 ENCODER = {"family": "llava", "pooling": "mean"}  # what the random vectors stand in for
 
 
