@@ -133,7 +133,7 @@ def roco(args: argparse.Namespace) -> None:
                                  "one threshold", fit_s))
                 if name == "ensemble A + B":
                     for row in table:
-                        if ":" in row["method"]:
+                        if "f1_heldout" in row and "(chosen)" not in row["method"]:
                             rows.append((noise, name, row["method"], row["f1"], row["f1_heldout"], float("nan"),
                                          "", fit_s))
     print(f"\nROCO label sets ({len(ids)} images, {len(cuis)} CUIs), stand-in features of {args.dim} dimensions")
