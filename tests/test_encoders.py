@@ -340,3 +340,34 @@ def test_files_of_different_images_or_the_same_encoder_twice_are_refused_before_
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "index").exists()
+
+
+def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that_one_file(specs, images, tmp_path,
+                                                                                          capsys):
+    """What generate_concepts.py does with an ensemble index: index.embed_options_for gives the encoders, one
+    embed_images call writes one file with each encoder's vectors, predict_concepts reads it."""
+    from jjvmed.embeddings import embed_images
+    from jjvmed.fusion import load_settings, predict_concepts
+    from jjvmed.images import list_images
+    from jjvmed.index import embed_options_for, load_index
+
+    train = tmp_path / "train.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", specs["hf-clip"],
+               "--encoder", specs["hf-dinov2"]) == 0
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
+    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
+               str(tmp_path / "index"), "--probe_epochs", "2") == 0
+    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings", str(train), "--valid_concepts",
+               str(concepts), "--concept_settings", str(tmp_path / "settings.json")) == 0
+    index = load_index(tmp_path / "index")
+    settings = load_settings(tmp_path / "settings.json", "fused", index)
+    options = embed_options_for(index, settings, num_workers=0)
+    used = [m.encoder["source"] for m, part in zip(index.members, settings["members"], strict=True)
+            if part["knn"] or part["probe"]]
+    assert [spec for spec, _ in options.choices()] == used and used
+    emb = embed_images(list_images(images), tmp_path / "run.embeddings.npz", options)
+    assert [e["source"] for e in emb.encoders] == used
+    predictions = predict_concepts(index, settings, emb)
+    assert sorted(predictions) == sorted(load_embeddings(train).ids)
+    assert predictions["img_copy"] == predictions["img_1"]
