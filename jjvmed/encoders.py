@@ -147,24 +147,31 @@ def local_folder(source: str) -> Path | None:
 
 
 def hub_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
-    """The first of `names` in a hub repo (local cache first; offline, one line saying so)."""
+    """The first of `names` in a hub repo: from the local cache when any is there (BiomedCLIP ships only
+    open_clip_pytorch_model.bin), else downloaded; offline or unreachable, one line saying so."""
     from .model import looks_like_hub_id
 
     if not looks_like_hub_id(repo):
         raise UserError(f"--encoder {spec}: no such folder, and not a hub ID (owner/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
-    last = None
+    for name in names:
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    problems = []
     for name in names:
         try:
             return Path(hf_hub_download(repo, name))
-        except EntryNotFoundError as e:
-            last = e
+        except RemoteEntryNotFoundError:
+            continue  # the repo is there, without this file: try the next name
         except Exception as e:  # offline, not cached, no such repo: all say the same to the user
-            raise UserError(f"--encoder {spec}: cannot get {name} from {repo} ({first_line(e)}); download the "
-                            "model once where there is network and give its local folder") from None
-    raise UserError(f"--encoder {spec}: {repo} has none of {', '.join(names)} ({first_line(last)})")
+            problems.append(first_line(e))
+    if problems:
+        raise UserError(f"--encoder {spec}: cannot get {' or '.join(names)} from {repo} ({problems[0]}); download "
+                        "the model once where there is network and give its local folder")
+    raise UserError(f"--encoder {spec}: {repo} has none of {', '.join(names)}")
 
 
 def model_file(source: str, names: tuple[str, ...], spec: str) -> Path:
@@ -277,7 +284,7 @@ def load_hf(source: str):
         cls = AutoModel
     try:
         model = cls.from_pretrained(source)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
         raise UserError(f"--encoder {spec}: cannot load the model ({first_line(e)})") from None
     return model, HFPreprocess(processor), {"name": kind}
 
@@ -338,7 +345,7 @@ def load_timm(source: str):
             model = timm.create_model(("hf-hub:" + name) if "/" in name else name, pretrained=True, num_classes=0)
     except UserError:
         raise
-    except (RuntimeError, OSError, KeyError, ValueError) as e:
+    except Exception as e:  # no such model name, weights that do not fit, not cached offline
         raise UserError(f"--encoder {spec}: cannot build or load the model ({first_line(e)})") from None
     from .preprocessing import from_timm_config
 

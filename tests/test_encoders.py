@@ -194,6 +194,17 @@ def test_an_embed_that_fails_at_start_leaves_nothing_and_the_corrected_command_r
     assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", specs["hf-clip"]) == 0
 
 
+def test_a_hub_model_that_is_not_in_the_cache_offline_is_one_line(images, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
+               "open_clip:nobody/no-such-model") == 2
+    err = capsys.readouterr().err
+    assert "download the model once where there is network" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_missing_optional_package_is_named_in_one_line(images, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
     assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
