@@ -1,16 +1,21 @@
-"""Concepts from the vision tower: embed images, fit the kNN index and probe, tune on validation, predict.
+"""Concepts from image encoders: embed images, fit the kNN index and probes, tune on validation, predict.
 
-    python concept_index.py embed --image_dir /data/train/images --output emb/train.npz
-    python concept_index.py embed --image_dir /data/valid/images --output emb/valid.npz
-    python concept_index.py fit --train_embeddings emb/train.npz --train_concepts train_concepts.csv \\
-        --output_dir index/
-    python concept_index.py tune --index_dir index/ --valid_embeddings emb/valid.npz \\
-        --valid_concepts valid_concepts.csv --valid_generated results/valid_concepts.csv --output index/settings.json
-    python concept_index.py predict --index_dir index/ --settings index/settings.json --method knn \\
-        --embeddings emb/test.npz --output_csv results/concepts_knn.csv
+    python concept_index.py embed --image_dir /data/train/images --embeddings emb/train.npz
+    python concept_index.py embed --image_dir /data/train/images --embeddings emb/train_biomedclip.npz \\
+        --encoder open_clip:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224
+    python concept_index.py embed --image_dir /data/valid/images --embeddings emb/valid.npz
+    python concept_index.py fit --embeddings emb/train.npz emb/train_biomedclip.npz \\
+        --train_concepts train_concepts.csv --concept_index index/
+    python concept_index.py tune --concept_index index/ --embeddings emb/valid.npz emb/valid_biomedclip.npz \\
+        --valid_concepts valid_concepts.csv --generated results/valid_concepts.csv \\
+        --concept_settings index/settings.json
+    python concept_index.py predict --concept_index index/ --concept_settings index/settings.json --method fused \\
+        --embeddings emb/test.npz emb/test_biomedclip.npz --output_csv results/concepts_fused.csv
 
-Only `embed` needs a GPU (one pass of the vision tower, no text generation); the rest runs on a CPU.
-The library: jjvmed/encoders.py and embeddings.py (embed), index.py (fit), tuning.py (tune), fusion.py (predict).
+Only `embed` needs a GPU (one pass of an image encoder, no text generation); the rest runs on a CPU.
+Several embeddings files of the same images (one per encoder) make an ensemble.
+The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py (fit), tuning.py
+(tune), fusion.py (predict).
 """
 
 from __future__ import annotations
@@ -19,94 +24,116 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from jjvmed import errors, files
 from jjvmed.model import DEFAULT_BASE_MODEL
+from jjvmed.options import Parser, add_device_options
 
 METHODS = ("knn", "probe", "fused")
+ENCODER_HELP = ("the image encoder: llava (the vision tower of --base_model_path), hf:ID_OR_FOLDER (CLIP / SigLIP "
+                "vision towers, MedSigLIP, DINOv2 / RAD-DINO, any AutoModel), open_clip:ID_OR_FOLDER (BiomedCLIP), "
+                "timm:NAME_ID_OR_FOLDER (ConvNeXt-V2, DenseNet, EfficientNet); repeat it to embed with several "
+                "into one file (default: llava)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Concept detection from LLaVA's vision tower: image embeddings, nearest training images (kNN) "
-        "and a linear probe, thresholds and fusion with the generated concepts tuned on the official F1.")
+def build_parser() -> Parser:
+    parser = Parser(
+        description="Concept detection from image encoders: image embeddings (LLaVA's vision tower or any open_clip, "
+        "Hugging Face or timm encoder), nearest training images (kNN) and linear probes, ensembles of encoders, "
+        "thresholds and fusion with the generated concepts tuned on the official F1.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,fit,tune,predict}")
 
-    embed = sub.add_parser("embed", help="one vision-tower pass over a folder of images -> one embeddings file",
-                           description="Embed every image of a folder with the vision tower (the features LLaVA "
-                           "feeds its projector, pooled and L2-normalised) into one .npz file. Resumable: chunks are "
-                           "saved as they complete.")
+    embed = sub.add_parser("embed", help="one encoder pass over a folder of images -> one embeddings file",
+                           description="Embed every image of a folder with an image encoder (preprocessed as its "
+                           "model card prescribes, pooled and L2-normalised) into one .npz file that records the "
+                           "encoder. Resumable: chunks are saved as they complete.")
     embed.add_argument("--image_dir", required=True, help="folder of images; the ID is the file name without "
                        "its extension")
-    embed.add_argument("--output", required=True, help="embeddings file to write (.npz)")
+    embed.add_argument("--embeddings", required=True, help="embeddings file to write (.npz)")
     embed.add_argument("--limit", type=int, default=None, help="only the first N images (a quick trial)")
+    embed.add_argument("--encoder", action="append", default=None, metavar="SPEC", help=ENCODER_HELP)
     embed.add_argument("--base_model_path", default=DEFAULT_BASE_MODEL,
-                       help="hub ID or folder of the LLaVA model; no adapter is needed, the LoRA does not touch "
-                       "the vision tower (default: %(default)s)")
-    embed.add_argument("--pooling", choices=["mean", "cls"], default="mean",
-                       help="mean of the patch tokens the projector gets, or the CLS token (default: %(default)s)")
-    embed.add_argument("--batch_size", type=int, default=32, help="images per forward pass (default: %(default)s)")
+                       help="hub ID or folder of the LLaVA model, for --encoder llava; no adapter is needed, the "
+                       "LoRA does not touch the vision tower (default: %(default)s)")
+    embed.add_argument("--pooling", choices=["default", "mean", "cls", "gem"], default="default",
+                       help="default: the encoder's own image embedding (LLaVA: the mean of the patch tokens its "
+                       "projector gets; CLIP: the projected embedding; SigLIP: its attention pool; DINOv2: the CLS "
+                       "token; timm: its global pool); mean: mean of the tokens or the feature grid; cls: the CLS "
+                       "token; gem: generalised-mean pooling of a CNN's feature grid (default: %(default)s)")
+    embed.add_argument("--batch_size", type=int, default=None,
+                       help="images per forward pass (default: 256 on a GPU, 32 on the CPU)")
     embed.add_argument("--chunk_size", type=int, default=4096,
                        help="images per checkpoint chunk; a killed run redoes at most one (default: %(default)s)")
     embed.add_argument("--num_workers", type=int, default=None,
-                       help="processes decoding images (default: 8, at most cores - 1, with a GPU; 0 on CPU)")
-    embed.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                       help="auto: the first GPU if CUDA is present, else CPU (default: %(default)s)")
-    embed.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                       help="auto: bfloat16 on GPUs that support it, float16 on older ones, float32 on CPU "
-                       "(default: %(default)s)")
+                       help="processes decoding images (default: 16, at most cores - 1, with a GPU; 0 on CPU)")
+    add_device_options(embed, "the encoder")
     embed.add_argument("--resume_from_checkpoint", choices=["auto"], default=None,
-                       help="continue a killed run from the chunks beside --output (<output>.parts/)")
+                       help="continue a killed run from the chunks beside --embeddings (<file>.parts/)")
     embed.add_argument("--overwrite", action="store_true", help="discard finished chunks or file and start over")
+    embed.rename("--output", "--embeddings")
 
-    fit = sub.add_parser("fit", help="training embeddings + concepts -> kNN index and probe",
-                         description="Index the training embeddings with their CUIs and train the probe "
-                         "(multi-label BCE, minutes on a CPU for 80,000 images); writes index.npz, probe.safetensors "
-                         "and probe.json.")
-    fit.add_argument("--train_embeddings", required=True, help="embeddings of the training images (from embed)")
+    fit = sub.add_parser("fit", help="training embeddings + concepts -> kNN index and probes",
+                         description="Index the training embeddings with their CUIs and train a probe per encoder "
+                         "(multi-label BCE, stopped by the F1 on a held-out slice; seconds on a CPU for 8,000 "
+                         "images); writes index.npz, probe.safetensors and probe.json. Several embeddings files of "
+                         "the same images (one per encoder) make an ensemble.")
+    fit.add_argument("--embeddings", required=True, nargs="+", action="extend", metavar="PATH",
+                     help="embeddings of the training images (from embed); several for an ensemble")
     fit.add_argument("--train_concepts", required=True, help="ID,CUIs CSV of the training images (CUIs joined by ;)")
-    fit.add_argument("--output_dir", required=True, help="folder for the index and the probe")
+    fit.add_argument("--concept_index", required=True, metavar="DIR", help="folder for the index and the probes")
     fit.add_argument("--probe_hidden", type=int, default=0,
                      help="units of one hidden layer; 0 trains a linear probe (default: %(default)s)")
-    fit.add_argument("--probe_epochs", type=int, default=10,
-                     help="passes over the training vectors at most; training stops earlier once a pass lowers the "
-                     "mean training loss by less than --probe_tolerance of it; 0 fits no probe, kNN only "
-                     "(default: %(default)s)")
-    fit.add_argument("--probe_tolerance", type=float, default=0.02,
-                     help="the relative drop in training loss below which training stops (default: %(default)s)")
-    fit.add_argument("--probe_batch_size", type=int, default=2048, help="images per step (default: %(default)s)")
-    fit.add_argument("--probe_learning_rate", type=float, default=3e-3,
+    fit.add_argument("--probe_epochs", type=int, default=30,
+                     help="passes over the training vectors at most; training stops earlier once the F1 on a "
+                     "held-out slice of the training images has not risen for --probe_patience passes; 0 fits no "
+                     "probe, kNN only (default: %(default)s)")
+    fit.add_argument("--probe_patience", type=int, default=3,
+                     help="passes without a better held-out F1 before training stops (default: %(default)s)")
+    fit.add_argument("--probe_batch_size", type=int, default=256, help="images per step (default: %(default)s)")
+    fit.add_argument("--probe_learning_rate", type=float, default=1e-2,
                      help="AdamW learning rate (default: %(default)s)")
     fit.add_argument("--probe_weight_decay", type=float, default=1e-4, help="AdamW weight decay (default: %(default)s)")
     fit.add_argument("--seed", type=int, default=0, help="random seed of the probe (default: %(default)s)")
     fit.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                      help="where the probe trains (default: %(default)s)")
+    fit.rename("--train_embeddings", "--embeddings")
+    fit.rename("--output_dir", "--concept_index")
 
-    tune = sub.add_parser("tune", help="choose k, thresholds and fusion on the validation split -> settings JSON",
-                          description="Maximise the official primary F1 on the validation split over k, neighbour "
-                          "weighting, probe/kNN blend, generated-concept weight, a global threshold, keeping the top "
-                          "CUI, and per-CUI thresholds; print the F1 of each method alone and fused.")
-    tune.add_argument("--index_dir", required=True, help="folder written by fit")
-    tune.add_argument("--valid_embeddings", required=True, help="embeddings of the validation images (from embed)")
+    tune = sub.add_parser("tune", help="choose k, weights, thresholds and fusion on the validation split -> settings",
+                          description="Maximise the official primary F1 on the validation split over each "
+                          "encoder's k, neighbour weighting and probe/kNN blend, the encoders' weights, the "
+                          "generated-concept weight, and how many CUIs an image keeps (one threshold, per-CUI "
+                          "thresholds, relative to the top score, or a count from the scores, each judged on "
+                          "held-out halves); print the F1 of each encoder and method alone, of the ensemble and "
+                          "fused.")
+    tune.add_argument("--concept_index", required=True, metavar="DIR", help="folder written by fit")
+    tune.add_argument("--embeddings", required=True, nargs="+", action="extend", metavar="PATH",
+                      help="embeddings of the validation images (from embed), one per encoder of the index")
     tune.add_argument("--valid_concepts", required=True, help="ground truth ID,CUIs of the validation images")
-    tune.add_argument("--valid_generated", default=None,
+    tune.add_argument("--generated", default=None,
                       help="ID,CUIs from generate_concepts.py on the validation images, to tune the fusion with them")
-    tune.add_argument("--valid_manual", default=None,
+    tune.add_argument("--gt_manual", default=None,
                       help="manual ground truth (valid_concepts_manual.csv): also report the secondary F1")
-    tune.add_argument("--output", required=True, help="settings JSON to write")
+    tune.add_argument("--concept_settings", required=True, metavar="PATH", help="settings JSON to write")
     tune.add_argument("--per_cui_thresholds", action=argparse.BooleanOptionalAction, default=True,
-                      help="tune a threshold per CUI with enough validation support, kept only if it raises the "
+                      help="try a threshold per CUI with enough validation support, kept only if it raises the "
                       "F1 on held-out halves (default: on)")
     tune.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                       help="where the kNN search and the probe run (default: %(default)s)")
+    for old, new in (("--index_dir", "--concept_index"), ("--valid_embeddings", "--embeddings"),
+                     ("--valid_generated", "--generated"), ("--valid_manual", "--gt_manual"),
+                     ("--output", "--concept_settings")):
+        tune.rename(old, new)
 
     predict = sub.add_parser("predict", help="embeddings (+ generated CUIs) -> ID,CUIs submission file",
                              description="Final CUIs per image with the tuned settings of one method.")
-    predict.add_argument("--index_dir", required=True, help="folder written by fit")
-    predict.add_argument("--settings", required=True, help="settings JSON written by tune")
+    predict.add_argument("--concept_index", required=True, metavar="DIR", help="folder written by fit")
+    predict.add_argument("--concept_settings", required=True, metavar="PATH", help="settings JSON written by tune")
     predict.add_argument("--method", choices=METHODS, default="fused",
                          help="knn, probe, or fused (the best on validation) (default: %(default)s)")
-    predict.add_argument("--embeddings", required=True, help="embeddings of the images to label (from embed)")
+    predict.add_argument("--embeddings", required=True, nargs="+", action="extend", metavar="PATH",
+                         help="embeddings of the images to label (from embed), one per encoder the settings use")
     predict.add_argument("--generated", default=None,
                          help="ID,CUIs from generate_concepts.py on the same images (needed when the fused "
                          "settings use them)")
@@ -118,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also write the upload zip (only submission.csv inside) when the checks accept the file")
     predict.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                          help="where the kNN search and the probe run (default: %(default)s)")
+    predict.rename("--index_dir", "--concept_index")
+    predict.rename("--settings", "--concept_settings")
     return parser
 
 
@@ -131,64 +160,63 @@ def run_embed(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     items = list_images(args.image_dir)[: args.limit]
     options = EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
-                              args.dtype, args.num_workers, resume=args.resume_from_checkpoint == "auto",
-                              overwrite=args.overwrite)
+                           args.dtype, args.num_workers, resume=args.resume_from_checkpoint == "auto",
+                           overwrite=args.overwrite, encoders=tuple(args.encoder or ["llava"]))
     start = time.perf_counter()
-    try:
-        emb = embed_images(items, args.output, options)
-    except KeyboardInterrupt:
-        errors.log("interrupted: finished chunks are kept; rerun the same command with --resume_from_checkpoint auto")
-        return 130
+    emb = embed_images(items, args.embeddings, options)
+    seconds = time.perf_counter() - start
     errors.log(f"images: {len(items)} (embedded: {len(emb.ids)}, failed: {len(emb.failed)})\n"
-               f"time: {time.perf_counter() - start:.1f} s\nwrote: {args.output}")
+               f"time: {seconds:.1f} s ({len(items) / max(seconds, 1e-9):.1f} images/s)\nwrote: {args.embeddings}")
     return 0
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from jjvmed.embeddings import load_embeddings
+    from jjvmed.embeddings import load_ensemble
     from jjvmed.index import ProbeOptions, fit_index, read_cui_sets
 
-    for name in ("probe_hidden", "probe_epochs"):
+    for name in ("probe_hidden", "probe_epochs", "probe_patience"):
         if getattr(args, name) < 0:
             raise errors.UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.probe_batch_size < 1:
         raise errors.UserError(f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")
-    emb = load_embeddings(args.train_embeddings)
+    emb = load_ensemble(args.embeddings)
     concepts = read_cui_sets(args.train_concepts)
-    if args.probe_tolerance < 0:
-        raise errors.UserError(f"--probe_tolerance must be 0 or more, got {args.probe_tolerance}")
     options = ProbeOptions(args.probe_hidden, args.probe_epochs, args.probe_batch_size, args.probe_learning_rate,
-                              args.probe_weight_decay, args.probe_tolerance, args.seed, args.device)
-    index = fit_index(emb, concepts, args.output_dir, options)
-    errors.log(f"index: {len(index.ids)} images, {len(index.cuis)} CUIs, {index.vectors.shape[1]} dimensions; "
-               f"probe: {'none' if index.probe is None else 'linear' if not args.probe_hidden else 'one hidden layer'}"
-               f"\nwrote: {args.output_dir}")
+                           args.probe_weight_decay, args.probe_patience, seed=args.seed, device=args.device)
+    start = time.perf_counter()
+    index = fit_index(emb, concepts, args.concept_index, options)
+    probe = "none" if not args.probe_epochs else "linear" if not args.probe_hidden else "one hidden layer"
+    encoders = ", ".join(f"{m.label} ({m.vectors.shape[1]} dimensions)" for m in index.members)
+    errors.log(f"index: {len(index.ids)} images, {len(index.cuis)} CUIs; encoders: {encoders}; probe: {probe}\n"
+               f"time: {time.perf_counter() - start:.1f} s\nwrote: {args.concept_index}")
     return 0
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from jjvmed.embeddings import load_embeddings
+    from jjvmed.embeddings import load_ensemble
     from jjvmed.index import load_index, read_concept_csv, read_cui_sets
     from jjvmed.tuning import format_table, tune
 
-    index = load_index(args.index_dir)
-    valid = load_embeddings(args.valid_embeddings)
+    index = load_index(args.concept_index)
+    valid = load_ensemble(args.embeddings)
+    for member in index.members:
+        valid.member(member.encoder, "the concept index")  # every encoder of the index, before any work
     gt = read_concept_csv(args.valid_concepts)
-    generated = read_cui_sets(args.valid_generated) if args.valid_generated else None
-    manual = read_concept_csv(args.valid_manual) if args.valid_manual else None
+    generated = read_cui_sets(args.generated) if args.generated else None
+    manual = read_concept_csv(args.gt_manual) if args.gt_manual else None
     start = time.perf_counter()
     settings, table = tune(index, valid, gt, generated, manual, args.device, args.per_cui_thresholds)
-    files.write_text_atomic(args.output, json.dumps(settings, indent=1) + "\n")
+    files.write_text_atomic(args.concept_settings, json.dumps(settings, indent=1) + "\n")
     print(format_table(table))
     fused = settings["methods"]["fused"]
     errors.log(f"fused = {fused['source']}: F1 {fused['f1']:.4f} on {settings['tuned_on']['images']} validation "
-               f"images (tuned there, so optimistic for the test set)\ntime: {time.perf_counter() - start:.1f} s\n"
-               f"wrote: {args.output}")
+               f"images (tuned there, so optimistic for the test set), {fused['f1_heldout']:.4f} tuned and scored on "
+               f"held-out halves\ntime: {time.perf_counter() - start:.1f} s\nwrote: {args.concept_settings}")
     return 0
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    """Through the engine's one pipeline: the embeddings file is the source, the concept writer fuses and
+    """Through the engine's one pipeline: the embeddings files are the source, the concept writer fuses and
     writes format B, and the run checks it with the 2026 rules and zips it."""
     from jjvmed.fusion import load_settings, uses_generated
     from jjvmed.index import load_index, read_cui_sets
@@ -196,23 +224,41 @@ def run_predict(args: argparse.Namespace) -> int:
     from jjvmed.sources import EmbeddingsFileSource
     from jjvmed.writers import ConceptWriter, VisionMethod
 
-    settings = load_settings(args.settings, args.method)
-    index = load_index(args.index_dir)
+    index = load_index(args.concept_index)
+    settings = load_settings(args.concept_settings, args.method, index)
     generated = read_cui_sets(args.generated) if args.generated else None
     if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
     vision = VisionMethod(args.method, index, settings, args.device)
     cfg = RunConfig(task="concepts", output_csv=args.output_csv, ids_csv=args.ids_csv, zip_path=args.zip)
-    source = EmbeddingsFileSource(args.embeddings, extra_ids=list(generated or {}))
+    source = EmbeddingsFileSource(args.embeddings, vision, extra_ids=list(generated or {}))
     return run(cfg, source, ConceptWriter(args.output_csv, vision=vision, given_cuis=generated))
+
+
+def resume_hint_once_chunks_exist(embeddings: str) -> None:
+    """Ctrl-C or SIGTERM during embed: advise a resume only once a chunk is saved (before, there is nothing to
+    resume, and the same command simply runs again)."""
+    import signal
+
+    from jjvmed.embeddings import parts_dir
+
+    manifest = parts_dir(Path(embeddings)) / "manifest.json"
+
+    def on_signal(signum, frame):
+        errors.exit_at_once(signum, frame, hint=errors.RESUME_HINT if manifest.exists() else "")
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "embed":
+        resume_hint_once_chunks_exist(args.embeddings)
     return {"embed": run_embed, "fit": run_fit, "tune": run_tune, "predict": run_predict}[args.command](args)
 
 
 if __name__ == "__main__":
-    # Only `embed` resumes; Ctrl-C in the others just stops.
-    sys.exit(errors.run_cli(main, hint=errors.RESUME_HINT if sys.argv[1:2] == ["embed"] else ""))
+    # Only `embed` resumes, and only once a chunk is saved (main installs that hint); Ctrl-C elsewhere just stops.
+    sys.exit(errors.run_cli(main, hint=""))

@@ -88,7 +88,7 @@ def load_vision_method(args: argparse.Namespace) -> VisionMethod | None:
     index = load_index(args.concept_index)
     settings = load_settings(args.concept_settings, args.method, index)
     if not args.from_natural_csv:
-        check_model_matches(args.base_model_path, index)
+        check_model_matches(args.base_model_path, index, settings)
     return VisionMethod(args.method, index, settings, args.device)
 
 
@@ -99,15 +99,16 @@ def embeddings_path(args: argparse.Namespace) -> Path:
 
 
 def embed_options(args: argparse.Namespace, vision: VisionMethod):
-    """How the run's images are embedded: like the index's training images (pooling), resumable like the run."""
-    from jjvmed.embeddings import EmbedOptions
+    """How the run's images are embedded: with every encoder the settings use, pooled as the index's training
+    images were, resumable like the run."""
+    from jjvmed.index import embed_options_for
 
     if args.resume_from_checkpoint not in (None, "auto") and args.method != "fused":
         raise UserError(f"--method {args.method} resumes with --resume_from_checkpoint auto (it writes no journal)")
     # A fused run resumed from a journal PATH resumes its embeddings too.
-    return EmbedOptions(args.base_model_path, vision.index.meta.get("embeddings", {}).get("pooling", "mean"),
-                        device=args.device, dtype=args.dtype, num_workers=args.num_workers,
-                        resume=args.resume_from_checkpoint is not None, overwrite=args.overwrite)
+    return embed_options_for(vision.index, vision.settings, base_model_path=args.base_model_path, device=args.device,
+                             dtype=args.dtype, num_workers=args.num_workers,
+                             resume=args.resume_from_checkpoint is not None, overwrite=args.overwrite)
 
 
 def from_natural(args: argparse.Namespace, vision: VisionMethod | None) -> tuple:

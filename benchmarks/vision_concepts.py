@@ -28,6 +28,8 @@ from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings  # no
 from jjvmed.index import ProbeOptions, fit_index, nearest, train_probe  # noqa: E402
 from jjvmed.tuning import K_GRID, tune  # noqa: E402
 
+ENCODER = {"family": "llava", "pooling": "mean"}  # what the random vectors stand in for
+
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     v = rng.standard_normal((n, dim), dtype=np.float32)
@@ -116,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.npz"
         start = time.perf_counter()
-        save_embeddings(path, Embeddings(ids, keys))
+        save_embeddings(path, Embeddings(ids, [keys], [ENCODER]))
         rows.append((f"save {args.keys:,} x {args.dim:,} embeddings ({path.stat().st_size / 1e6:,.0f} MB)",
                      time.perf_counter() - start, ""))
         start = time.perf_counter()
@@ -127,7 +129,7 @@ def main() -> None:
         if args.probe:
             index = fit_index(train, concepts, Path(tmp) / "index", None)
             start = time.perf_counter()
-            probe = train_probe(index.vectors, index.label_matrix(), ProbeOptions(device=args.device))
+            probe = train_probe(index.members[0].vectors, index.label_matrix(), ProbeOptions(device=args.device))
             seconds = time.perf_counter() - start
             steps, batch = probe.info["steps"], probe.info["batch_size"]
             rows.append((f"probe fit, defaults ({args.dim:,} -> {len(index.cuis):,} CUIs): {probe.info['passes']} "
@@ -135,7 +137,7 @@ def main() -> None:
         if args.tune:
             index = fit_index(train, concepts, Path(tmp) / "index", ProbeOptions(epochs=1, device=args.device))
             valid_ids = [f"ImageCLEFmedical_Caption_2025_valid_{n}" for n in range(args.valid)]
-            valid = Embeddings(valid_ids, unit_vectors(rng, args.valid, args.dim))
+            valid = Embeddings(valid_ids, [unit_vectors(rng, args.valid, args.dim)], [ENCODER])
             gt = {i: tuple(c) for i, c in random_concepts(rng, valid_ids, args.cuis).items()}
             generated = random_concepts(rng, valid_ids, args.cuis, per_image=4)
             start = time.perf_counter()

@@ -1,32 +1,367 @@
-"""Image encoders: a model that turns preprocessed images into one L2-normalised vector each.
+"""Image encoders: any model that turns an image into one L2-normalised vector, named by a SPEC.
 
-Today LLaVA's own vision tower (the features its projector gets), loaded alone from the base model.
+    llava                    LLaVA's own vision tower (the model of --base_model_path): the features its
+                             projector gets, pooled
+    hf:ID_OR_FOLDER          a Hugging Face vision model: the vision tower of a CLIP or SigLIP checkpoint
+                             (MedSigLIP), a DINOv2 backbone (RAD-DINO), or any AutoModel, with its own image
+                             processor
+    open_clip:ID_OR_FOLDER   an open_clip model (BiomedCLIP): only its image tower is built and loaded
+    timm:NAME_ID_OR_FOLDER   a timm backbone (ConvNeXt-V2, DenseNet, EfficientNet) without its classifier
+
+A folder is read as it is; anything else is a hub ID (looked up in the local cache first). Each encoder
+preprocesses as its model card prescribes (size, mean/std, crop) and pools as its family does by default
+(`--pooling default`): CLIP's projected image embedding, SigLIP's attention-pooled one, DINOv2's CLS
+token, timm's global pool, open_clip's image embedding, LLaVA's mean of the patch tokens.
+
+`describe` says what made a vector; two vectors may be compared only if `same_encoder` says so. Models
+other than LLaVA's tower are loaded on the CPU in their stored precision first, so the weights'
+fingerprint does not depend on the device or dtype they then run in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .images import Collate
 
-POOLINGS = ("mean", "cls")
+FAMILIES = ("llava", "hf", "open_clip", "timm")
+POOLINGS = ("default", "mean", "cls", "gem")
+FAMILY_POOLINGS = {"llava": ("mean", "cls"), "hf": ("default", "mean", "cls"), "open_clip": ("default",),
+                   "timm": ("default", "mean", "gem")}
+# What `describe` keys must agree for two sets of vectors to be comparable (the source path may differ).
+IDENTITY = ("family", "name", "pooling", "dim", "weights", "image_size", "feature_layer")
+GEM_P = 3.0  # generalised-mean pooling exponent (AUEB's CNN embeddings)
+PACKAGES = {"timm": "timm", "open_clip": "open_clip_torch"}
 
 
 @dataclass
-class VisionEncoder:
-    """LLaVA's vision tower alone, with what it needs to give the features the projector gets."""
-    tower: object
-    image_processor: object
-    feature_layer: int  # -2 for LLaVA-LLaMA-3-8B
-    drop_cls: bool  # vision_feature_select_strategy "default" feeds only the patch tokens
+class Encoder:
+    """A loaded image encoder: the model, how images become its input, and how its output is pooled."""
+    family: str
+    model: object  # torch module, in eval mode, on `device`
+    preprocess: object  # picklable callable: list of PIL images -> (batch, 3, H, W) tensor (runs in workers)
+    pooling: str
     device: object
+    info: dict = field(default_factory=dict)  # family details: feature_layer, drop_cls (llava), kind (hf)
 
     def describe(self) -> dict:
-        return {"feature_layer": self.feature_layer, "dtype": str(next(self.tower.parameters()).dtype)}
+        import torch
+
+        dtype = next(self.model.parameters()).dtype
+        return {**self.info, "family": self.family, "pooling": self.pooling,
+                "dtype": str(dtype).removeprefix("torch."), "device": str(torch.device(self.device).type)}
 
 
-def vision_encoder_from(model, processor) -> VisionEncoder:
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'timm:convnextv2_base' -> ('timm', 'convnextv2_base'); 'llava' -> ('llava', '')."""
+    family, _, source = spec.partition(":")
+    if family not in FAMILIES:
+        raise UserError(f"--encoder {spec!r}: expected llava, hf:ID_OR_FOLDER, open_clip:ID_OR_FOLDER or "
+                        "timm:NAME_ID_OR_FOLDER")
+    if family != "llava" and not source:
+        raise UserError(f"--encoder {spec}: name the model after the colon, e.g. {family}:/models/my-encoder")
+    return family, source
+
+
+def resolve_pooling(family: str, pooling: str) -> str:
+    pooling = "mean" if family == "llava" and pooling == "default" else pooling
+    if pooling not in FAMILY_POOLINGS[family]:
+        raise UserError(f"--pooling {pooling} does not apply to {family} encoders (they take: "
+                        f"{', '.join(FAMILY_POOLINGS[family])})")
+    return pooling
+
+
+def same_encoder(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in IDENTITY)
+
+
+def encoder_label(description: dict) -> str:
+    """A short name for tables and messages: 'llava', 'hf:rad-dino', 'timm:convnextv2_base'."""
+    family = description.get("family", "llava")
+    if family == "llava":
+        return "llava"
+    source = description.get("source", "").partition(":")[2].rstrip("/")
+    return f"{family}:{Path(source).name or description.get('name', '?')}"
+
+
+def differences(a: dict, b: dict) -> str:
+    return ", ".join(f"{k} {a.get(k)!r} vs {b.get(k)!r}" for k in IDENTITY if a.get(k) != b.get(k))
+
+
+def load_encoder(spec: str, pooling: str = "default", device: str = "auto", dtype: str = "auto",
+                 base_model_path: str | None = None) -> Encoder:
+    """Load the encoder of `spec` ('llava' takes the tower of `base_model_path`)."""
+    family, source = parse_spec(spec)
+    pooling = resolve_pooling(family, pooling)
+    if family == "llava":
+        from .model import DEFAULT_BASE_MODEL
+
+        return load_vision_encoder(source or base_model_path or DEFAULT_BASE_MODEL, device, dtype, pooling)
+    import torch
+
+    from .model import resolve_device_and_dtype
+
+    device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
+    target = device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"
+    model, preprocess, info = LOADERS[family](source)
+    info = {"source": spec, **info, "weights": weights_fingerprint(model)}
+    model = model.to(target, torch_dtype).eval()
+    encoder = Encoder(family, model, preprocess, pooling, torch.device(target), info)
+    pixels = preprocess([blank_image()])
+    encoder.info["image_size"] = [int(pixels.shape[2]), int(pixels.shape[3])]  # what the model takes, as preprocessed
+    encoder.info["dim"] = int(pooled_features(encoder, pixels).shape[1])
+    return encoder
+
+
+def blank_image():
+    from PIL import Image
+
+    return Image.new("RGB", (64, 64), (128, 128, 128))
+
+
+def weights_fingerprint(model) -> str:
+    """Which weights these are: parameter names, shapes and a sample of each tensor's values, as stored
+    (before any move or cast), so BiomedCLIP and an OpenAI ViT-B/16 of the same shape differ."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().numpy()
+        h.update(f"{name}{tuple(tensor.shape)}".encode() + sample.tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding a model's files
+# ---------------------------------------------------------------------------------------------------
+
+
+def local_folder(source: str) -> Path | None:
+    path = Path(source).expanduser()
+    return path if path.is_dir() else None
+
+
+def hub_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
+    """The first of `names` in a hub repo: from the local cache when any is there (BiomedCLIP ships only
+    open_clip_pytorch_model.bin), else downloaded; offline or unreachable, one line saying so."""
+    from .model import looks_like_hub_id
+
+    if not looks_like_hub_id(repo):
+        raise UserError(f"--encoder {spec}: no such folder, and not a hub ID (owner/name)")
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    for name in names:
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return Path(cached)
+    problems = []
+    for name in names:
+        try:
+            return Path(hf_hub_download(repo, name))
+        except RemoteEntryNotFoundError:
+            continue  # the repo is there, without this file: try the next name
+        except Exception as e:  # offline, not cached, no such repo: all say the same to the user
+            problems.append(first_line(e))
+    if problems:
+        raise UserError(f"--encoder {spec}: cannot get {' or '.join(names)} from {repo} ({problems[0]}); download "
+                        "the model once where there is network and give its local folder")
+    raise UserError(f"--encoder {spec}: {repo} has none of {', '.join(names)}")
+
+
+def model_file(source: str, names: tuple[str, ...], spec: str) -> Path:
+    folder = local_folder(source)
+    if folder is None:
+        return hub_file(source, names, spec)
+    found = next((folder / n for n in names if (folder / n).is_file()), None)
+    if found is None:
+        raise UserError(f"--encoder {spec}: {folder} has none of {', '.join(names)}")
+    return found
+
+
+@contextlib.contextmanager
+def torchvision_placeholders():
+    """Let timm and open_clip import where torchvision is not installed.
+
+    Both import torchvision's transforms and ops when they load, though building and running a model
+    calls none of them (preprocessing here follows the model's config with PIL: preprocessing.py).
+    On the project's CPU machines torchvision cannot be installed (FACTS.md, section 7). Where it is
+    missing, its modules are stood in for, during the import only, by placeholders that raise if
+    anything ever calls them; they are removed afterwards, so no other code sees a torchvision.
+    """
+    import importlib.machinery
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        yield
+        return
+
+    class Missing(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Missing(f"{cls.__name__}.{name}", (), {})
+
+        def __call__(cls, *args, **kwargs):
+            raise RuntimeError(f"{cls.__name__} needs torchvision, which is not installed")
+
+    class MissingModule(type(sys)):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return Missing(f"{self.__name__}.{name}", (), {})
+
+    class Finder:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "torchvision":
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = MissingModule(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    finder = Finder()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n.partition(".")[0] == "torchvision"]:
+            del sys.modules[name]
+
+
+def import_optional(family: str):
+    """timm or open_clip, or one line naming the package to install."""
+    try:
+        with torchvision_placeholders():
+            import timm
+
+            if family == "open_clip":
+                import open_clip
+
+                return open_clip
+            return timm
+    except ModuleNotFoundError as e:
+        if e.name and e.name.partition(".")[0] in ("timm", "open_clip", "ftfy", "regex"):
+            raise UserError(f"{family} encoders need the package {PACKAGES[family]} (pip install --no-deps "
+                            f"{PACKAGES[family]}{' timm ftfy' if family == 'open_clip' else ''}; README: Concepts "
+                            "from the vision tower)") from None
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# The families
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_hf(source: str):
+    """CLIP / SigLIP checkpoints: only their vision tower; anything else: AutoModel. Preprocessing: the
+    checkpoint's own image processor, with transformers' PIL backend (the same pixels on every machine)."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+    spec = f"hf:{source}"
+    try:
+        config = AutoConfig.from_pretrained(source)
+        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+    except (OSError, ValueError) as e:
+        raise UserError(f"--encoder {spec}: cannot load its config or image processor ({first_line(e)})") from None
+    kind = config.model_type
+    if kind in ("clip", "clip_vision_model"):
+        from transformers import CLIPVisionModelWithProjection as cls
+    elif kind in ("siglip", "siglip_vision_model"):
+        from transformers import SiglipVisionModel as cls
+    else:
+        cls = AutoModel
+    try:
+        model = cls.from_pretrained(source)
+    except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
+        raise UserError(f"--encoder {spec}: cannot load the model ({first_line(e)})") from None
+    return model, HFPreprocess(processor), {"name": kind}
+
+
+class HFPreprocess:
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, images: list):
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def load_open_clip(source: str):
+    """The image tower of an open_clip model (open_clip_config.json + weights), built by open_clip itself;
+    the text tower is never built, so BiomedCLIP needs no text model from the hub."""
+    spec = f"open_clip:{source}"
+    source = source.removeprefix("hf-hub:").removeprefix("local-dir:")
+    config_path = model_file(source, ("open_clip_config.json",), spec)
+    weights_path = model_file(source, ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                                       "open_clip_pytorch_model.bin"), spec)
+    open_clip = import_optional("open_clip")
+    from open_clip.model import _build_vision_tower
+
+    config = json.loads(config_path.read_text())
+    model_cfg = config.get("model_cfg", config)
+    visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+    state = open_clip.factory.load_state_dict(str(weights_path))
+    state = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    try:
+        visual.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise UserError(f"--encoder {spec}: the weights do not fit the image tower of its config "
+                        f"({first_line(e)})") from None
+    image_size = model_cfg["vision_cfg"].get("image_size", 224)
+    from .preprocessing import from_open_clip_config
+
+    preprocess = from_open_clip_config(config.get("preprocess_cfg", {}), image_size)
+    name = model_cfg["vision_cfg"].get("timm_model_name") or f"vit-{model_cfg['vision_cfg'].get('width')}"
+    return visual, preprocess, {"name": name}
+
+
+def load_timm(source: str):
+    """A timm backbone without its classifier: a timm model name (weights from the hub), a hub ID, or a
+    folder as timm saves one (config.json with `architecture` and `pretrained_cfg`, model.safetensors)."""
+    timm = import_optional("timm")
+    spec = f"timm:{source}"
+    folder = local_folder(source)
+    try:
+        if folder is not None:
+            config = json.loads(model_file(source, ("config.json",), spec).read_text())
+            weights = model_file(source, ("model.safetensors", "pytorch_model.bin"), spec)
+            model = timm.create_model(config["architecture"], pretrained=True, num_classes=0,
+                                      pretrained_cfg_overlay={**config.get("pretrained_cfg", {}), "file": str(weights)},
+                                      **{k: v for k, v in config.get("model_args", {}).items() if k != "num_classes"})
+            name = config["architecture"]
+        else:
+            name = source.removeprefix("hf-hub:")
+            model = timm.create_model(("hf-hub:" + name) if "/" in name else name, pretrained=True, num_classes=0)
+    except UserError:
+        raise
+    except Exception as e:  # no such model name, weights that do not fit, not cached offline
+        raise UserError(f"--encoder {spec}: cannot build or load the model ({first_line(e)})") from None
+    from .preprocessing import from_timm_config
+
+    preprocess = from_timm_config(timm.data.resolve_model_data_config(model))
+    return model, preprocess, {"name": name}
+
+
+LOADERS = {"hf": load_hf, "open_clip": load_open_clip, "timm": load_timm}
+
+
+# ---------------------------------------------------------------------------------------------------
+# LLaVA's vision tower
+# ---------------------------------------------------------------------------------------------------
+
+
+def vision_encoder_from(model, processor, pooling: str = "mean") -> Encoder:
     """The vision tower of a loaded LLaVA (also one wrapped by PEFT).
 
     The JJ-VMed LoRA (finetune.LORA_TARGETS, the published adapter's recipe) targets the language
@@ -41,11 +376,14 @@ def vision_encoder_from(model, processor) -> VisionEncoder:
         raise UserError("this adapter changes the vision tower, so its image features would not match a concept "
                         "index built from the base model; embed with the base model")
     device = next(p.device for p in tower.parameters())
-    return VisionEncoder(tower, processor.image_processor, int(config.vision_feature_layer),
-                         config.vision_feature_select_strategy == "default", device)
+    info = {"name": config.vision_config.model_type, "feature_layer": int(config.vision_feature_layer),
+            "drop_cls": config.vision_feature_select_strategy == "default",
+            "dim": int(config.vision_config.hidden_size), "source": "llava"}
+    return Encoder("llava", tower, HFPreprocess(processor.image_processor), pooling, device, info)
 
 
-def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str = "auto") -> VisionEncoder:
+def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str = "auto",
+                        pooling: str = "mean") -> Encoder:
     """Load the base model (model.load_base_model) and keep only its vision tower (no adapter needed)."""
     import torch
 
@@ -59,32 +397,77 @@ def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str =
                   "lm_head": "cpu"}
     processor = load_processor(base_model_path)
     model = load_base_model(base_model_path, device_map, torch_dtype, load_in_4bit=False)
-    encoder = vision_encoder_from(model, processor)
-    encoder.tower.eval()
+    encoder = vision_encoder_from(model, processor, pooling)
+    encoder.model.eval()
     del model
     return encoder
 
 
-def pooled_features(encoder: VisionEncoder, pixel_values, pooling: str):
-    """(batch, hidden) float32, L2-normalised: the projector's input tokens, pooled to one vector."""
+# ---------------------------------------------------------------------------------------------------
+# Vectors
+# ---------------------------------------------------------------------------------------------------
+
+
+def pooled_features(encoder: Encoder, pixel_values):
+    """(batch, dim) float32 on the CPU, L2-normalised: the encoder's image embedding, pooled as asked."""
     import torch
 
-    dtype = next(encoder.tower.parameters()).dtype
+    dtype = next(encoder.model.parameters()).dtype
     with torch.inference_mode():
-        out = encoder.tower(pixel_values.to(encoder.device, dtype), output_hidden_states=True)
-        hidden = out.hidden_states[encoder.feature_layer].float()
-        if pooling == "cls":
-            vectors = hidden[:, 0]
-        else:
-            vectors = (hidden[:, 1:] if encoder.drop_cls else hidden).mean(dim=1)
+        x = pixel_values.to(encoder.device, dtype, non_blocking=True)
+        vectors = POOL[encoder.family](encoder, x).float()
         return torch.nn.functional.normalize(vectors, dim=-1).cpu()
+
+
+def pool_llava(encoder: Encoder, x):
+    out = encoder.model(x, output_hidden_states=True)
+    hidden = out.hidden_states[encoder.info["feature_layer"]]
+    if encoder.pooling == "cls":
+        return hidden[:, 0]
+    return (hidden[:, 1:] if encoder.info["drop_cls"] else hidden).mean(dim=1)
+
+
+def pool_hf(encoder: Encoder, x):
+    out = encoder.model(pixel_values=x)
+    hidden = out.last_hidden_state
+    if encoder.pooling == "default":
+        embeds = getattr(out, "image_embeds", None)  # CLIP: the projected embedding
+        if embeds is None:
+            embeds = getattr(out, "pooler_output", None)  # SigLIP's attention pool, DINOv2's normed CLS
+        if embeds is not None:
+            return embeds.flatten(1)
+    if hidden.dim() == 4:  # convolutional backbones: (batch, channels, height, width)
+        return hidden.mean(dim=(2, 3))
+    if encoder.pooling == "cls":
+        return hidden[:, 0]
+    return hidden.mean(dim=1)
+
+
+def pool_open_clip(encoder: Encoder, x):
+    return encoder.model(x)
+
+
+def pool_timm(encoder: Encoder, x):
+    if encoder.pooling == "default":
+        return encoder.model(x)  # num_classes=0: the model's own global pool (and head norm)
+    features = encoder.model.forward_features(x)
+    if features.dim() == 4 and encoder.pooling == "gem":
+        return features.clamp(min=1e-6).pow(GEM_P).mean(dim=(2, 3)).pow(1.0 / GEM_P)
+    if features.dim() == 4:
+        return features.mean(dim=(2, 3))
+    if encoder.pooling == "gem":
+        raise UserError("--pooling gem needs a convolutional backbone (its features are a grid)")
+    return features.mean(dim=1)
+
+
+POOL = {"llava": pool_llava, "hf": pool_hf, "open_clip": pool_open_clip, "timm": pool_timm}
 
 
 class PixelCollate(Collate):
     """Images -> pixel values only (no prompt) in the DataLoader workers; a bad image fails alone."""
 
-    def __init__(self, image_processor):
-        self.image_processor = image_processor
+    def __init__(self, preprocess):
+        self.preprocess = preprocess
 
     def process(self, images: list) -> dict:
-        return {"pixel_values": self.image_processor(images=images, return_tensors="pt")["pixel_values"]}
+        return {"pixel_values": self.preprocess(images)}

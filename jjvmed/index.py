@@ -1,5 +1,8 @@
-"""The concept index: the training images' vectors with their CUIs (for nearest neighbours) and the
-probe trained on them, saved in one folder by `fit_index`; and the concept files they are built from.
+"""The concept index: the training images' CUIs and, per encoder, their vectors (for nearest neighbours)
+and the probe trained on them, saved in one folder by `fit_index`; and the concept files they are built from.
+
+An index of several encoders (an ensemble) holds one member per encoder, all over the same images and
+CUIs; tuning.py weighs their scores.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from . import files
-from .embeddings import Embeddings
+from .embeddings import Embeddings, EmbedOptions
+from .encoders import encoder_label
 from .errors import UserError, log
 from .submission import concept_pairs, read_rows
 
-INDEX_FORMAT = "jj-vmed-concept-index/1"
+INDEX_FORMAT = "jj-vmed-concept-index/2"
+OLD_INDEX_FORMAT = "jj-vmed-concept-index/1"  # one LLaVA encoder, read as such
 
 
 def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
@@ -63,13 +68,24 @@ def probe_logits(t: dict, x):
 
 
 @dataclass(frozen=True)
+class Member:
+    """One encoder's part of the index: its vectors of the training images and the probe trained on them."""
+    encoder: dict  # encoders.Encoder.describe() of the encoder that made the vectors
+    vectors: np.ndarray  # (images, dim) float32, L2-normalised
+    probe: Probe | None
+
+    @property
+    def label(self) -> str:
+        return encoder_label(self.encoder)
+
+
+@dataclass(frozen=True)
 class ConceptIndex:
     cuis: list[str]  # the label space: every CUI of the training images
     ids: list[str]  # training images
-    vectors: np.ndarray  # (images, dim) float32, L2-normalised
     label_ptr: np.ndarray  # CSR: image i carries cuis[label_idx[label_ptr[i]:label_ptr[i + 1]]]
     label_idx: np.ndarray
-    probe: Probe | None
+    members: list[Member]  # one per encoder
     meta: dict
 
     def label_matrix(self):
@@ -82,17 +98,20 @@ class ConceptIndex:
 @dataclass(frozen=True)
 class ProbeOptions:
     hidden: int = 0  # 0: linear
-    epochs: int = 10  # passes over the training vectors at most; 0: no probe
-    batch_size: int = 2048
-    learning_rate: float = 3e-3
+    epochs: int = 30  # passes over the training vectors at most; 0: no probe
+    batch_size: int = 256
+    learning_rate: float = 1e-2
     weight_decay: float = 1e-4
-    tolerance: float = 0.02  # stop when a pass lowers the mean training loss by less than this share
+    patience: int = 3  # stop after this many passes without a better held-out F1
+    held_out: float = 0.1  # share of the training images (at most MAX_HELD_OUT) that decides when to stop
     seed: int = 0
     device: str = "auto"
 
 
-# A pass is at least this many steps, so a small training set still gets enough updates between checks.
-MIN_STEPS_PER_PASS = 50
+MIN_STEPS_PER_PASS = 20  # a pass is at least this many steps, so a small set gets updates between checks
+MAX_HELD_OUT = 2000  # images: enough to rank passes by F1, few enough to leave the rest for training
+MIN_HELD_OUT = 20  # below this the probe trains all `epochs` passes on every image
+F1_THRESHOLDS = np.round(np.arange(1, 20) * 0.05, 2).astype(np.float32)  # for the held-out F1 only
 
 
 def resolve_device(device: str) -> str:
@@ -105,14 +124,29 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def held_out_f1(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    """Mean per-image F1 (images with concepts) at the best single threshold: what tuning will maximise."""
+    keep = truth.any(1)
+    p, t = probabilities[keep], truth[keep]
+    if not len(p):
+        return 0.0
+    sizes = t.sum(1)
+    best = 0.0
+    for threshold in F1_THRESHOLDS:
+        chosen = p >= threshold
+        best = max(best, float((2 * (chosen & t).sum(1) / (sizes + np.maximum(chosen.sum(1), 1))).mean()))
+    return best
+
+
 def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
     """Multi-label BCE on the training vectors (labels: scipy csr, images x CUIs): AdamW over shuffled
-    batches, in passes over the data, until a pass lowers the mean training loss by less than
-    `tolerance` of it (or after `epochs` passes).
+    batches, in passes over the data; after each pass the F1 on a held-out slice of the training images
+    (the official per-image F1 at the best single threshold) is measured, and training stops once it has
+    not risen for `patience` passes. The weights of the best pass are kept.
 
-    The output biases start at each CUI's log-odds in the training set. From zero (probability 0.5
-    for all ~2,000 CUIs) the optimiser spent most of its steps just pushing the rare CUIs down; from
-    the prior, one pass at batch 2048 reaches about the F1 that 3,000 steps of 512 reached before.
+    Stopping on the training loss never fired at 8,000 images (the loss keeps falling long after the
+    held-out F1 peaks). The output biases start at each CUI's log-odds in the training set: from zero
+    (probability 0.5 for all ~2,000 CUIs) the optimiser spent most of its steps pushing rare CUIs down.
     """
     import math
 
@@ -121,6 +155,11 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
     device = resolve_device(options.device)
     torch.manual_seed(options.seed)
     rng = np.random.default_rng(options.seed)
+    n = len(vectors)
+    held = min(int(n * options.held_out), MAX_HELD_OUT) if options.held_out > 0 else 0
+    held = held if held >= MIN_HELD_OUT else 0
+    order = rng.permutation(n)
+    train_rows, held_rows = np.sort(order[held:]), np.sort(order[:held])
     x_all = torch.from_numpy(vectors).to(device)
     mean = x_all.mean(0)
     std = x_all.std(0) + 1e-6  # a few CLIP dimensions dominate; standardising lets each count
@@ -130,23 +169,27 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
                                   torch.nn.Linear(options.hidden, n_cuis))
     else:
         net = torch.nn.Sequential(torch.nn.Linear(dim, n_cuis))
-    share = np.asarray(labels.sum(0), np.float64).ravel() / len(vectors)
-    share = np.clip(share, 0.5 / len(vectors), 1 - 0.5 / len(vectors))
+    share = np.asarray(labels[train_rows].sum(0), np.float64).ravel() / len(train_rows)
+    share = np.clip(share, 0.5 / len(train_rows), 1 - 0.5 / len(train_rows))
     with torch.no_grad():
         net[-1].bias.copy_(torch.from_numpy(np.log(share / (1 - share)).astype(np.float32)))
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-    batch = min(options.batch_size, len(vectors))
-    steps_per_pass = max(math.ceil(len(vectors) / batch), MIN_STEPS_PER_PASS)
-    order = rng.permutation(len(vectors))
-    position = 0
+    batch = min(options.batch_size, len(train_rows))
+    steps_per_pass = max(math.ceil(len(train_rows) / batch), MIN_STEPS_PER_PASS)
+    x_held = (x_all[torch.from_numpy(held_rows).to(device)] - mean) / std if held else None
+    truth_held = labels[held_rows].toarray() > 0 if held else None
+    shuffled, position = rng.permutation(train_rows), 0
     losses: list[float] = []
+    scores: list[float] = []
+    best_state, best_score = None, -1.0
     for _ in range(options.epochs):
+        net.train()
         total = torch.zeros((), device=device)
         for _ in range(steps_per_pass):
-            if position + batch > len(order):
-                order, position = rng.permutation(len(vectors)), 0
-            rows = order[position:position + batch]
+            if position + batch > len(shuffled):
+                shuffled, position = rng.permutation(train_rows), 0
+            rows = shuffled[position:position + batch]
             position += batch
             target = torch.from_numpy(labels[rows].toarray()).to(device)
             x = (x_all[torch.from_numpy(rows).to(device)] - mean) / std
@@ -156,22 +199,33 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
             opt.step()
             total += loss.detach()
         losses.append(float(total) / steps_per_pass)
-        if len(losses) > 1 and losses[-2] - losses[-1] < options.tolerance * losses[-2]:
+        if not held:
+            continue
+        with torch.inference_mode():
+            scores.append(held_out_f1(torch.sigmoid(net(x_held)).cpu().numpy(), truth_held))
+        if scores[-1] > best_score + 1e-6:
+            best_score = scores[-1]
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        elif len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
             break
+    if best_state is not None:
+        net.load_state_dict(best_state)
     layers = [m for m in net if isinstance(m, torch.nn.Linear)]
     tensors = {"mean": mean, "std": std, "w1": layers[0].weight, "b1": layers[0].bias}
     if len(layers) == 2:
         tensors |= {"w2": layers[1].weight, "b2": layers[1].bias}
-    info = {"hidden": options.hidden, "passes": len(losses), "steps": len(losses) * steps_per_pass,
-            "batch_size": batch, "learning_rate": options.learning_rate, "weight_decay": options.weight_decay,
-            "tolerance": options.tolerance, "losses": [round(x, 6) for x in losses],
+    best_pass = int(np.argmax(scores)) + 1 if scores else len(losses)
+    info = {"hidden": options.hidden, "passes": len(losses), "best_pass": best_pass,
+            "steps": len(losses) * steps_per_pass, "batch_size": batch, "learning_rate": options.learning_rate,
+            "weight_decay": options.weight_decay, "patience": options.patience, "held_out_images": held,
+            "losses": [round(x, 6) for x in losses], "held_out_f1": [round(x, 4) for x in scores],
             "final_loss": losses[-1] if losses else float("nan"), "dim": dim}
     return Probe({k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}, info)
 
 
 def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str | Path,
               probe_options: ProbeOptions | None = ProbeOptions()) -> ConceptIndex:
-    """Index the training vectors with their CUIs and train the probe; save both in output_dir."""
+    """Index the training vectors of every encoder with their CUIs and train a probe on each; save in output_dir."""
     keep = [n for n, i in enumerate(train.ids) if i in concepts]
     missing_concepts = len(train.ids) - len(keep)
     missing_images = len(set(concepts) - set(train.ids))
@@ -184,22 +238,26 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str
     column = {c: n for n, c in enumerate(cuis)}
     label_idx = np.array([column[c] for i in ids for c in concepts[i]], np.int64)
     label_ptr = np.concatenate([[0], np.cumsum([len(concepts[i]) for i in ids])]).astype(np.int64)
-    vectors = np.ascontiguousarray(train.vectors[keep])
-    index = ConceptIndex(cuis, ids, vectors, label_ptr, label_idx, None, {})
-    probe = None
-    if probe_options and probe_options.epochs > 0:
-        import time
+    index = ConceptIndex(cuis, ids, label_ptr, label_idx, [], {})
+    members = []
+    for encoder, all_vectors in zip(train.encoders, train.vectors, strict=True):
+        vectors = np.ascontiguousarray(all_vectors[keep])
+        probe = None
+        if probe_options and probe_options.epochs > 0:
+            import time
 
-        start = time.perf_counter()
-        probe = train_probe(vectors, index.label_matrix(), probe_options)
-        log(f"probe: {probe.info['passes']} passes ({probe.info['steps']} steps of {probe.info['batch_size']}) in "
-            f"{time.perf_counter() - start:.1f} s, training loss per pass: "
-            + ", ".join(f"{x:.5f}" for x in probe.info["losses"]))
-    meta = {"images": len(ids), "cuis": len(cuis), "dim": int(vectors.shape[1]),
+            start = time.perf_counter()
+            probe = train_probe(vectors, index.label_matrix(), probe_options)
+            info = probe.info
+            f1s = ", ".join(f"{x:.4f}" for x in info["held_out_f1"])
+            log(f"probe ({encoder_label(encoder)}): {info['passes']} passes of {info['steps'] // info['passes']} steps "
+                f"of {info['batch_size']} in {time.perf_counter() - start:.1f} s"
+                + (f"; kept pass {info['best_pass']}, held-out F1 per pass: {f1s}" if f1s else ""))
+        members.append(Member({k: v for k, v in encoder.items() if k not in ("device",)}, vectors, probe))
+    meta = {"images": len(ids), "cuis": len(cuis), "dims": [int(m.vectors.shape[1]) for m in members],
             "images_without_concepts_row": missing_concepts, "concept_rows_without_image": missing_images,
-            "embeddings": {k: v for k, v in train.meta.items() if k != "settings"},
-            "fingerprint": fingerprint(ids, cuis, label_idx, probe)}
-    index = replace(index, probe=probe, meta=meta)
+            "encoders": [m.encoder for m in members], "fingerprint": fingerprint(ids, cuis, label_idx, members)}
+    index = replace(index, members=members, meta=meta)
     save_index(index, output_dir)
     if missing_concepts or missing_images:
         log(f"left out: {missing_concepts} embedded images without a concepts row, {missing_images} concept rows "
@@ -207,11 +265,13 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str
     return index
 
 
-def fingerprint(ids: list[str], cuis: list[str], label_idx: np.ndarray, probe: Probe | None) -> str:
+def fingerprint(ids: list[str], cuis: list[str], label_idx: np.ndarray, members: list[Member]) -> str:
     """Which fit this is: settings tuned on one index are refused with another (a refit changes the probe)."""
     h = hashlib.sha256("\n".join(ids).encode() + b"\0" + "\n".join(cuis).encode() + label_idx.tobytes())
-    for name, tensor in sorted((probe.tensors if probe else {}).items()):
-        h.update(name.encode() + np.ascontiguousarray(tensor).tobytes())
+    for m in members:
+        h.update(json.dumps(m.encoder, sort_keys=True).encode())
+        for name, tensor in sorted((m.probe.tensors if m.probe else {}).items()):
+            h.update(name.encode() + np.ascontiguousarray(tensor).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -220,13 +280,17 @@ def save_index(index: ConceptIndex, output_dir: str | Path) -> Path:
 
     out = Path(output_dir)
     buffer = io.BytesIO()
+    vectors = {f"vectors_{m}": member.vectors for m, member in enumerate(index.members)}
     np.savez(buffer, format=np.array(INDEX_FORMAT), ids=np.array(index.ids, dtype=str),
-             cuis=np.array(index.cuis, dtype=str), vectors=index.vectors, label_ptr=index.label_ptr,
-             label_idx=index.label_idx, meta=np.array(json.dumps(index.meta)))
+             cuis=np.array(index.cuis, dtype=str), label_ptr=index.label_ptr, label_idx=index.label_idx,
+             meta=np.array(json.dumps(index.meta)), **vectors)
     files.write_bytes_atomic(out / "index.npz", buffer.getvalue())
-    if index.probe is not None:
-        files.write_bytes_atomic(out / "probe.safetensors", save(index.probe.tensors))
-        files.write_text_atomic(out / "probe.json", json.dumps({**index.probe.info, "cuis": index.cuis}, indent=1))
+    probes = {m: member.probe for m, member in enumerate(index.members) if member.probe is not None}
+    if probes:
+        tensors = {f"{m}.{k}": v for m, probe in probes.items() for k, v in probe.tensors.items()}
+        files.write_bytes_atomic(out / "probe.safetensors", save(tensors))
+        info = {"members": {str(m): probe.info for m, probe in probes.items()}, "cuis": index.cuis}
+        files.write_text_atomic(out / "probe.json", json.dumps(info, indent=1))
     else:
         (out / "probe.safetensors").unlink(missing_ok=True)
         (out / "probe.json").unlink(missing_ok=True)
@@ -243,21 +307,43 @@ def load_index(index_dir: str | Path) -> ConceptIndex:
     try:
         with np.load(path, allow_pickle=False) as data:
             if str(data["format"]) != INDEX_FORMAT:
-                raise ValueError(f"format {data['format']}")
+                old = str(data["format"]) == OLD_INDEX_FORMAT
+                raise ValueError(f"format {data['format']}" + ("; it was fitted by an older version: fit it again"
+                                                               if old else ""))
             cuis = data["cuis"].tolist()
             ids = data["ids"].tolist()
-            vectors = data["vectors"].reshape(len(ids), -1)
             label_ptr, label_idx = data["label_ptr"], data["label_idx"]
             meta = json.loads(str(data["meta"]))
+            vectors = [data[f"vectors_{m}"].reshape(len(ids), -1) for m in range(len(meta["encoders"]))]
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path} is not a concept index written by concept_index.py fit ({e})") from None
-    probe = None
+    probes: dict[int, Probe] = {}
     if (folder / "probe.safetensors").is_file():
         info = json.loads((folder / "probe.json").read_text())
         if info.pop("cuis") != cuis:
             raise UserError(f"{folder}/probe.json lists other CUIs than index.npz; fit the index again")
-        probe = Probe(load_file(folder / "probe.safetensors"), info)
-    return ConceptIndex(cuis, ids, vectors, label_ptr, label_idx, probe, meta)
+        tensors = load_file(folder / "probe.safetensors")
+        for m, member_info in info["members"].items():
+            own = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == m}
+            probes[int(m)] = Probe(own, member_info)
+    members = [Member(e, v, probes.get(m)) for m, (e, v) in enumerate(zip(meta["encoders"], vectors, strict=True))]
+    return ConceptIndex(cuis, ids, label_ptr, label_idx, members, meta)
+
+
+def embed_options_for(index: ConceptIndex, method_settings: dict | None = None, **options) -> EmbedOptions:
+    """How a run embeds its images for this index: with each encoder the settings use (every encoder of the
+    index without settings), pooled as at fit time. `options`: the other EmbedOptions fields."""
+    used = used_members(index, method_settings)
+    encoders = tuple((index.members[m].encoder.get("source") or "llava", index.members[m].encoder["pooling"])
+                     for m in used)
+    return EmbedOptions(encoders=encoders, **options)
+
+
+def used_members(index: ConceptIndex, method_settings: dict | None) -> list[int]:
+    """The members whose kNN or probe weight is not zero in these settings (all of them without settings)."""
+    if method_settings is None:
+        return list(range(len(index.members)))
+    return [m for m, part in enumerate(method_settings["members"]) if part.get("knn") or part.get("probe")]
 
 
 def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",

@@ -292,9 +292,11 @@ class GenerateThenEmbed:
         if result.stopped is not None or not cfg.writes_csv:
             return result
         # Under a launcher each process loaded its own model on its own device; rank 0 then loads the tower alone.
+        # The generating model's tower serves the index's 'llava' encoder (with its pooling); others are loaded.
         loaded = self.generate.loaded if cfg.shard is None else None
+        pooling = next((p for spec, p in self.embed.options.choices() if spec == "llava"), None)
         embed = EmbedSource(self.embed.path, self.embed.options,
-                            (lambda: vision_encoder_from(*loaded[:2])) if loaded else None)
+                            (lambda: vision_encoder_from(*loaded[:2], pooling)) if loaded and pooling else None)
         embedded = embed.produce(cfg, selection)
         return replace(result, embeddings=embedded.embeddings)
 
@@ -363,13 +365,15 @@ def read_answers_csv(path: str, column: str) -> dict[str, str]:
 
 
 class EmbeddingsFileSource:
-    """Vectors an earlier embedding run made (concept_index.py embed), one record per image in the file;
-    `extra_ids`: images without a vector that still get a row (they have generated CUIs)."""
+    """Vectors earlier embedding runs made (concept_index.py embed: one file, or one per encoder of an ensemble),
+    one record per image; `extra_ids`: images without a vector that still get a row (they have generated CUIs).
+    Every encoder the method's settings use must be in the files: checked before any work."""
 
     reads_images = False
 
-    def __init__(self, path: str, extra_ids: list[str] = ()):
-        self.path = path
+    def __init__(self, paths: list[str], vision=None, extra_ids: list[str] = ()):
+        self.paths = list(paths)
+        self.vision = vision  # writers.VisionMethod
         self.extra_ids = list(extra_ids)
         self.emb = None
 
@@ -377,9 +381,13 @@ class EmbeddingsFileSource:
         return []
 
     def check(self) -> None:
-        from .embeddings import load_embeddings
+        from .embeddings import load_ensemble
+        from .index import used_members
 
-        self.emb = load_embeddings(self.path)
+        self.emb = load_ensemble(self.paths)
+        if self.vision is not None:
+            for m in used_members(self.vision.index, self.vision.settings):
+                self.emb.member(self.vision.index.members[m].encoder, "the concept index")
 
     def ids(self) -> list[str]:
         from .images import id_sort_key
@@ -387,4 +395,4 @@ class EmbeddingsFileSource:
         return sorted({*self.emb.ids, *self.emb.failed, *self.extra_ids}, key=id_sort_key)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
-        return embedded_result(selection.ids, self.emb, Path(self.path), 0.0, 0, "read")
+        return embedded_result(selection.ids, self.emb, Path(self.paths[0]), 0.0, 0, "read")

@@ -1,0 +1,384 @@
+"""Any image encoder through `concept_index.py embed --encoder SPEC`, and ensembles of them.
+
+Every encoder here is a tiny random model of its family, built offline with the family's real classes and
+saved to a folder the way its library saves one (Hugging Face save_pretrained, timm's save_for_hf, open_clip's
+open_clip_config.json + weights), then loaded by the same code a real checkpoint goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_csv
+
+import concept_index
+from jjvmed import errors
+from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings
+
+SIZE = 32  # pixels: every tiny encoder takes 32 x 32 images
+
+
+def cli(*argv: str) -> int:
+    return errors.run_cli(concept_index.main, list(argv))
+
+
+def import_family(name: str):
+    from jjvmed.encoders import import_optional
+
+    return import_optional(name)
+
+
+def draw_images(folder: Path) -> list[str]:
+    """Six small images of different colours and sizes, and a copy of the first under another ID."""
+    from PIL import Image, ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for n, (colour, size) in enumerate([((220, 40, 40), (64, 48)), ((40, 180, 60), (48, 64)), ((50, 70, 220), (50, 50)),
+                                        ((230, 230, 40), (80, 40)), ((20, 20, 20), (36, 36)),
+                                        ((200, 200, 200), (40, 90))]):
+        img = Image.new("RGB", size, colour)
+        ImageDraw.Draw(img).ellipse([4, 4, size[0] // 2, size[1] // 2], fill=(255 - colour[0], 128, colour[2]))
+        img.save(folder / f"img_{n + 1}.png")
+        ids.append(f"img_{n + 1}")
+    (folder / "img_copy.png").write_bytes((folder / "img_1.png").read_bytes())
+    return ids + ["img_copy"]
+
+
+def save_hf_clip(folder: Path) -> Path:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=SIZE, patch_size=8, projection_dim=16)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    return folder
+
+
+def save_hf_siglip(folder: Path) -> Path:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=SIZE, patch_size=8)
+    SiglipVisionModel(config).save_pretrained(folder)
+    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    return folder
+
+
+def save_hf_dinov2(folder: Path) -> Path:
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=SIZE,
+                          patch_size=8)
+    Dinov2Model(config).save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def save_open_clip(folder: Path, vision_cfg: dict) -> Path:
+    """A whole open_clip CLIP (image and text towers) from a model config dict, saved as open_clip saves one."""
+    import torch
+    from safetensors.torch import save_file
+
+    open_clip = import_family("open_clip")
+    model_cfg = {"embed_dim": 16, "vision_cfg": vision_cfg,
+                 "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                                                   "std": [0.26862954, 0.26130258, 0.27577711]}}))
+    return folder
+
+
+def save_timm(folder: Path, name: str) -> Path:
+    import torch
+
+    timm = import_family("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5)
+    timm.models.save_for_hf(model, folder, safe_serialization=True)
+    return folder
+
+
+ENCODERS = {
+    "hf-clip": lambda d: f"hf:{save_hf_clip(d)}",
+    "hf-siglip": lambda d: f"hf:{save_hf_siglip(d)}",
+    "hf-dinov2": lambda d: f"hf:{save_hf_dinov2(d)}",
+    "open_clip-vit": lambda d: f"open_clip:{save_open_clip(d, {'image_size': SIZE, 'layers': 2, 'width': 32, 'patch_size': 8, 'head_width': 16})}",  # noqa: E501
+    "open_clip-timm": lambda d: f"open_clip:{save_open_clip(d, {'timm_model_name': 'test_vit', 'timm_model_pretrained': False, 'timm_pool': '', 'timm_proj': 'linear', 'image_size': SIZE})}",  # noqa: E501
+    "timm-convnext": lambda d: f"timm:{save_timm(d, 'test_convnext')}",
+    "timm-efficientnet": lambda d: f"timm:{save_timm(d, 'test_efficientnet')}",
+}
+
+
+def needs(package: str):
+    import importlib.util
+
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                              reason=f"needs {package} (.ci/run installs it; README: Concepts from the vision tower)")
+
+
+needs_timm, needs_open_clip = needs("timm"), needs("open_clip")
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("images")
+    draw_images(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory) -> dict[str, str]:
+    """The tiny encoders, each saved once for the module (those whose package is installed)."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("encoders")
+    return {name: build(root / name) for name, build in ENCODERS.items()
+            if importlib.util.find_spec(name.split("-")[0].replace("hf", "transformers"))}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n.split("-")[0]) if n[:2] != "hf" else ())
+                                  for n in ENCODERS])
+def test_each_encoder_family_embeds_through_the_cli_into_a_file_that_names_it(name, specs, images, tmp_path):
+    out = tmp_path / "emb.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", specs[name]) == 0
+    emb = load_embeddings(out)
+    assert emb.ids == ["img_1", "img_2", "img_3", "img_4", "img_5", "img_6", "img_copy"] and not emb.failed
+    vectors = emb.vectors[0]
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert np.allclose(vectors[0], vectors[-1], atol=1e-6)  # the same picture, the same vector
+    assert len({tuple(np.round(v, 4)) for v in vectors[:6]}) == 6  # different pictures, different vectors
+    made = emb.encoders[0]
+    assert made["family"] == name.split("-")[0] and made["source"] == specs[name]
+    assert made["dim"] == vectors.shape[1] and made["weights"]
+    # the size the model takes: ours, or the one in the timm test model's own config
+    assert made["image_size"] == ([160, 160] if name.startswith("timm") else [SIZE, SIZE])
+
+
+@needs_timm
+def test_gem_and_mean_pooling_of_a_cnn_give_other_vectors_recorded_as_such(specs, images, tmp_path):
+    runs = {}
+    for pooling in ("default", "gem", "mean"):
+        out = tmp_path / f"{pooling}.npz"
+        assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder",
+                   specs["timm-convnext"], "--pooling", pooling) == 0
+        runs[pooling] = load_embeddings(out)
+        assert runs[pooling].encoders[0]["pooling"] == pooling
+    assert not np.allclose(runs["gem"].vectors[0], runs["mean"].vectors[0])
+
+
+@needs_open_clip
+def test_a_pooling_the_family_lacks_is_one_line(specs, images, tmp_path, capsys):
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
+               specs["open_clip-vit"], "--pooling", "gem") == 2
+    err = capsys.readouterr().err
+    assert "--pooling gem does not apply to open_clip encoders" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_embed_that_fails_at_start_leaves_nothing_and_the_corrected_command_runs(specs, images, tmp_path, capsys):
+    out = tmp_path / "emb.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder",
+               f"hf:{tmp_path / 'no-such-model'}") == 2
+    err = capsys.readouterr().err
+    assert "--encoder hf:" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob("emb.npz*"))  # no file, no <file>.parts
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", specs["hf-clip"]) == 0
+
+
+def test_a_hub_model_that_is_not_in_the_cache_offline_is_one_line(images, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
+               "open_clip:nobody/no-such-model") == 2
+    err = capsys.readouterr().err
+    assert "download the model once where there is network" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_optional_package_is_named_in_one_line(images, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
+               "timm:convnextv2_base") == 2
+    err = capsys.readouterr().err
+    assert "need the package timm" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_old_option_spellings_still_work_with_a_deprecation_line(specs, images, tmp_path, capsys):
+    out = tmp_path / "emb.npz"
+    assert cli("embed", "--image_dir", str(images), "--output", str(out), "--encoder", specs["hf-dinov2"]) == 0
+    assert "--output is deprecated" in capsys.readouterr().err and out.exists()
+
+
+@needs_timm
+def test_embeddings_resume_after_a_stop_to_the_same_vectors(specs, images, tmp_path, capsys):
+    """Two encoders into one file, in chunks of 2 images: the second encoder's run is cut short (its chunk files
+    removed, as a kill before they were written leaves them); the resumed run redoes only those."""
+    flags = ["--image_dir", str(images), "--encoder", specs["timm-convnext"], "--encoder", specs["hf-clip"],
+             "--chunk_size", "2", "--batch_size", "2"]
+    full = tmp_path / "full.npz"
+    assert cli("embed", "--embeddings", str(full), *flags) == 0
+    out = tmp_path / "cut.npz"
+    # a finished first encoder and one chunk of the second, as a run killed there leaves them
+    parts = out.with_name("cut.npz.parts")
+    parts.mkdir()
+    from jjvmed.embeddings import EmbedOptions, chunk_path, embed_settings
+    from jjvmed.embeddings import save_embeddings as save
+    from jjvmed.images import list_images
+
+    items = list_images(images)
+    options = EmbedOptions(encoders=(specs["timm-convnext"], specs["hf-clip"]), batch_size=2, chunk_size=2)
+    (parts / "manifest.json").write_text(json.dumps(embed_settings(items, options), indent=1))
+    done = load_embeddings(full)
+    for m, n in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]:
+        rows = slice(2 * n, 2 * n + 2)
+        save(chunk_path(parts, m, n), Embeddings(done.ids[rows], [done.vectors[m][rows]], [done.encoders[m]]))
+    capsys.readouterr()
+    assert cli("embed", "--embeddings", str(out), *flags) == 2  # never silently redone
+    assert "--resume_from_checkpoint auto" in capsys.readouterr().err
+    assert cli("embed", "--embeddings", str(out), *flags, "--resume_from_checkpoint", "auto") == 0
+    err = capsys.readouterr().err
+    assert "encoder 2/2" in err and "resuming: 1 of 4 chunks already embedded" in err
+    got = load_embeddings(out)
+    assert got.ids == done.ids
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(got.vectors, done.vectors, strict=True))
+    assert not parts.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ensembles: several encoders' files of the same images
+# ---------------------------------------------------------------------------------------------
+
+COLOURS, SHAPES = ("C0000001", "C0000002", "C0000003"), ("C0000011", "C0000012", "C0000013")
+
+
+def encoder_made(name: str) -> dict:
+    return {"family": "timm", "name": name, "source": f"timm:/models/{name}", "pooling": "default",
+            "weights": f"{name}-weights", "image_size": [224, 224]}
+
+
+def synthetic_split(folder: Path, split: str, n: int, seed: int) -> dict[str, list[str]]:
+    """Images with one colour and one shape CUI; encoder 'sees-colour' places them by colour only (its other
+    dimensions are noise), 'sees-shape' by shape only. Writes one embeddings file per encoder."""
+    rng = np.random.default_rng(seed)
+    ids = [f"{split}_{i + 1}" for i in range(n)]
+    colour, shape = rng.integers(0, 3, n), rng.integers(0, 3, n)
+    concepts = {i: [COLOURS[c], SHAPES[s]] for i, c, s in zip(ids, colour, shape, strict=True)}
+    for name, signal in (("sees-colour", colour), ("sees-shape", shape)):
+        vectors = np.eye(3, 16, dtype=np.float32)[signal] * 2 + rng.normal(0, 1, (n, 16)).astype(np.float32) * 0.3
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        save_embeddings(folder / f"{split}_{name}.npz", Embeddings(ids, [vectors], [encoder_made(name)]))
+    from jjvmed.files import write_csv_atomic
+
+    write_csv_atomic(folder / f"{split}_concepts.csv", ["ID", "CUIs"], ([i, ";".join(c)] for i, c in concepts.items()))
+    return concepts
+
+
+def official_f1(gt_csv: Path, pred_csv: Path) -> float:
+    from jjvmed import submission
+    from jjvmed.scores import concept_scores
+
+    gt = submission.concept_pairs(submission.read_rows(gt_csv))
+    pred = submission.concept_pairs(submission.read_rows(pred_csv))
+    return concept_scores(gt, pred)[0]["f1"]
+
+
+@pytest.fixture(scope="module")
+def ensemble_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ensemble")
+    for seed, (split, n) in enumerate((("train", 150), ("valid", 90), ("test", 90))):
+        synthetic_split(root, split, n, seed)
+    return root
+
+
+def fit_tune_predict(root: Path, encoders: list[str], name: str, capsys) -> float:
+    files = {split: [str(root / f"{split}_{e}.npz") for e in encoders] for split in ("train", "valid", "test")}
+    index, settings, out = root / f"index_{name}", root / f"settings_{name}.json", root / f"test_{name}.csv"
+    assert cli("fit", "--embeddings", *files["train"], "--train_concepts", str(root / "train_concepts.csv"),
+               "--concept_index", str(index), "--probe_epochs", "5") == 0
+    capsys.readouterr()
+    assert cli("tune", "--concept_index", str(index), "--embeddings", *files["valid"], "--valid_concepts",
+               str(root / "valid_concepts.csv"), "--concept_settings", str(settings)) == 0
+    table = capsys.readouterr().out
+    if len(encoders) > 1:  # each encoder alone and the ensemble, in the printed table
+        assert all(f"knn [timm:{e}]" in table for e in encoders) and "ensemble" in table
+    assert cli("predict", "--concept_index", str(index), "--concept_settings", str(settings), "--embeddings",
+               *files["test"], "--output_csv", str(out)) == 0
+    return official_f1(root / "test_concepts.csv", out)
+
+
+def test_an_ensemble_whose_second_encoder_sees_what_the_first_misses_beats_both_alone(ensemble_data, capsys):
+    colour = fit_tune_predict(ensemble_data, ["sees-colour"], "colour", capsys)
+    shape = fit_tune_predict(ensemble_data, ["sees-shape"], "shape", capsys)
+    both = fit_tune_predict(ensemble_data, ["sees-colour", "sees-shape"], "both", capsys)
+    assert both >= 0.9 and both > max(colour, shape) + 0.2, (colour, shape, both)
+    rows = read_csv(ensemble_data / "test_both.csv")
+    assert rows[0] == ["ID", "CUIs"] and len(rows) == 91
+
+
+def test_embeddings_of_another_encoder_are_refused_in_one_line_before_any_work(ensemble_data, tmp_path, capsys):
+    root = ensemble_data
+    assert cli("fit", "--embeddings", str(root / "train_sees-colour.npz"), "--train_concepts",
+               str(root / "train_concepts.csv"), "--concept_index", str(tmp_path / "index"), "--probe_epochs", "0") == 0
+    capsys.readouterr()
+    # same dimensions, other encoder: tune and predict refuse it, naming both
+    for argv in (["tune", "--concept_index", str(tmp_path / "index"), "--embeddings",
+                  str(root / "valid_sees-shape.npz"), "--valid_concepts", str(root / "valid_concepts.csv"),
+                  "--concept_settings", str(tmp_path / "s.json")],):
+        assert cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert "timm:sees-colour" in err and "timm:sees-shape" in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "s.json").exists()
+
+
+def test_files_of_different_images_or_the_same_encoder_twice_are_refused_before_any_work(ensemble_data, tmp_path,
+                                                                                        capsys):
+    root = ensemble_data
+    cases = {"hold different images": [str(root / "train_sees-colour.npz"), str(root / "valid_sees-shape.npz")],
+             "given twice": [str(root / "train_sees-colour.npz"), str(root / "train_sees-colour.npz")]}
+    for expected, files in cases.items():
+        assert cli("fit", "--embeddings", *files, "--train_concepts", str(root / "train_concepts.csv"),
+                   "--concept_index", str(tmp_path / "index")) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "index").exists()
+
+
+def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that_one_file(specs, images, tmp_path,
+                                                                                          capsys):
+    """What generate_concepts.py does with an ensemble index: index.embed_options_for gives the encoders, one
+    embed_images call writes one file with each encoder's vectors, predict_concepts reads it."""
+    from jjvmed.embeddings import embed_images
+    from jjvmed.fusion import load_settings, predict_concepts
+    from jjvmed.images import list_images
+    from jjvmed.index import embed_options_for, load_index
+
+    train = tmp_path / "train.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", specs["hf-clip"],
+               "--encoder", specs["hf-dinov2"]) == 0
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
+    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
+               str(tmp_path / "index"), "--probe_epochs", "2") == 0
+    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings", str(train), "--valid_concepts",
+               str(concepts), "--concept_settings", str(tmp_path / "settings.json")) == 0
+    index = load_index(tmp_path / "index")
+    settings = load_settings(tmp_path / "settings.json", "fused", index)
+    options = embed_options_for(index, settings, num_workers=0)
+    used = [m.encoder["source"] for m, part in zip(index.members, settings["members"], strict=True)
+            if part["knn"] or part["probe"]]
+    assert [spec for spec, _ in options.choices()] == used and used
+    emb = embed_images(list_images(images), tmp_path / "run.embeddings.npz", options)
+    assert [e["source"] for e in emb.encoders] == used
+    predictions = predict_concepts(index, settings, emb)
+    assert sorted(predictions) == sorted(load_embeddings(train).ids)
+    assert predictions["img_copy"] == predictions["img_1"]
