@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 from jjvmed import errors, files
+from jjvmed.fusion import METHODS
 from jjvmed.model import DEFAULT_BASE_MODEL
 from jjvmed.options import Parser, add_device_options
 
-METHODS = ("knn", "probe", "fused")
 ENCODER_HELP = ("the image encoder: llava (the vision tower of --base_model_path), hf:ID_OR_FOLDER (CLIP / SigLIP "
                 "vision towers, MedSigLIP, DINOv2 / RAD-DINO, any AutoModel), open_clip:ID_OR_FOLDER (BiomedCLIP), "
                 "timm:NAME_ID_OR_FOLDER (ConvNeXt-V2, DenseNet, EfficientNet); repeat it to embed with several "

@@ -26,12 +26,13 @@ from pathlib import Path
 import common
 from jjvmed.cui_mapper import load_mapper
 from jjvmed.errors import UserError, run_cli
+from jjvmed.fusion import METHODS as VISION_METHODS
 from jjvmed.prompts import parse_answer
 from jjvmed.sources import AnswersFileSource, EmbedSource, GenerateSource, GenerateThenEmbed
 from jjvmed.writers import ConceptWriter, VisionMethod, natural_path, split_natural
 
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
-METHODS = ("generate", "knn", "probe", "fused")
+METHODS = ("generate", *VISION_METHODS)
 VISION_FLAGS = ("concept_index", "concept_settings", "embeddings")
 
 
