@@ -116,7 +116,9 @@ class GenerateSource:
         def hint() -> str:
             return RESUME_HINT if journal_path.exists() else "nothing was generated yet: rerun the same command"
 
-        with lock_exclusive(journal_path, remedy), StopSignals("after the current batch", hint=hint) as stop:
+        distributed = cfg.shard is not None and cfg.shard.distributed
+        with lock_exclusive(journal_path, remedy), \
+                StopSignals("after the current batch", distributed, hint=hint) as stop:
             journal = open_journal(journal_path, settings, os.path.abspath(cfg.image_dir), dict(items), cfg.resume,
                                    cfg.force_resume, cfg.overwrite, cfg.checkpoint_interval)
             todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
