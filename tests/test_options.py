@@ -68,8 +68,13 @@ def options() -> dict[str, dict[str, str]]:
 
 
 def first_clause(text: str) -> str:
-    text = re.sub(r"\s*\(default:[^)]*\)", "", text % {"default": ""} if "%(" in text else text)
-    return re.split(r"(?<=[a-z)]);\s|\.\s", text.strip(), maxsplit=1)[0].replace("|", "/")
+    """The help's first clause: up to the first '; ' or sentence end, defaults left out."""
+    try:
+        text = text % {"default": ""}  # argparse's %(default)s, and %% for a percent sign
+    except (KeyError, ValueError, TypeError):
+        pass
+    text = re.sub(r"\s*\(default:[^)]*\)", "", text).strip()
+    return re.split(r";\s|\.\s+(?=[A-Z(])", text, maxsplit=1)[0].replace("|", "/")
 
 
 def table() -> str:
