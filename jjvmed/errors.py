@@ -9,7 +9,9 @@ import functools
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -79,3 +81,13 @@ def end_worker_processes() -> None:
             child.kill()
         except OSError:
             pass  # already gone
+
+
+@contextmanager
+def quiet_library_deprecations():
+    """PEFT and transformers' Trainer call transformers' own deprecated names: FutureWarnings a user cannot
+    act on, printed into every run's log. Only those are silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
+                                FutureWarning)
+        yield

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line, log
+from .errors import UserError, first_line, log, quiet_library_deprecations
 
 DEFAULT_BASE_MODEL = "xtuner/llava-llama-3-8b-v1_1-transformers"
 DEFAULT_ADAPTER = "JoVal26/ja-med-clef-model"
@@ -321,7 +321,8 @@ def apply_adapter(model, adapter_dir: Path):
         adapter_dir = modernize_adapter(adapter_dir, Path(tempfile.mkdtemp(prefix="jj-vmed-adapter-")))
         weights = read_adapter_weights(adapter_dir)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        with quiet_library_deprecations():
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except ValueError as e:
         raise UserError(f"the adapter in {adapter_dir} does not fit this base model: {first_line(e)}") from None
     check_adapter_loaded(peft_model, weights)

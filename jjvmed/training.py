@@ -16,16 +16,14 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import files, prompts
-from .errors import UserError, log
+from .errors import UserError, log, quiet_library_deprecations
 from .images import id_sort_key, ignore_stop_signals, list_images, load_image
 from .shards import gather_everywhere
 from .signals import StopSignals
@@ -366,7 +364,7 @@ def lora_model(model, r: int, alpha: int, dropout: float, load_in_4bit: bool, gr
     checkpointing = {"use_reentrant": False}
     if load_in_4bit:
         # QLoRA: fp32 norms and inputs that need grads, so gradients flow through the frozen 4-bit base.
-        with quiet_deprecations():
+        with quiet_library_deprecations():
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                     gradient_checkpointing_kwargs=checkpointing)
     elif gradient_checkpointing:
@@ -377,17 +375,8 @@ def lora_model(model, r: int, alpha: int, dropout: float, load_in_4bit: bool, gr
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=LORA_TARGETS)
-    with quiet_deprecations():
+    with quiet_library_deprecations():
         return get_peft_model(model, config)
-
-
-@contextmanager
-def quiet_deprecations():
-    """PEFT and transformers' Trainer call transformers' own deprecated names: FutureWarnings a user cannot act on."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
-                                FutureWarning)
-        yield
 
 
 def save_adapter(model, output_dir: str) -> None:
@@ -473,7 +462,7 @@ def train(model, processor, examples: list[Example], training_args, resume: str 
     trainer, callback = make_trainer(model, training_args,
                                      TrainDataset(examples, processor, "vicuna", language, max_length),
                                      Collator(processor.tokenizer.pad_token_id), ledger, stop)
-    with stop, quiet_deprecations():
+    with stop, quiet_library_deprecations():
         result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     return Trained(result.training_loss, state.global_step, state.max_steps, state.log_history,

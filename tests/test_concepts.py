@@ -119,3 +119,14 @@ def test_two_outputs_naming_one_file_are_refused_before_anything_loads(tmp_path,
 def test_a_trial_run_says_its_check_covered_only_the_first_ids(tiny_model, tmp_path, capsys):
     assert concepts(*model_args(tiny_model, tmp_path), "--limit", "3") == 0
     assert "the check covered the first 3 IDs only" in capsys.readouterr().err
+
+
+def test_a_degenerate_unmapped_phrase_is_shortened_in_the_summary_but_kept_whole_in_the_report(tmp_path, capsys):
+    phrase = "bla " * 1000  # what a looping model writes
+    natural = tmp_path / "natural.csv"
+    natural.write_text(f"ID,Concepts\nimg_1,Chest;{phrase.strip()}\n", encoding="utf-8")
+    out = tmp_path / "cuis.csv"
+    assert concepts("--from_natural_csv", str(natural), "--output_csv", str(out)) == 0
+    summary = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("unmapped phrases"))
+    assert len(summary) < 300 and "bla bla" in summary and "..." in summary
+    assert read_csv(out.with_name("cuis.unmapped.csv"))[1][0] == phrase.strip()
