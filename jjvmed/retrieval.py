@@ -122,8 +122,8 @@ class Retrieval:
             missing = [i for i, _ in items if i not in known]
             if missing:
                 raise UserError(f"{len(missing)} images of this run are not in {self.embeddings} (first: "
-                                f"{', '.join(missing[:3])}): give the embeddings of these images, or another "
-                                "--embeddings path to embed them into")
+                                f"{', '.join(missing[:3])}; made for fewer images, by a --limit trial?): give the "
+                                "embeddings of these images, or remove the file to embed them again")
             return emb
         resume = parts_dir(self.embeddings).exists()  # an embedding cut short: its finished chunks are kept
         return embed_images(items, self.embeddings, replace(self.options, resume=resume), encoder)
