@@ -12,10 +12,18 @@
     python concept_index.py predict --concept_index index/ --concept_settings index/settings.json --method fused \\
         --embeddings emb/test.npz emb/test_biomedclip.npz --output_csv results/concepts_fused.csv
 
+Captions (generate_captions.py --method knn / rag): fit with the training captions too, and compare the caption
+methods on validation:
+
+    python concept_index.py fit --embeddings emb/train.npz --train_concepts train_concepts.csv \\
+        --train_captions train_captions.csv --concept_index index/
+    python concept_index.py tune_captions --concept_index index/ --embeddings emb/valid.npz \\
+        --valid_captions valid_captions.csv --journals results/valid_rag.journal.jsonl
+
 Only `embed` needs a GPU (one pass of an image encoder, no text generation); the rest runs on a CPU.
 Several embeddings files of the same images (one per encoder) make an ensemble.
 The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py (fit), tuning.py
-(tune), fusion.py (predict).
+(tune), fusion.py (predict), retrieval.py and caption_tuning.py (tune_captions).
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ def build_parser() -> Parser:
         description="Concept detection from image encoders: image embeddings (LLaVA's vision tower or any open_clip, "
         "Hugging Face or timm encoder), nearest training images (kNN) and linear probes, ensembles of encoders, "
         "thresholds and fusion with the generated concepts tuned on the official F1.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,fit,tune,predict}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{embed,fit,tune,predict,tune_captions}")
 
     embed = sub.add_parser("embed", help="one encoder pass over a folder of images -> one embeddings file",
                            description="Embed every image of a folder with an image encoder (preprocessed as its "
@@ -80,7 +88,11 @@ def build_parser() -> Parser:
                          "the same images (one per encoder) make an ensemble.")
     fit.add_argument("--embeddings", required=True, nargs="+", action="extend", metavar="PATH",
                      help="embeddings of the training images (from embed); several for an ensemble")
-    fit.add_argument("--train_concepts", required=True, help="ID,CUIs CSV of the training images (CUIs joined by ;)")
+    fit.add_argument("--train_concepts", default=None,
+                     help="ID,CUIs CSV of the training images (CUIs joined by ;); for the concept methods")
+    fit.add_argument("--train_captions", default=None,
+                     help="ID,Caption CSV of the training images: the index keeps each one's caption, for "
+                     "generate_captions.py --method knn / rag (with captions alone: no CUIs, no probe)")
     fit.add_argument("--concept_index", required=True, metavar="DIR", help="folder for the index and the probes")
     fit.add_argument("--probe_hidden", type=int, default=0,
                      help="units of one hidden layer; 0 trains a linear probe (default: %(default)s)")
@@ -147,6 +159,33 @@ def build_parser() -> Parser:
                          help="where the kNN search and the probe run (default: %(default)s)")
     predict.rename("--index_dir", "--concept_index")
     predict.rename("--settings", "--concept_settings")
+
+    captions = sub.add_parser(
+        "tune_captions", help="compare the caption methods on the validation split by the relevance aggregate",
+        description="Score on the validation split, by the local 2026 relevance aggregate (the parts that can run "
+        "here: ROUGE-1 always, BERTScore and BLEURT when their model folders are given; BLEU shown too), knn at "
+        "several numbers of neighbours (from the caption index and the validation embeddings, no model) and "
+        "every generate_captions.py run on the validation images given by its journal (generate or rag, with its "
+        "k; with candidates: the first, and the best of N by each reranker that scored them). Prints a table of "
+        "each method alone, best first, and the options of the best.")
+    captions.add_argument("--concept_index", required=True, metavar="DIR",
+                          help="folder written by fit with --train_captions")
+    captions.add_argument("--embeddings", required=True, nargs="+", action="extend", metavar="PATH",
+                          help="embeddings of the validation images (from embed) with the index's encoders")
+    captions.add_argument("--valid_captions", required=True, help="ground truth ID,Caption of the validation images")
+    captions.add_argument("--journals", default=[], nargs="+", action="extend", metavar="PATH",
+                          help="journals of generate_captions.py runs on the validation images (<output "
+                          "stem>.journal.jsonl): --method generate or rag, with or without --candidates")
+    captions.add_argument("--bertscore_model", metavar="DIR",
+                          help="local folder of microsoft/deberta-xlarge-mnli for BERTScore (default: skipped)")
+    captions.add_argument("--bertscore_layers", type=int, metavar="N",
+                          help="layer bert-score uses (for models it knows by name: automatic)")
+    captions.add_argument("--bleurt_model", metavar="DIR",
+                          help="local folder of lucadiliello/BLEURT-20-D12 for BLEURT (default: skipped)")
+    captions.add_argument("--bleurt_batch_size", type=int, default=8, metavar="N",
+                          help="pairs per BLEURT batch (default 8, as the organisers)")
+    captions.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                          help="where the kNN search runs (default: %(default)s)")
     return parser
 
 
@@ -172,24 +211,36 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_fit(args: argparse.Namespace) -> int:
     from jjvmed.embeddings import load_ensemble
-    from jjvmed.index import ProbeOptions, fit_index, read_cui_sets
+    from jjvmed.index import ProbeOptions, fit_index, read_caption_csv, read_cui_sets
 
     for name in ("probe_hidden", "probe_epochs", "probe_patience"):
         if getattr(args, name) < 0:
             raise errors.UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if args.probe_batch_size < 1:
         raise errors.UserError(f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")
+    if not args.train_concepts and not args.train_captions:
+        raise errors.UserError("give --train_concepts, --train_captions, or both")
     emb = load_ensemble(args.embeddings)
-    concepts = read_cui_sets(args.train_concepts)
+    concepts = read_cui_sets(args.train_concepts) if args.train_concepts else None
+    captions = read_caption_csv(args.train_captions) if args.train_captions else None
     options = ProbeOptions(args.probe_hidden, args.probe_epochs, args.probe_batch_size, args.probe_learning_rate,
                            args.probe_weight_decay, args.probe_patience, seed=args.seed, device=args.device)
     start = time.perf_counter()
-    index = fit_index(emb, concepts, args.concept_index, options)
-    probe = "none" if not args.probe_epochs else "linear" if not args.probe_hidden else "one hidden layer"
+    index = fit_index(emb, concepts, args.concept_index, options, captions)
+    probe = "none" if not args.probe_epochs or not index.cuis else "linear" if not args.probe_hidden \
+        else "one hidden layer"
     encoders = ", ".join(f"{m.label} ({m.vectors.shape[1]} dimensions)" for m in index.members)
-    errors.log(f"index: {len(index.ids)} images, {len(index.cuis)} CUIs; encoders: {encoders}; probe: {probe}\n"
+    with_captions = ", with captions" if index.captions is not None else ""
+    errors.log(f"index: {len(index.ids)} images{with_captions}, {len(index.cuis)} CUIs; encoders: {encoders}; "
+               f"probe: {probe}\n"
                f"time: {time.perf_counter() - start:.1f} s\nwrote: {args.concept_index}")
     return 0
+
+
+def check_has_concepts(index, folder: str) -> None:
+    if not index.cuis:
+        raise errors.UserError(f"the index in {folder} has no concepts (fitted with --train_captions alone): fit it "
+                               "with --train_concepts for the concept methods")
 
 
 def run_tune(args: argparse.Namespace) -> int:
@@ -198,6 +249,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from jjvmed.tuning import format_table, tune
 
     index = load_index(args.concept_index)
+    check_has_concepts(index, args.concept_index)
     valid = load_ensemble(args.embeddings)
     for member in index.members:
         valid.member(member.encoder, "the concept index")  # every encoder of the index, before any work
@@ -225,6 +277,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from jjvmed.writers import ConceptWriter, VisionMethod
 
     index = load_index(args.concept_index)
+    check_has_concepts(index, args.concept_index)
     settings = load_settings(args.concept_settings, args.method, index)
     generated = read_cui_sets(args.generated) if args.generated else None
     if uses_generated(settings) and generated is None:
@@ -234,6 +287,31 @@ def run_predict(args: argparse.Namespace) -> int:
     cfg = RunConfig(task="concepts", output_csv=args.output_csv, ids_csv=args.ids_csv, zip_path=args.zip)
     source = EmbeddingsFileSource(args.embeddings, vision, extra_ids=list(generated or {}))
     return run(cfg, source, ConceptWriter(args.output_csv, vision=vision, given_cuis=generated))
+
+
+def run_tune_captions(args: argparse.Namespace) -> int:
+    """knn at each k and every journal given, scored on the same validation images; the table, best first."""
+    from jjvmed.caption_tuning import format_table, journal_contenders, knn_contenders, parts_that_ran, score_contenders
+    from jjvmed.embeddings import load_ensemble
+    from jjvmed.index import load_index, read_caption_csv, resolve_device
+    from jjvmed.retrieval import check_caption_index, query_vectors
+
+    index = load_index(args.concept_index)
+    check_caption_index(index, args.concept_index)
+    valid = load_ensemble(args.embeddings)
+    query_vectors(index, valid, "the caption index")  # every encoder of the index, before any work
+    gt = read_caption_csv(args.valid_captions)
+    from_journals = [c for path in args.journals for c in journal_contenders(path)]  # all read before scoring
+    start = time.perf_counter()
+    contenders = knn_contenders(index, valid, list(gt), resolve_device(args.device)) + from_journals
+    rows, ids = score_contenders(gt, contenders, args.bertscore_model, args.bertscore_layers, args.bleurt_model,
+                                 args.bleurt_batch_size)
+    print(format_table(rows))
+    best = rows[0]
+    errors.log(f"scored on {len(ids)} validation images (those every method has, of {len(gt)}); "
+               f"{parts_that_ran(best.summary)}\nbest: {best.contender.name}: {best.contender.options}\n"
+               f"time: {time.perf_counter() - start:.1f} s")
+    return 0
 
 
 def resume_hint_once_chunks_exist(embeddings: str) -> None:
@@ -256,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "embed":
         resume_hint_once_chunks_exist(args.embeddings)
-    return {"embed": run_embed, "fit": run_fit, "tune": run_tune, "predict": run_predict}[args.command](args)
+    return {"embed": run_embed, "fit": run_fit, "tune": run_tune, "predict": run_predict,
+            "tune_captions": run_tune_captions}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -36,10 +36,16 @@ AUTO_BATCH_MARGIN = 0.8
 STATIC_CACHE_STEP = 64  # static cache lengths are rounded up to this, so a few tokens more reuse the cache
 
 
+Answer = str | tuple[str, ...]  # one image's text, or its candidates, best first (num_return_sequences > 1)
+
+
 def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dict,
                      compile_backend: str | None = None, batch_size: int | None = None,
-                     generator: Callable[[dict], list[str]] | None = None) -> Iterator[list[Record]]:
+                     generator: Callable[[dict], list[Answer]] | None = None) -> Iterator[list[Record]]:
     """One list of records per batch, in the batch's order: images that failed to load first.
+
+    With `num_return_sequences` N > 1 in `gen_kwargs` (best of N) each record keeps the N candidates, and
+    its text is the first: the best beam with beam search, the first sample with sampling.
 
     `compile_backend` (a torch.compile backend, "inductor" for --compile) selects the compiled path;
     it needs `batch_size`, the largest batch the loader gives, to fix the shapes it compiles for.
@@ -49,7 +55,7 @@ def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dic
     tokenizer = processor.tokenizer
     device = input_device(model)
     stop_ids = stop_token_ids(tokenizer, model.generation_config)
-    generate: Callable[[dict], list[str]]
+    generate: Callable[[dict], list[Answer]]
     if generator is not None:
         generate = generator
     elif compile_backend:
@@ -57,7 +63,7 @@ def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dic
             raise ValueError("compiled generation needs the batch size it pads to")
         generate = StaticGenerator(model, tokenizer, gen_kwargs, stop_ids, batch_size, compile_backend)
     else:
-        def generate(inputs: dict) -> list[str]:
+        def generate(inputs: dict) -> list[Answer]:
             return generate_texts(model, tokenizer, inputs, device, gen_kwargs, stop_ids)
 
     for batch in batches:
@@ -65,8 +71,23 @@ def generate_batches(model, processor, batches: Iterable[Batch], gen_kwargs: dic
         if batch.inputs is not None:
             outs = generate_with_backoff(generate, batch.inputs, len(batch.ids))
             records += [Record(i, "", f"generation failed: {first_line(out)}") if isinstance(out, Exception)
-                        else Record(i, out) for i, out in zip(batch.ids, outs, strict=True)]
+                        else answer_record(i, out) for i, out in zip(batch.ids, outs, strict=True)]
         yield records
+
+
+def answer_record(image_id: str, answer: Answer) -> Record:
+    if isinstance(answer, tuple):
+        return Record(image_id, answer[0], candidates=answer)
+    return Record(image_id, answer)
+
+
+def per_image(texts: list[str], images: int) -> list[Answer]:
+    """The decoded sequences of a batch, one answer per image: its text, or with several sequences per image
+    its candidates (generate() returns them grouped by input, best beam first)."""
+    per = len(texts) // images
+    if per == 1:
+        return texts
+    return [tuple(texts[n * per:(n + 1) * per]) for n in range(images)]
 
 
 def move_inputs(inputs: dict, device, dtype) -> dict:
@@ -76,22 +97,23 @@ def move_inputs(inputs: dict, device, dtype) -> dict:
     return moved
 
 
-def generate_texts(model, tokenizer, inputs: dict, device, gen_kwargs: dict, stop_ids: list[int]) -> list[str]:
-    """Generate for one preprocessed batch and decode only the new tokens."""
+def generate_texts(model, tokenizer, inputs: dict, device, gen_kwargs: dict, stop_ids: list[int]) -> list[Answer]:
+    """Generate for one preprocessed batch and decode only the new tokens, one answer per image."""
     import torch
 
     moved = move_inputs(inputs, device, model.dtype)
     with torch.inference_mode():
         out = model.generate(**moved, **gen_kwargs, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
     new_tokens = out[:, moved["input_ids"].shape[1]:]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return per_image(tokenizer.batch_decode(new_tokens, skip_special_tokens=True), len(moved["input_ids"]))
 
 
 def slice_inputs(inputs: dict, start: int, stop: int) -> dict:
     return {k: v[start:stop] for k, v in inputs.items()}
 
 
-def generate_with_backoff(generate: Callable[[dict], list[str]], inputs: dict, n: int) -> list[str | Exception]:
+def generate_with_backoff(generate: Callable[[dict], list[Answer]], inputs: dict, n: int
+                          ) -> list[Answer | Exception]:
     """Run `generate`; on CUDA out-of-memory halve the batch and retry the same images, down to 1.
 
     An image that fails even alone gets its exception in place of its text; nothing is skipped.
@@ -188,12 +210,12 @@ class StaticGenerator:
         self.cache_rows = 0
         self.cache_len = 0
 
-    def __call__(self, inputs: dict) -> list[str]:
+    def __call__(self, inputs: dict) -> list[Answer]:
         import torch
 
         n = len(inputs["input_ids"])
         if n > self.limit:
-            texts: list[str] = []
+            texts: list[Answer] = []
             for start in range(0, n, self.limit):
                 texts += self(slice_inputs(inputs, start, start + self.limit))
             return texts
@@ -217,7 +239,7 @@ class StaticGenerator:
         self.cache = StaticCache(config=self.model.config, max_cache_len=self.cache_len)
         return self.cache
 
-    def generate(self, inputs: dict, n: int, rows: int) -> list[str]:
+    def generate(self, inputs: dict, n: int, rows: int) -> list[Answer]:
         import torch
 
         moved = move_inputs(inputs, self.device, self.model.dtype)
@@ -230,7 +252,8 @@ class StaticGenerator:
             cache.reset()
             out = self.model.generate(**padded, **self.gen_kwargs, **{self.cache_arg: cache},
                                       eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.batch_decode(out[:n, prompt_len:], skip_special_tokens=True)
+        per = out.shape[0] // rows  # sequences per image (best of N), grouped by input row
+        return per_image(self.tokenizer.batch_decode(out[:n * per, prompt_len:], skip_special_tokens=True), n)
 
 
 # ---------------------------------------------------------------------------------------------

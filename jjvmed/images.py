@@ -196,15 +196,28 @@ class Batch:
 
 
 class Collate:
-    """Runs the processor in the DataLoader workers, so preprocessing overlaps generation."""
+    """Runs the processor in the DataLoader workers, so preprocessing overlaps generation.
 
-    def __init__(self, processor, prompt: str):
+    `prompt`: one prompt for every image, or each image's own by ID (retrieval-augmented prompts, which
+    differ in length: the processor pads them on the left, as the model's tokenizer is set to).
+    """
+
+    prompt: str | dict[str, str] = ""  # subclasses without a prompt (pixels only) process images alone
+
+    def __init__(self, processor, prompt: str | dict[str, str]):
         self.processor = processor
         self.prompt = prompt
 
-    def process(self, images: list) -> dict:
-        out = self.processor(text=[self.prompt] * len(images), images=images, return_tensors="pt", padding=True)
+    def process(self, images: list, ids: list[str] | None = None) -> dict:
+        texts = [self.prompt] * len(images) if isinstance(self.prompt, str) else [self.prompt[i] for i in ids]
+        out = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         return dict(out)
+
+    def inputs(self, good: list[tuple[str, object]]) -> dict:
+        """The model's inputs for (ID, image) pairs."""
+        if isinstance(self.prompt, str):
+            return self.process([img for _, img in good])
+        return self.process([img for _, img in good], [i for i, _ in good])
 
     def __call__(self, samples: list) -> Batch:
         good = [(i, img) for i, img, err in samples if err is None]
@@ -213,16 +226,16 @@ class Collate:
         if not good:
             return Batch([], None, failures)
         try:
-            return Batch([i for i, _ in good], self.process([img for _, img in good]), failures, digests)
+            return Batch([i for i, _ in good], self.inputs(good), failures, digests)
         except Exception:  # noqa: BLE001 - find the image the processor cannot take, keep the others
             kept = []
             for image_id, img in good:
                 try:
-                    self.process([img])
+                    self.inputs([(image_id, img)])
                     kept.append((image_id, img))
                 except Exception as e:  # noqa: BLE001
                     failures.append((image_id, f"preprocessing failed: {type(e).__name__}: {e}"))
-            inputs = self.process([img for _, img in kept]) if kept else None
+            inputs = self.inputs(kept) if kept else None
             return Batch([i for i, _ in kept], inputs, failures, {i: digests[i] for i, _ in kept if i in digests})
 
 
@@ -256,8 +269,9 @@ class Loader:
             yield batch
 
 
-def make_loader(items: list[tuple[str, str]], processor, prompt: str, batch_size: int, num_workers: int,
-                pin_memory: bool = False) -> Loader:
+def make_loader(items: list[tuple[str, str]], processor, prompt: str | dict[str, str], batch_size: int,
+                num_workers: int, pin_memory: bool = False) -> Loader:
+    """The run's batches; `prompt`: one for every image, or ID -> its own."""
     from torch.utils.data import DataLoader
 
     return Loader(DataLoader(

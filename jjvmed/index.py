@@ -2,7 +2,9 @@
 and the probe trained on them, saved in one folder by `fit_index`; and the concept files they are built from.
 
 An index of several encoders (an ensemble) holds one member per encoder, all over the same images and
-CUIs; tuning.py weighs their scores.
+CUIs; tuning.py weighs their scores. Fitted with the training captions too (`fit --train_captions`), it
+also knows each training image's caption, for the caption methods (retrieval.py); fitted with captions
+alone, it has no CUIs and no probe.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from . import files
 from .embeddings import Embeddings, EmbedOptions
 from .encoders import encoder_label
 from .errors import UserError, log
-from .submission import concept_pairs, read_rows
+from .submission import concept_pairs, is_header, read_rows
 
 INDEX_FORMAT = "jj-vmed-concept-index/2"
 OLD_INDEX_FORMAT = "jj-vmed-concept-index/1"  # one LLaVA encoder, read as such
@@ -30,6 +32,15 @@ def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
     pairs = concept_pairs(read_rows(path))
     if not pairs:
         raise UserError(f"{path} has no ID,CUIs rows")
+    return pairs
+
+
+def read_caption_csv(path: str | Path) -> dict[str, str]:
+    """ID -> caption of an ID,Caption file (the header row skipped; an unquoted comma kept in the caption)."""
+    pairs = {fields[0]: ",".join(fields[1:]) for _, fields in read_rows(path) if len(fields) >= 2 and
+             not is_header(fields)}
+    if not pairs:
+        raise UserError(f"{path} has no ID,Caption rows")
     return pairs
 
 
@@ -87,6 +98,7 @@ class ConceptIndex:
     label_idx: np.ndarray
     members: list[Member]  # one per encoder
     meta: dict
+    captions: list[str] | None = None  # each training image's caption, when fitted with them
 
     def label_matrix(self):
         from scipy.sparse import csr_matrix
@@ -223,27 +235,34 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
     return Probe({k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}, info)
 
 
-def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str | Path,
-              probe_options: ProbeOptions | None = ProbeOptions()) -> ConceptIndex:
-    """Index the training vectors of every encoder with their CUIs and train a probe on each; save in output_dir."""
-    keep = [n for n, i in enumerate(train.ids) if i in concepts]
-    missing_concepts = len(train.ids) - len(keep)
-    missing_images = len(set(concepts) - set(train.ids))
+def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_dir: str | Path,
+              probe_options: ProbeOptions | None = ProbeOptions(), captions: dict[str, str] | None = None
+              ) -> ConceptIndex:
+    """Index the training vectors of every encoder with their CUIs and train a probe on each; with `captions`
+    (ID -> caption) the index keeps each image's caption too. Either may be None, not both. The index's
+    images are the embedded ones with a row in every file given. Saved in output_dir."""
+    labelled = [(name, rows) for name, rows in (("concepts", concepts), ("captions", captions)) if rows is not None]
+    if not labelled:
+        raise UserError("give the training concepts, the training captions, or both")
+    keep = [n for n, i in enumerate(train.ids) if all(i in rows for _, rows in labelled)]
     if not keep:
-        raise UserError("no training image has a row in the concepts file (do the IDs match?)")
+        raise UserError(f"no training image has a row in the {' and '.join(n for n, _ in labelled)} file "
+                        "(do the IDs match?)")
     ids = [train.ids[n] for n in keep]
-    cuis = sorted({c for i in ids for c in concepts[i]})
-    if not cuis:
+    concepts = concepts if concepts is not None else {}
+    cuis = sorted({c for i in ids for c in concepts.get(i, [])})
+    if labelled[0][0] == "concepts" and not cuis:
         raise UserError("the training concepts name no CUI")
     column = {c: n for n, c in enumerate(cuis)}
-    label_idx = np.array([column[c] for i in ids for c in concepts[i]], np.int64)
-    label_ptr = np.concatenate([[0], np.cumsum([len(concepts[i]) for i in ids])]).astype(np.int64)
-    index = ConceptIndex(cuis, ids, label_ptr, label_idx, [], {})
+    label_idx = np.array([column[c] for i in ids for c in concepts.get(i, [])], np.int64)
+    label_ptr = np.concatenate([[0], np.cumsum([len(concepts.get(i, [])) for i in ids])]).astype(np.int64)
+    kept_captions = [captions[i] for i in ids] if captions is not None else None
+    index = ConceptIndex(cuis, ids, label_ptr, label_idx, [], {}, kept_captions)
     members = []
     for encoder, all_vectors in zip(train.encoders, train.vectors, strict=True):
         vectors = np.ascontiguousarray(all_vectors[keep])
         probe = None
-        if probe_options and probe_options.epochs > 0:
+        if probe_options and probe_options.epochs > 0 and cuis:
             import time
 
             start = time.perf_counter()
@@ -254,24 +273,34 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]], output_dir: str
                 f"of {info['batch_size']} in {time.perf_counter() - start:.1f} s"
                 + (f"; kept pass {info['best_pass']}, held-out F1 per pass: {f1s}" if f1s else ""))
         members.append(Member({k: v for k, v in encoder.items() if k not in ("device",)}, vectors, probe))
+    left_out = {f"embedded images without a {name} row": len(train.ids) - sum(1 for i in train.ids if i in rows)
+                for name, rows in labelled}
+    left_out |= {f"{name} rows without an embedded image": len(set(rows) - set(train.ids)) for name, rows in labelled}
     meta = {"images": len(ids), "cuis": len(cuis), "dims": [int(m.vectors.shape[1]) for m in members],
-            "images_without_concepts_row": missing_concepts, "concept_rows_without_image": missing_images,
-            "encoders": [m.encoder for m in members], "fingerprint": fingerprint(ids, cuis, label_idx, members)}
+            "images_without_concepts_row": left_out.get("embedded images without a concepts row", 0),
+            "concept_rows_without_image": left_out.get("concepts rows without an embedded image", 0),
+            "encoders": [m.encoder for m in members],
+            "fingerprint": fingerprint(ids, cuis, label_idx, members, kept_captions)}
+    if kept_captions is not None:
+        meta["captions"] = len(kept_captions)
     index = replace(index, members=members, meta=meta)
     save_index(index, output_dir)
-    if missing_concepts or missing_images:
-        log(f"left out: {missing_concepts} embedded images without a concepts row, {missing_images} concept rows "
-            "without an embedded image")
+    if any(left_out.values()):
+        log("left out: " + ", ".join(f"{n} {what}" for what, n in left_out.items() if n))
     return index
 
 
-def fingerprint(ids: list[str], cuis: list[str], label_idx: np.ndarray, members: list[Member]) -> str:
-    """Which fit this is: settings tuned on one index are refused with another (a refit changes the probe)."""
+def fingerprint(ids: list[str], cuis: list[str], label_idx: np.ndarray, members: list[Member],
+                captions: list[str] | None = None) -> str:
+    """Which fit this is: settings tuned on one index are refused with another (a refit changes the probe), and
+    a caption run's journal records it, so a resume with another index is refused."""
     h = hashlib.sha256("\n".join(ids).encode() + b"\0" + "\n".join(cuis).encode() + label_idx.tobytes())
     for m in members:
         h.update(json.dumps(m.encoder, sort_keys=True).encode())
         for name, tensor in sorted((m.probe.tensors if m.probe else {}).items()):
             h.update(name.encode() + np.ascontiguousarray(tensor).tobytes())
+    if captions is not None:  # an index without captions keeps the fingerprint it always had
+        h.update(b"\0captions\0" + "\0".join(captions).encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:16]
 
 
@@ -281,9 +310,11 @@ def save_index(index: ConceptIndex, output_dir: str | Path) -> Path:
     out = Path(output_dir)
     buffer = io.BytesIO()
     vectors = {f"vectors_{m}": member.vectors for m, member in enumerate(index.members)}
+    # Captions are optional arrays: an index without them is the same file as before.
+    captions = captions_arrays(index.captions) if index.captions is not None else {}
     np.savez(buffer, format=np.array(INDEX_FORMAT), ids=np.array(index.ids, dtype=str),
              cuis=np.array(index.cuis, dtype=str), label_ptr=index.label_ptr, label_idx=index.label_idx,
-             meta=np.array(json.dumps(index.meta)), **vectors)
+             meta=np.array(json.dumps(index.meta)), **vectors, **captions)
     files.write_bytes_atomic(out / "index.npz", buffer.getvalue())
     probes = {m: member.probe for m, member in enumerate(index.members) if member.probe is not None}
     if probes:
@@ -295,6 +326,19 @@ def save_index(index: ConceptIndex, output_dir: str | Path) -> Path:
         (out / "probe.safetensors").unlink(missing_ok=True)
         (out / "probe.json").unlink(missing_ok=True)
     return out
+
+
+def captions_arrays(captions: list[str]) -> dict[str, np.ndarray]:
+    """Captions as one UTF-8 byte array and their end offsets: a fixed-width unicode array would give every
+    caption the longest one's width (ROCO has captions of 2,000+ characters; 80,000 x 4 bytes x that)."""
+    encoded = [c.encode("utf-8", "surrogatepass") for c in captions]
+    return {"captions_utf8": np.frombuffer(b"".join(encoded), np.uint8),
+            "captions_end": np.cumsum([len(e) for e in encoded], dtype=np.int64)}
+
+
+def captions_from_arrays(data) -> list[str]:
+    blob, ends = data["captions_utf8"].tobytes(), data["captions_end"].tolist()
+    return [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def load_index(index_dir: str | Path) -> ConceptIndex:
@@ -315,6 +359,9 @@ def load_index(index_dir: str | Path) -> ConceptIndex:
             label_ptr, label_idx = data["label_ptr"], data["label_idx"]
             meta = json.loads(str(data["meta"]))
             vectors = [data[f"vectors_{m}"].reshape(len(ids), -1) for m in range(len(meta["encoders"]))]
+            captions = captions_from_arrays(data) if "captions_utf8" in data.files else None
+            if captions is not None and len(captions) != len(ids):
+                raise ValueError(f"{len(captions)} captions for {len(ids)} images")
     except (OSError, KeyError, ValueError) as e:
         raise UserError(f"{path} is not a concept index written by concept_index.py fit ({e})") from None
     probes: dict[int, Probe] = {}
@@ -327,7 +374,7 @@ def load_index(index_dir: str | Path) -> ConceptIndex:
             own = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == m}
             probes[int(m)] = Probe(own, member_info)
     members = [Member(e, v, probes.get(m)) for m, (e, v) in enumerate(zip(meta["encoders"], vectors, strict=True))]
-    return ConceptIndex(cuis, ids, label_ptr, label_idx, members, meta)
+    return ConceptIndex(cuis, ids, label_ptr, label_idx, members, meta, captions)
 
 
 def embed_options_for(index: ConceptIndex, method_settings: dict | None = None, **options) -> EmbedOptions:

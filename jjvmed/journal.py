@@ -3,6 +3,8 @@
 One JSON line per image, appended after every batch. The first line records what the journal is
 of: the settings that decide the text and the image folder; each record also keeps what identified
 its file (size, modification and status-change times) and the CRC-32 of the bytes the model saw.
+A best-of-N record also keeps every candidate and, per reranker, their scores (optional fields: a
+journal without them reads as before, and an older reader takes such a record's text).
 A resume with other settings or another folder is refused, and an image whose file changed since
 is generated again: stale text is never reused.
 
@@ -73,10 +75,28 @@ def parse_record(line: str) -> tuple[Record, list, str | None] | None:
     if not isinstance(text, str) or not (error is None or isinstance(error, str)) or not isinstance(ident, list) \
             or not (digest is None or isinstance(digest, str)):
         return None
-    if not (image_id.isascii() and text.isascii() and (error is None or error.isascii())) \
-            and not all(is_utf8(s) for s in (image_id, text, error or "")):
+    best_of = parse_candidates(entry.get("candidates", []), entry.get("scores", {}))
+    if best_of is None:
+        return None
+    candidates, scores = best_of
+    if not (image_id.isascii() and text.isascii() and (error is None or error.isascii())
+            and all(c.isascii() for c in candidates)) \
+            and not all(is_utf8(s) for s in (image_id, text, error or "", *candidates)):
         return None  # bytes that are not UTF-8, or a lone surrogate (\ud800): no CSV can hold them
-    return Record(image_id, text, error), ident, digest
+    return Record(image_id, text, error, candidates, scores), ident, digest
+
+
+def parse_candidates(candidates, scores) -> tuple[tuple[str, ...], dict[str, tuple[float | None, ...]]] | None:
+    """The best-of-N fields of a record (absent in journals without candidates), or None if they are damaged:
+    candidates are strings, and each reranker's scores are one number (or null) per candidate."""
+    if not isinstance(candidates, list) or not all(isinstance(c, str) for c in candidates) \
+            or not isinstance(scores, dict):
+        return None
+    for values in scores.values():
+        if not isinstance(values, list) or len(values) != len(candidates) \
+                or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+            return None
+    return tuple(candidates), {k: tuple(v) for k, v in scores.items()}
 
 
 def is_utf8(text: str) -> bool:
@@ -197,6 +217,10 @@ def record_line(record: Record, identity: list, digest: str | None = None) -> by
     entry = {"id": record.id, "text": record.text, "error": record.error, "file": identity}
     if digest is not None:
         entry["crc32"] = digest
+    if record.candidates:  # best of N; journals without candidates keep their old lines
+        entry["candidates"] = list(record.candidates)
+    if record.scores:
+        entry["scores"] = {k: list(v) for k, v in record.scores.items()}
     return (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
 
 

@@ -1,10 +1,13 @@
 """Sources of a run's records (pipeline.run): where each image's answer comes from.
 
-- `GenerateSource`: the language model writes it, into the journal (resume, shards, the merge);
+- `GenerateSource`: the language model writes it, into the journal (resume, shards, the merge); with
+  retrieval, each image's prompt holds its nearest training captions (--method rag); with N candidates
+  per image, an image-text model scores them against the image and the best is kept (best of N);
 - `EmbedSource`: an image encoder's vector, into the embedding store (the vision concept methods);
 - `GenerateThenEmbed`: both, with one model load (--method fused);
 - `AnswersFileSource`: the answers of an earlier run, read from a file (--from_natural_csv);
-- `EmbeddingsFileSource`: vectors an earlier `concept_index.py embed` made (concept_index.py predict).
+- `EmbeddingsFileSource`: vectors an earlier `concept_index.py embed` made (concept_index.py predict);
+- `NearestCaptionSource`: the caption of the nearest training image(s), no text generation (--method knn).
 
 The raw text of every generated image goes to the journal before anything else happens to it, so
 the CSVs can always be rebuilt from it. torch and transformers are imported where they are needed,
@@ -44,14 +47,22 @@ class Generation:
     compile: bool = False  # static cache + compiled decoding step
     num_workers: int | None = None  # None: see cpu_split()
     seed: int = 0
+    # --method rag: `prompt` is the RAG template, each image's nearest training captions go in its place for them
+    retrieval: object | None = None  # retrieval.Retrieval
+    # best of N (gen_kwargs num_return_sequences N > 1): the image-text model that picks the candidate kept
+    rerank_model: str | None = None  # --rerank_model: a folder or hub ID (rerank.py); None keeps the first
 
     def settings(self, dtype: str) -> dict:
-        """What decides the generated text; a resume with different settings is refused.
+        """What decides the generated text; a resume with different settings is refused. The reranker is not
+        among them: it chooses among the candidates, and another one scores them again without generating.
 
         `dtype` is the resolved one, so `--dtype auto` and the dtype it picks count as the same.
         """
         model = {k: v for k, v in asdict(self.model).items() if k not in ("device", "merged_cache_dir", "dtype")}
-        return {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
+        settings = {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
+        if self.retrieval is not None:
+            settings["retrieval"] = self.retrieval.settings()
+        return settings
 
     def resolved_settings(self) -> dict:
         _, dtype = resolve_device_and_dtype(self.model.device, self.model.dtype)
@@ -76,19 +87,27 @@ class GenerateSource:
         self.generation = generation
         self.bundle = bundle
         self.loaded = None
+        self.reranker = None  # rerank.Reranker, loaded when first needed
 
     def outputs(self) -> list[str]:
-        return []
+        r = self.generation.retrieval
+        return [str(r.embeddings)] if r is not None and not r.embeddings.exists() else []
 
     def check(self) -> None:
-        return None
+        if self.generation.retrieval is not None:
+            self.generation.retrieval.check()
+        if self.generation.rerank_model:
+            from .rerank import check_source
+
+            check_source(self.generation.rerank_model)
 
     def ids(self) -> list[str]:
         raise NotImplementedError("a generate run lists its images from the folder")
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         if cfg.merge:
-            return merge_shards(cfg, self.generation, selection)
+            merged = merge_shards(cfg, self.generation, selection)
+            return replace(merged, records=self.chosen(merged.records, merged=True))
         items = cfg.shard.take(selection.items) if cfg.shard else selection.items
         if not (cfg.shard and cfg.shard.distributed):
             return self.into_journal(cfg, selection.ids, items, self.generation.model)
@@ -126,16 +145,22 @@ class GenerateSource:
             done, detail, working = 0, "", 0.0
             try:
                 if todo:
-                    done, detail, working = self.generate(todo, spec, journal, stop)
+                    done, detail, working = self.generate(todo, items, spec, journal, stop)
+                if self.generation.rerank_model and stop.signum is None:
+                    rerank_detail, rerank_seconds = self.rerank(items, spec, journal, stop)
+                    detail, working = ", ".join(d for d in (detail, rerank_detail) if d), working + rerank_seconds
             finally:
                 journal.close()
-            return RunResult(ids, journal.records, ("journal", cfg.journal_path), time.perf_counter() - start, done,
+            # A stopped run writes no CSV: nothing to choose, and no reranker to load on the way out.
+            records = journal.records if stop.signum is not None else self.chosen(journal.records)
+            return RunResult(ids, records, ("journal", cfg.journal_path), time.perf_counter() - start, done,
                              stop.signum, detail, working)
 
-    def generate(self, todo: list[tuple[str, str]], spec: ModelSpec, journal, stop: StopSignals
-                 ) -> tuple[int, str, float]:
+    def generate(self, todo: list[tuple[str, str]], items: list[tuple[str, str]], spec: ModelSpec, journal,
+                 stop: StopSignals) -> tuple[int, str, float]:
         """Load the model and append the records of every batch to the journal; returns how many were written,
-        how (batch size) and the seconds spent generating (model loading and the batch-size probe left out)."""
+        how (batch size) and the seconds spent generating (model loading, retrieval and the batch-size probe
+        left out). `items`: every image of this process (retrieval embeds them all, so a resume reads them)."""
         import torch
         from tqdm import tqdm
 
@@ -146,12 +171,14 @@ class GenerateSource:
         torch.manual_seed(g.seed)
         self.loaded = self.bundle or load_model(spec)
         model, processor, device = self.loaded
-        batch_size = g.batch_size or auto_batch_size(model, processor, g.prompt, g.gen_kwargs, len(todo),
+        prompt = self.rag_prompts(items, todo) if g.retrieval is not None else g.prompt
+        longest = prompt if isinstance(prompt, str) else max(prompt.values(), key=len)  # the batch-size probe's
+        batch_size = g.batch_size or auto_batch_size(model, processor, longest, g.gen_kwargs, len(todo),
                                                      static_cache=g.compile).size
         done = 0
         start = time.perf_counter()
         with cpu_split(device.type, g.num_workers) as workers:
-            loader = make_loader(todo, processor, g.prompt, batch_size, workers, pin_memory=device.type == "cuda")
+            loader = make_loader(todo, processor, prompt, batch_size, workers, pin_memory=device.type == "cuda")
             with tqdm(total=len(todo), unit="img", desc=g.task, dynamic_ncols=True, file=sys.stderr) as bar:
                 stop.armed = True
                 try:
@@ -170,6 +197,73 @@ class GenerateSource:
         detail = f"batch size {batch_size}" + (" (auto)" if g.batch_size is None else "") + \
             (", compiled" if g.compile else "")
         return done, detail, time.perf_counter() - start
+
+    def rag_prompts(self, items: list[tuple[str, str]], todo: list[tuple[str, str]]) -> dict[str, str]:
+        """ID -> prompt of every image to generate: the RAG template with the captions of its nearest training
+        images. The run's images are embedded first (or read from --embeddings); the index's 'llava' encoder is
+        the tower of the model just loaded, so the checkpoint is read once."""
+        from .encoders import vision_encoder_from
+        from .prompts import rag_prompt
+
+        g = self.generation
+        retrieval = g.retrieval
+        model, processor, _ = self.loaded
+        pooling = next((p for spec, p in retrieval.options.choices() if spec == "llava"), None)
+        emb = retrieval.vectors(items, vision_encoder_from(model, processor, pooling) if pooling else None)
+        captions = retrieval.captions(emb, [i for i, _ in todo])
+        # An image without a vector could not be read: it fails to load in the loader too, whatever its prompt.
+        return {i: rag_prompt(g.prompt, captions.get(i, [])) for i, _ in todo}
+
+    def load_reranker(self, device: str):
+        from .rerank import load_reranker
+
+        if self.reranker is None:
+            self.reranker = load_reranker(self.generation.rerank_model, device, self.generation.model.dtype)
+        return self.reranker
+
+    def rerank(self, items: list[tuple[str, str]], spec: ModelSpec, journal, stop: StopSignals) -> tuple[str, float]:
+        """Score, with the reranker, the candidates of every image whose record lacks its scores, appending the
+        scored records to the journal; returns how (for the summary) and the seconds it took."""
+        from tqdm import tqdm
+
+        from .rerank import rerank_batches
+
+        reranker = self.load_reranker(spec.device)
+        todo = [(i, p) for i, p in items if i in journal.records and journal.records[i].ok
+                and journal.records[i].candidates and reranker.key not in journal.records[i].scores]
+        start = time.perf_counter()
+        if todo:
+            workers = min(4, self.generation.num_workers if self.generation.num_workers is not None else 2)
+            with tqdm(total=len(todo), unit="img", desc="rerank", dynamic_ncols=True, file=sys.stderr) as bar:
+                stop.armed = True
+                try:
+                    for records, digests in rerank_batches(reranker, todo, journal.records, workers):
+                        journal.append(records, digests)
+                        bar.update(len(records))
+                        if stop.signum is not None:
+                            break
+                finally:
+                    stop.armed = False
+        return f"best of {self.candidates()} by {reranker.key} (scored now: {len(todo)})", time.perf_counter() - start
+
+    def candidates(self) -> int:
+        return int(self.generation.gen_kwargs.get("num_return_sequences", 1))
+
+    def chosen(self, records: dict[str, Record], merged: bool = False) -> dict[str, Record]:
+        """Every record with the text the run keeps: with candidates, the one the reranker scores highest (the
+        generation's first without a reranker). The merge scores nothing: a shard lacking the scores is rerun."""
+        from .rerank import chosen
+
+        if not self.generation.rerank_model:
+            return {i: chosen(r, None) for i, r in records.items()}
+        key = self.load_reranker(self.generation.model.device).key
+        if merged:
+            unscored = [i for i, r in records.items() if r.ok and r.candidates and key not in r.scores]
+            if unscored:
+                raise UserError(f"{len(unscored)} images of the shards have candidates not scored by {key} (first: "
+                                f"{', '.join(unscored[:3])}): rerun each shard with this --rerank_model and "
+                                "--resume_from_checkpoint auto (it scores them, no generation), then merge")
+        return {i: chosen(r, key) for i, r in records.items()}
 
 
 def merge_shards(cfg: RunConfig, generation: Generation, selection: Selection) -> RunResult:
@@ -398,3 +492,55 @@ class EmbeddingsFileSource:
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         return embedded_result(selection.ids, self.emb, Path(self.paths[0]), 0.0, 0, "read")
+
+
+# ---------------------------------------------------------------------------------------------
+# Captions of the nearest training images
+# ---------------------------------------------------------------------------------------------
+
+
+class NearestCaptionSource:
+    """--method knn: each image's caption is its nearest training image's, or the consensus of its k nearest
+    (retrieval.py); no text generation. The vectors are embedded from the image folder into the embeddings
+    file (or read from it when it exists); without a folder, the rows are the images of the embeddings file."""
+
+    def __init__(self, retrieval, reads_images: bool):
+        self.retrieval = retrieval  # retrieval.Retrieval
+        self.reads_images = reads_images
+        self.emb = None
+
+    def outputs(self) -> list[str]:
+        return [] if self.retrieval.embeddings.exists() else [str(self.retrieval.embeddings)]
+
+    def check(self) -> None:
+        from .embeddings import load_embeddings
+
+        self.retrieval.check()
+        if not self.reads_images:
+            if not self.retrieval.embeddings.exists():
+                raise UserError(f"--embeddings {self.retrieval.embeddings} does not exist: give --image_dir to embed "
+                                "the images, or the file concept_index.py embed wrote")
+            self.emb = load_embeddings(self.retrieval.embeddings)
+
+    def ids(self) -> list[str]:
+        from .images import id_sort_key
+
+        return sorted({*self.emb.ids, *self.emb.failed}, key=id_sort_key)
+
+    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
+        from .retrieval import consensus
+
+        start = time.perf_counter()
+        emb = self.retrieval.vectors(selection.items) if self.reads_images else self.emb
+        neighbours = self.retrieval.captions(emb, selection.ids)
+        records = {}
+        for i in selection.ids:
+            if i in neighbours:
+                records[i] = Record(i, consensus(neighbours[i]))
+            else:
+                records[i] = Record(i, "", emb.failed.get(i, "no vector for this image"))
+        seconds = time.perf_counter() - start
+        how = "nearest caption" if self.retrieval.neighbours == 1 else \
+            f"consensus of the {self.retrieval.neighbours} nearest captions"
+        return RunResult(selection.ids, records, ("embeddings", self.retrieval.embeddings), seconds, len(neighbours),
+                         detail=how, working_seconds=seconds, embeddings=emb, verb="retrieved")

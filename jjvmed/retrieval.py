@@ -1,0 +1,132 @@
+"""Nearest training captions, for `generate_captions.py --method knn|rag`.
+
+A caption index is a concept index fitted with the training captions (`concept_index.py fit
+--train_captions`). An image's neighbours are the training images whose vectors are closest to its own:
+exact cosine search (index.nearest) over the mean of the cosines of every encoder of the index (with one
+encoder, its cosine), so retrieving with BiomedCLIP or MedSigLIP is an index fitted on their embeddings.
+
+- `knn` keeps the caption of the nearest training image; with k > 1 neighbours, the consensus caption of
+  the k nearest: the one that agrees most (summed unigram F1, the official preprocessing) with the others,
+  the nearer on a tie. Copying the nearest training caption has long been a strong baseline in this task.
+- `rag` puts the k nearest captions, nearest first, into the prompt (prompts.rag_prompt).
+
+The run's image vectors come from `--embeddings`: read when the file exists (concept_index.py embed, or an
+earlier run), else embedded into it, resumably, with the index's encoders.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .embeddings import Embeddings, EmbedOptions, embed_images, load_embeddings, parts_dir
+from .errors import UserError
+from .index import ConceptIndex, nearest
+
+DEFAULT_NEIGHBOURS = {"knn": 1, "rag": 3}  # rag: the 3 captions the second-best 2026 team gave its model
+
+
+def check_caption_index(index: ConceptIndex, where: str) -> None:
+    if index.captions is None:
+        raise UserError(f"the index in {where} has no captions: fit it with --train_captions ID,Caption "
+                        "(concept_index.py fit)")
+
+
+def stacked(parts: list[np.ndarray]) -> np.ndarray:
+    """Several encoders' unit vectors side by side: the dot product of two such rows is the sum of the cosines."""
+    return parts[0] if len(parts) == 1 else np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def query_vectors(index: ConceptIndex, emb: Embeddings, what: str) -> np.ndarray:
+    """The embeddings' vectors of every encoder of the index, side by side, in the index's order."""
+    parts = []
+    for member in index.members:
+        vectors = emb.member(member.encoder, what)
+        if vectors.size and vectors.shape[1] != member.vectors.shape[1]:
+            raise UserError(f"the embeddings of {member.label} have {vectors.shape[1]} dimensions, the index "
+                            f"{member.vectors.shape[1]}")
+        parts.append(vectors)
+    return stacked(parts)
+
+
+def neighbour_rows(index: ConceptIndex, emb: Embeddings, ids: list[str], k: int, device: str = "cpu"
+                   ) -> dict[str, np.ndarray]:
+    """ID -> index rows of its k nearest training images, nearest first, for the `ids` that have a vector."""
+    position = {i: n for n, i in enumerate(emb.ids)}
+    wanted = [i for i in ids if i in position]
+    if not wanted:
+        return {}
+    queries = query_vectors(index, emb, "the caption index")[[position[i] for i in wanted]]
+    _, rows = nearest(stacked([m.vectors for m in index.members]), queries, k, device)
+    return dict(zip(wanted, rows, strict=True))
+
+
+def nearest_captions(index: ConceptIndex, emb: Embeddings, ids: list[str], k: int, device: str = "cpu"
+                     ) -> dict[str, list[str]]:
+    """ID -> the captions of its k nearest training images, nearest first (IDs without a vector left out)."""
+    return {i: [index.captions[r] for r in rows] for i, rows in neighbour_rows(index, emb, ids, k, device).items()}
+
+
+def words(caption: str) -> Counter:
+    from .scores import preprocess_caption
+
+    return Counter(preprocess_caption(caption).split())
+
+
+def unigram_f1(a: Counter, b: Counter) -> float:
+    """ROUGE-1 F of two bags of words (clipped counts, no stemming: the official setting)."""
+    overlap = sum((a & b).values())
+    return 2 * overlap / (sum(a.values()) + sum(b.values())) if overlap else 0.0
+
+
+def consensus(captions: list[str]) -> str:
+    """The caption that agrees most with the others (summed unigram F1), the first (nearest) of equals."""
+    if len(captions) <= 1:
+        return captions[0] if captions else ""
+    bags = [words(c) for c in captions]
+    agreement = [sum(unigram_f1(b, other) for m, other in enumerate(bags) if m != n) for n, b in enumerate(bags)]
+    return captions[int(np.argmax(agreement))]  # argmax takes the first of equal values
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What a caption run retrieves with: the caption index, how many neighbours, the run's image vectors."""
+    index: ConceptIndex
+    index_dir: str
+    neighbours: int
+    embeddings: Path  # the run's vectors: read if the file exists, else embedded into it
+    options: EmbedOptions  # how they are embedded: the index's encoders and pooling
+    device: str = "cpu"  # where the search runs
+
+    def settings(self) -> dict:
+        """What decides the retrieved captions; a generate journal records it (a resume with another index or k
+        is refused)."""
+        return {"neighbours": self.neighbours, "index": self.index.meta.get("fingerprint"),
+                "encoders": [m.label for m in self.index.members]}
+
+    def check(self) -> None:
+        """Before any model loads: an index with captions, and an existing embeddings file that has its encoders."""
+        check_caption_index(self.index, self.index_dir)
+        if self.embeddings.exists():
+            query_vectors(self.index, load_embeddings(self.embeddings), "the caption index")
+
+    def vectors(self, items: list[tuple[str, str]], encoder=None) -> Embeddings:
+        """The vectors of (ID, path) images: from the embeddings file if it exists (every image must be in it),
+        else embedded into it, resumably. `encoder`: LLaVA's tower already loaded, for the 'llava' encoder."""
+        if self.embeddings.exists():
+            emb = load_embeddings(self.embeddings)
+            known = set(emb.ids) | set(emb.failed)
+            missing = [i for i, _ in items if i not in known]
+            if missing:
+                raise UserError(f"{len(missing)} images of this run are not in {self.embeddings} (first: "
+                                f"{', '.join(missing[:3])}; made for fewer images, by a --limit trial?): give the "
+                                "embeddings of these images, or remove the file to embed them again")
+            return emb
+        resume = parts_dir(self.embeddings).exists()  # an embedding cut short: its finished chunks are kept
+        return embed_images(items, self.embeddings, replace(self.options, resume=resume), encoder)
+
+    def captions(self, emb: Embeddings, ids: list[str]) -> dict[str, list[str]]:
+        return nearest_captions(self.index, emb, ids, self.neighbours, self.device)

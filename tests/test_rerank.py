@@ -1,0 +1,222 @@
+"""Best of N (generate_captions.py --candidates N --rerank_model M): every candidate kept in the journal, each
+scored against its image by an image-text model, the highest kept; another reranker needs no generation.
+
+The rerankers are tiny random image-text models built offline with the real classes (Hugging Face CLIP and
+SigLIP with both towers, open_clip's CLIP from a config) and saved as their libraries save them. The expected
+choice is computed here, independently, with the same classes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REAL_IMAGES, read_csv, run_in_process
+
+from jjvmed.journal import read_journal, record_line
+from jjvmed.prompts import clean_caption
+from jjvmed.records import Record
+
+SIZE = 32  # pixels the tiny rerankers take
+IMAGES = 4
+
+
+def text_tokenizer(length: int):
+    """A small BPE tokenizer (the tiny LLaVA's vocabulary) that ends every text with its end token, as CLIP's
+    does: CLIP pools the text at that token."""
+    from tiny_llava import train_tokenizer
+    from tokenizers import processors
+
+    tok = train_tokenizer(vocab_size=512)
+    bos, eos = tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", bos),
+                                                                      ("<|end_of_text|>", eos)])
+    tok.model_max_length = length
+    return tok, bos, eos
+
+
+def save_hf_clip(folder: Path, seed: int) -> Path:
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tok, bos, eos = text_tokenizer(64)
+    config = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
+                                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
+                                     "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                       "num_attention_heads": 2, "image_size": SIZE, "patch_size": 8},
+                        projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    return folder
+
+
+def save_hf_siglip(folder: Path, seed: int) -> Path:
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    tok, _, _ = text_tokenizer(16)
+    config = SiglipConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
+                                       "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
+                                       "pad_token_id": tok.pad_token_id},
+                          vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+                                         "num_attention_heads": 2, "image_size": SIZE, "patch_size": 8})
+    torch.manual_seed(seed)
+    SiglipModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
+    return folder
+
+
+def save_open_clip(folder: Path, seed: int) -> Path:
+    """A whole open_clip CLIP from a config (its own tokenizer's vocabulary, a tiny width), saved as open_clip
+    saves one: open_clip_config.json and the weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    from jjvmed.encoders import import_optional
+
+    open_clip = import_optional("open_clip")
+    model_cfg = {"embed_dim": 16,
+                 "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**model_cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
+    return folder
+
+
+def hf_scores(folder: Path, image_ids: list[str], candidates: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Each candidate's cosine with its image, straight from the transformers classes."""
+    import torch
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+    from jjvmed.images import load_image
+
+    model = AutoModel.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    config = AutoConfig.from_pretrained(folder)
+    padding = "max_length" if config.model_type == "siglip" else True
+    out = {}
+    with torch.no_grad():
+        for i in image_ids:
+            pixels = processor(images=[load_image(REAL_IMAGES / f"{i}.png")], return_tensors="pt")["pixel_values"]
+            image = model.get_image_features(pixel_values=pixels).pooler_output
+            texts = [clean_caption(c) for c in candidates[i]]
+            tokens = tokenizer(texts, padding=padding, truncation=True,
+                               max_length=config.text_config.max_position_embeddings, return_tensors="pt")
+            text = model.get_text_features(**tokens).pooler_output
+            out[i] = torch.nn.functional.cosine_similarity(text, image).tolist()
+    return out
+
+
+def best_of_n(tiny_model: Path, out: Path, *extra: str):
+    ids = sorted(p.stem for p in REAL_IMAGES.glob("*.png"))[:IMAGES]
+    (out.parent / "ids.csv").write_text("ID,Caption\n" + "".join(f"{i},\n" for i in ids))
+    return run_in_process("generate_captions.py", "--image_dir", str(REAL_IMAGES), "--ids_csv",
+                          str(out.parent / "ids.csv"), "--output_csv", str(out), "--base_model_path", str(tiny_model),
+                          "--adapter_repo", "none", "--max_new_tokens", "8", "--num_workers", "0", *extra)
+
+
+def journal_of(out: Path):
+    return read_journal(out.with_name(f"{out.stem}.journal.jsonl"))
+
+
+@pytest.mark.parametrize("save", [save_hf_clip, save_hf_siglip], ids=["clip", "siglip"])
+def test_best_of_n_keeps_the_candidate_the_reranker_scores_highest(tiny_model, tmp_path, save):
+    reranker = save(tmp_path / "reranker", seed=0)
+    out = tmp_path / "captions.csv"
+    result = best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", str(reranker))
+    assert result.returncode == 0, result.stderr
+    records = journal_of(out).records
+    assert len(records) == IMAGES and all(len(r.candidates) == 3 for r in records.values())
+    assert all(len(set(r.candidates)) == 3 for r in records.values())  # three different beams
+    expected = hf_scores(reranker, list(records), {i: list(r.candidates) for i, r in records.items()})
+    for i, r in records.items():
+        (key, scores), = r.scores.items()
+        assert np.allclose(scores, expected[i], atol=1e-5)
+    rows = dict(read_csv(out)[1:])
+    assert rows == {i: clean_caption(r.candidates[int(np.argmax(expected[i]))]) for i, r in records.items()}
+    assert "best of 3 by hf:" in result.stderr
+
+
+def test_another_reranker_scores_the_same_candidates_without_generating(tiny_model, tmp_path):
+    first, second = save_hf_clip(tmp_path / "a", seed=0), save_hf_clip(tmp_path / "b", seed=1)
+    out = tmp_path / "captions.csv"
+    assert best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", str(first)).returncode == 0
+    candidates = {i: r.candidates for i, r in journal_of(out).records.items()}
+    again = best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", str(second),
+                      "--resume_from_checkpoint", "auto")
+    assert again.returncode == 0, again.stderr
+    assert "generated now: 0" in again.stderr and f"scored now: {IMAGES}" in again.stderr
+    records = journal_of(out).records
+    assert {i: r.candidates for i, r in records.items()} == candidates
+    assert all(len(r.scores) == 2 for r in records.values())  # both rerankers' scores kept
+    expected = hf_scores(second, list(records), {i: list(c) for i, c in candidates.items()})
+    assert dict(read_csv(out)[1:]) == {i: clean_caption(c[int(np.argmax(expected[i]))]) for i, c in candidates.items()}
+    # and back to the first: nothing generated, nothing scored, its choice again
+    back = best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", str(first), "--resume_from_checkpoint",
+                     "auto")
+    assert "generated now: 0" in back.stderr and "scored now: 0" in back.stderr
+
+
+def test_candidates_without_a_reranker_keep_the_best_beam(tiny_model, tmp_path):
+    best = tmp_path / "best" / "captions.csv"
+    beams = tmp_path / "beams" / "captions.csv"
+    for folder in (best.parent, beams.parent):
+        folder.mkdir()
+    assert best_of_n(tiny_model, best, "--candidates", "3").returncode == 0
+    assert best_of_n(tiny_model, beams, "--generation_kwargs", '{"num_beams": 3}').returncode == 0
+    assert read_csv(best) == read_csv(beams)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="needs open_clip_torch (.ci/run installs it)")
+def test_an_open_clip_reranker_picks_by_its_own_towers(tiny_model, tmp_path):
+    import torch
+
+    from jjvmed.encoders import import_optional, torchvision_placeholders
+    from jjvmed.images import load_image
+    from jjvmed.preprocessing import from_open_clip_config
+
+    reranker = save_open_clip(tmp_path / "oc", seed=0)
+    out = tmp_path / "captions.csv"
+    result = best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", f"open_clip:{reranker}")
+    assert result.returncode == 0, result.stderr
+    open_clip = import_optional("open_clip")
+    with torchvision_placeholders():
+        model = open_clip.create_model(f"local-dir:{reranker}").eval()
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{reranker}")
+    preprocess = from_open_clip_config({}, SIZE)
+    records = journal_of(out).records
+    rows = dict(read_csv(out)[1:])
+    for i, r in records.items():
+        with torch.no_grad():
+            image = model.encode_image(preprocess([load_image(REAL_IMAGES / f"{i}.png")]))
+            text = model.encode_text(tokenizer([clean_caption(c) for c in r.candidates]))
+        scores = torch.nn.functional.cosine_similarity(text, image).tolist()
+        assert rows[i] == clean_caption(r.candidates[int(np.argmax(scores))])
+
+
+def test_the_journal_keeps_candidates_and_scores_and_sets_a_damaged_one_aside(tmp_path):
+    from jjvmed.journal import header_line
+
+    good = Record("a", "first", None, ("first", "second"), {"hf:clip:x@1": (0.25, None)})
+    plain = Record("b", "only")
+    damaged = {"id": "c", "text": "t", "error": None, "file": [], "candidates": ["t", "u"],
+               "scores": {"hf:clip:x@1": [0.5]}}  # one score for two candidates
+    path = tmp_path / "c.journal.jsonl"
+    path.write_bytes(header_line({"task": "caption"}, "/images") + record_line(good, []) + record_line(plain, [])
+                     + (json.dumps(damaged) + "\n").encode())
+    contents = read_journal(path)
+    assert contents.records == {"a": good, "b": plain}
+    assert len(contents.bad_lines) == 1
+    assert b"candidates" not in record_line(plain, [])  # a record without candidates is written as before
