@@ -270,6 +270,9 @@ def check_model_matches(base_model_path: str, index: ConceptIndex, method_settin
 
 
 def check_llava_config(base_model_path: str, member) -> None:
+    from .model import check_model_source
+
+    check_model_source(base_model_path, "--base_model_path")  # a folder that is not there: one line, not a traceback
     config_file = Path(base_model_path).expanduser() / "config.json"
     if not config_file.is_file():
         from huggingface_hub import try_to_load_from_cache

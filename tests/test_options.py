@@ -39,6 +39,7 @@ SAME_MEANING = [
     {"--train_concepts", "--concepts_csv"},
     {"--valid_captions", "--valid_captions_csv"},
     {"--valid_concepts", "--valid_concepts_csv"},
+    {"--neighbours", "--k"},
 ]
 TABLE_START, TABLE_END = "<!-- options table: start -->", "<!-- options table: end -->"
 

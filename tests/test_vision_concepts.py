@@ -402,6 +402,8 @@ def test_a_missing_or_mismatched_concept_index_fails_in_one_line_before_the_mode
         "do not exist": ["--concept_index", str(run / "index"), "--concept_settings", str(tmp_path / "none.json")],
         "tuned on another concept index": ["--concept_index", str(run / "index"), "--concept_settings",
                                            str(tmp_path / "other.json")],
+        "/no/such/model: no such folder": ["--concept_index", str(run / "index"), "--concept_settings",
+                                           str(run / "settings.json")],  # the index's tower is LLaVA's
     }
     for expected, extra in cases.items():
         done = run_in_process("generate_concepts.py", *base, *extra)
