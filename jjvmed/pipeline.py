@@ -6,7 +6,7 @@
     -> the 2026 pre-check -> the upload zip -> the errors file and the summary -> the exit code.
 
 A source (sources.py) has `outputs()` (files it writes: journal, embeddings), `check()` (conflicts
-refused before anything loads), `reads_images` (select from the image folder, else from `ids()`)
+refused before anything loads), `ids()` (the IDs it reads from a file, or None: the image folder's)
 and `produce(cfg, selection) -> RunResult`. A writer (writers.py) has `outputs()` (the submission
 first), `submission` (the file the platform gets, or None) and `write(ids, result) -> [paths]`.
 A new method is a new source or writer; nothing here changes.
@@ -97,11 +97,9 @@ class RunResult:
 
 
 class Source(Protocol):
-    reads_images: bool
-
     def outputs(self) -> list[str]: ...
     def check(self) -> None: ...
-    def ids(self) -> list[str]: ...
+    def ids(self) -> list[str] | None: ...
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult: ...
 
 
@@ -175,18 +173,19 @@ def select(cfg: RunConfig, source: Source) -> Selection:
     the order of --ids_csv; then --limit."""
     from .submission import in_id_list_order
 
-    if source.reads_images:
+    ids = source.ids()
+    if ids is None:
         scan = scan_folder(cfg.image_dir)
         skipped, items = dict(scan.skipped), scan.items
         where = f"image in {cfg.image_dir}"
     else:
-        skipped, items = {}, [(i, None) for i in source.ids()]
+        skipped, items = {}, [(i, None) for i in ids]
         where = "row"
     if cfg.ids_csv:
         items, extra = in_id_list_order(items, cfg.ids_csv, where)
         if extra:
-            skipped[f"{'images' if source.reads_images else 'rows'} not in --ids_csv"] = extra
-    if not items and source.reads_images:
+            skipped[f"{'images' if ids is None else 'rows'} not in --ids_csv"] = extra
+    if not items and ids is None:
         list_images(cfg.image_dir)  # raises the "no images" error with its hints
     return Selection(items[: cfg.limit] if cfg.limit else items, skipped)
 

@@ -81,8 +81,6 @@ class GenerateSource:
     `loaded` holds the bundle the run used (None if it generated nothing), so a later step can reuse it.
     """
 
-    reads_images = True
-
     def __init__(self, generation: Generation, bundle=None):
         self.generation = generation
         self.bundle = bundle
@@ -101,8 +99,8 @@ class GenerateSource:
 
             check_source(self.generation.rerank_model)
 
-    def ids(self) -> list[str]:
-        raise NotImplementedError("a generate run lists its images from the folder")
+    def ids(self) -> None:
+        return None  # the run's images: the image folder
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         if cfg.merge:
@@ -333,8 +331,6 @@ class EmbedSource:
     `encoder_from`: a callable giving the encoder to use (the generate run's vision tower), or None to load it.
     """
 
-    reads_images = True
-
     def __init__(self, path: str | Path, options, encoder_from=None):
         self.path = Path(path)
         self.options = options  # embeddings.EmbedOptions
@@ -348,8 +344,8 @@ class EmbedSource:
 
         check_embeddings_target(self.path, self.options)
 
-    def ids(self) -> list[str]:
-        raise NotImplementedError("an embedding run lists its images from the folder")
+    def ids(self) -> None:
+        return None  # the run's images: the image folder
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         from .embeddings import embed_images
@@ -365,8 +361,6 @@ class GenerateThenEmbed:
     """--method fused: generate the text (journal), then embed the same images with the model that
     generated (one load), or with the vision tower alone when this process generated nothing."""
 
-    reads_images = True
-
     def __init__(self, generate: GenerateSource, embed: EmbedSource):
         self.generate = generate
         self.embed = embed
@@ -378,8 +372,8 @@ class GenerateThenEmbed:
         self.generate.check()
         self.embed.check()
 
-    def ids(self) -> list[str]:
-        raise NotImplementedError("a fused run lists its images from the folder")
+    def ids(self) -> None:
+        return None  # the run's images: the image folder
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         from .encoders import vision_encoder_from
@@ -407,8 +401,6 @@ class AnswersFileSource:
 
     With `embeddings` (the run's `<stem>.embeddings.npz`), the vectors come too, for fusing again.
     """
-
-    reads_images = False
 
     def __init__(self, path: str, column: str, embeddings: str | None = None):
         self.path = path
@@ -465,8 +457,6 @@ class EmbeddingsFileSource:
     one record per image; `extra_ids`: images without a vector that still get a row (they have generated CUIs).
     Every encoder the method's settings use must be in the files: checked before any work."""
 
-    reads_images = False
-
     def __init__(self, paths: list[str], vision=None, extra_ids: list[str] = ()):
         self.paths = list(paths)
         self.vision = vision  # writers.VisionMethod
@@ -506,7 +496,7 @@ class NearestCaptionSource:
 
     def __init__(self, retrieval, reads_images: bool):
         self.retrieval = retrieval  # retrieval.Retrieval
-        self.reads_images = reads_images
+        self.reads_images = reads_images  # False: the rows are the images of the embeddings file
         self.emb = None
 
     def outputs(self) -> list[str]:
@@ -522,10 +512,10 @@ class NearestCaptionSource:
                                 "the images, or the file concept_index.py embed wrote")
             self.emb = load_embeddings(self.retrieval.embeddings)
 
-    def ids(self) -> list[str]:
+    def ids(self) -> list[str] | None:
         from .images import id_sort_key
 
-        return sorted({*self.emb.ids, *self.emb.failed}, key=id_sort_key)
+        return None if self.reads_images else sorted({*self.emb.ids, *self.emb.failed}, key=id_sort_key)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         from .retrieval import consensus
