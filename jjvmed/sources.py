@@ -16,7 +16,6 @@ so `--help` and argument errors answer at once.
 
 from __future__ import annotations
 
-import csv
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from .pipeline import RunConfig, RunResult, Selection, worker_died
 from .records import Record
 from .shards import gather_to_rank0, merge_shard_records, process_group
 from .signals import StopSignals
+from .submission import read_id_table
 
 
 @dataclass(frozen=True)
@@ -412,7 +412,7 @@ class AnswersFileSource:
         return []
 
     def check(self) -> None:
-        self.rows = read_answers_csv(self.path, self.column)
+        self.rows = read_id_table(self.path, self.column)
 
     def ids(self) -> list[str]:
         return list(self.rows)
@@ -430,26 +430,6 @@ class AnswersFileSource:
                 raise UserError(f"{len(missing)} IDs of {self.path} are not in {self.embeddings} (first: "
                                 f"{', '.join(missing[:3])}): the embeddings of another run?")
         return RunResult(selection.ids, records, None, embeddings=emb, verb="read")
-
-
-def read_answers_csv(path: str, column: str) -> dict[str, str]:
-    """ID -> the `column` field of every row of a CSV an earlier run wrote, in file order."""
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        lower = [h.casefold() for h in header]
-        if "id" not in lower or column.casefold() not in lower:
-            raise UserError(f"{path} needs the columns ID,{column}; it has: {', '.join(header) or 'none'}")
-        id_col, value_col = lower.index("id"), lower.index(column.casefold())
-        rows: dict[str, str] = {}
-        for row in reader:
-            if not row:
-                continue
-            # An unquoted comma inside a name ("Foramen Ovale, Patent") splits the last column: rejoin it.
-            rows[row[id_col]] = ",".join(row[value_col:]) if value_col == len(header) - 1 else row[value_col]
-        return rows
 
 
 class EmbeddingsFileSource:

@@ -9,7 +9,6 @@ Prompts come from prompts.py, the same ones generation uses, so training and inf
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import io
 import json
@@ -27,6 +26,7 @@ from .errors import UserError, log, quiet_library_deprecations
 from .images import id_sort_key, ignore_stop_signals, list_images, load_image
 from .shards import gather_everywhere
 from .signals import StopSignals
+from .submission import read_id_table
 
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
 LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
@@ -47,21 +47,6 @@ class Example:
     answer: str
 
 
-def read_id_table(path: str | None, value_column: str) -> dict[str, str]:
-    """ID -> value from an ImageCLEF CSV (`ID,Caption` or `ID,CUIs`)."""
-    if not path:
-        return {}
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip().casefold() for h in next(reader, [])]
-        if "id" not in header or value_column.casefold() not in header:
-            raise UserError(f"{path} needs the columns ID,{value_column}; it has: {', '.join(header)}")
-        i, v = header.index("id"), header.index(value_column.casefold())
-        return {row[i]: row[v] if len(row) > v else "" for row in reader if row}
-
-
 NO_IMAGE = "ID in a CSV but no image file"
 
 
@@ -70,8 +55,8 @@ def build_examples(image_dir: str, captions_csv: str | None, concepts_csv: str |
     """Caption and concept examples for every image with data; problems are counted, not fatal.
     Returns the examples, the problems counted, and ID -> why for the IDs that have no image."""
     images = dict(list_images(image_dir))
-    captions = read_id_table(captions_csv, "Caption")
-    concepts = read_id_table(concepts_csv, "CUIs")
+    captions = read_id_table(captions_csv, "Caption") if captions_csv else {}
+    concepts = read_id_table(concepts_csv, "CUIs") if concepts_csv else {}
     problems: Counter = Counter()
     no_image: dict[str, str] = {}
     examples: list[Example] = []
