@@ -132,7 +132,7 @@ def test_2025_rules_report_every_violation_with_its_line_and_reject(tmp_path):
     assert any("line 9" in w and "letter cases" in w for w in report.warnings)
     assert any("line 9" in w and "stray ';'" in w for w in report.warnings)
     result = run_script("evaluate.py", "validate", "--task", "concepts", "--pred", str(pred), "--rules", "2025",
-                        "--ids", str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
+                        "--ids_csv", str(write(tmp_path / "ids.csv", "ID\na\nb\nc\nd\ne\nf\n")))
     assert result.returncode == 1 and "REJECTED" in result.stderr
 
 
@@ -142,7 +142,7 @@ def test_a_valid_submission_against_an_image_folder_is_accepted(tmp_path):
     for name in ("x_1.jpg", "x_2.png"):
         (images / name).write_bytes(b"")
     pred = write(tmp_path / "pred.csv", "ID,CUIs\nx_1,C0040405;C0817096\nx_2,\n")
-    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(pred), "--ids", str(images)]) == 0
+    assert evaluate.main(["validate", "--task", "concepts", "--pred", str(pred), "--ids_csv", str(images)]) == 0
 
 
 def test_ids_containing_ID_are_flagged_because_the_evaluator_skips_them(tmp_path):

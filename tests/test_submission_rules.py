@@ -393,7 +393,7 @@ def test_validate_with_gt_names_the_ground_truths_blank_row(tmp_path):
     result = run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(pred), "--gt", str(gt))
     assert result.returncode == 1 and "REJECTED (1 problem)" in result.stderr
     assert f"ground truth {gt} line 7: blank row" in result.stderr
-    assert run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(pred), "--ids",
+    assert run_script("evaluate.py", "validate", "--task", "captions", "--pred", str(pred), "--ids_csv",
                       str(gt)).returncode == 0
 
 
