@@ -421,7 +421,8 @@ def test_an_image_folder_copied_back_with_its_times_kept_is_reused(tiny_model, t
 def test_a_second_ctrl_c_ends_the_decoding_workers_with_the_run(tiny_model, tmp_path):
     """Workers ignore Ctrl-C (the main process decides); left running, they print into the terminal."""
     out = tmp_path / "captions.csv"
-    proc = slow_run(tiny_model, out, "--num_workers", "2")
+    long_answers = ["--max_new_tokens", "400", "--generation_kwargs", '{"min_new_tokens": 400}']
+    proc = slow_run(tiny_model, out, "--num_workers", "2", *long_answers)  # batches of seconds: still running below
     wait_for_records(out.with_name("captions.journal.jsonl"), proc, 1)
     time.sleep(1)  # the workers have filled the prefetch queue and wait for more work
     workers = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
