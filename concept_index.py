@@ -77,7 +77,9 @@ def build_parser() -> Parser:
                        help="processes decoding images (default: 16, at most cores - 1, with a GPU; 0 on CPU)")
     add_device_options(embed, "the encoder")
     embed.add_argument("--resume_from_checkpoint", choices=["auto"], default=None,
-                       help="continue a killed run from the chunks beside --embeddings (<file>.parts/)")
+                       help="continue an earlier run of this command: auto = what it left beside --embeddings (the "
+                       "finished chunks in <file>.parts/; starts fresh if there are none). Without it, finished "
+                       "chunks or a finished file are never overwritten (the run stops and says so)")
     embed.add_argument("--overwrite", action="store_true", help="discard finished chunks or file and start over")
     embed.rename("--output", "--embeddings")
 
