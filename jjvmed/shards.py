@@ -114,30 +114,35 @@ def merge_shard_records(output_csv: str | Path, checkpoint_dir: str | None, all_
         raise UserError(f"shard journals from runs with different shard counts: {sorted(counts)}; keep one run's")
     count = counts.pop()
     identities = {i: file_identity(p) for i, p in files.items()}
+    wanted = set(all_ids)
     records: dict[str, Record] = {}
     problems = []
+    journals = {}
     for index in range(count):
-        shard = Shard(index, count)
-        path = default_journal_path(output_csv, checkpoint_dir, shard.suffix)
-        rerun = f"rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto"
+        path = default_journal_path(output_csv, checkpoint_dir, Shard(index, count).suffix)
         if not path.exists():
             problems.append(f"shard {index} of {count} is missing ({path.name})")
             continue
-        contents = read_journal(path)
-        shard_records = contents.records if contents else {}
+        contents = journals[index] = read_journal(path)
         diffs = header_differences(contents.header, settings, image_dir) if contents else []
         if diffs:
             problems.append(f"shard {index} was run with other settings than this command ({'; '.join(diffs)})")
+        records.update({i: r for i, r in (contents.records if contents else {}).items() if i in wanted})
+    for index in range(count):
+        shard = Shard(index, count)
+        rerun = f"rerun it with --num_shards {count} --shard_index {index} --resume_from_checkpoint auto"
+        # An image is missing only if no shard has it: the merge may select the images (--ids_csv, --limit)
+        # other than the shards did, so each shard is judged by what is missing everywhere.
         mine = shard.take(all_ids)
-        missing = [i for i in mine if i not in shard_records]
-        if missing:
+        missing = [i for i in mine if i not in records]
+        if missing and index in journals:
             problems.append(f"shard {index} of {count} is incomplete: {len(missing)} of {len(mine)} images missing "
-                            f"({rerun})")
-        changed = sorted(changed_images(contents, files, identities).intersection(mine)) if contents else []
+                            f"({rerun}, with the --ids_csv and --limit of this command)")
+        contents = journals.get(index)
+        changed = sorted(changed_images(contents, files, identities) & wanted) if contents else []
         if changed:
             problems.append(f"shard {index} of {count}: {len(changed)} image(s) changed since it ran "
                             f"({', '.join(changed[:3])}{', ...' if len(changed) > 3 else ''}; {rerun})")
-        records.update(shard_records)
     if problems:
         raise UserError("cannot merge: " + "; ".join(problems))
     return records

@@ -88,7 +88,7 @@ def test_merge_names_a_missing_or_incomplete_shard_with_the_command_to_finish_it
     message = str(refused.value)
     assert "shard 0 of 3 is missing" in message
     assert "shard 2 of 3 is incomplete: 1 of 1 images missing (rerun it with --num_shards 3 --shard_index 2 " \
-        "--resume_from_checkpoint auto)" in message
+        "--resume_from_checkpoint auto, with the --ids_csv and --limit of this command)" in message
 
 
 def test_merge_refuses_journals_of_runs_with_different_shard_counts(tmp_path):

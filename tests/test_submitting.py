@@ -88,3 +88,17 @@ def test_a_zip_name_that_is_not_a_zip_fails_before_the_run(tmp_path):
     result = run_in_process("generate_captions.py", *tiny_args(tmp_path / "no-model", tmp_path / "c.csv"),
                             "--zip", str(tmp_path / "upload.csv"))
     assert result.returncode == 2 and "must end in .zip" in result.stderr and "no-model" not in result.stderr
+
+
+def test_shards_run_on_the_whole_folder_merge_into_the_id_lists_order(tiny_model, tmp_path):
+    """The Submitting section's order: shards over the folder first, the ID list given at the merge."""
+    out = tmp_path / "captions.csv"
+    ids = write_ids(tmp_path / "ids.csv", ORDER)
+    for index in ("0", "1"):
+        shard = run_in_process("generate_captions.py", *tiny_args(tiny_model, out), "--num_shards", "2",
+                               "--shard_index", index)
+        assert shard.returncode == 0, shard.stderr
+    merged = run_in_process("generate_captions.py", *tiny_args(tiny_model, out), "--ids_csv", str(ids),
+                            "--merge_shards", "--zip", str(tmp_path / "upload.zip"))
+    assert merged.returncode == 0, merged.stderr
+    assert [r[0] for r in read_csv(out)[1:]] == ORDER and (tmp_path / "upload.zip").exists()
