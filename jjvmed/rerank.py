@@ -45,19 +45,44 @@ def parse_source(source: str) -> tuple[str, str]:
 
 
 def check_source(source: str) -> None:
-    """Before any model loads: a folder that exists with a model config in it, or something shaped like a hub ID."""
+    """Before any model loads (a wrong reranker must not cost a night of generation first): its package is
+    installed; a folder exists with its config, of a model with both towers; a hub ID is in the local cache
+    when the hub is off (HF_HUB_OFFLINE)."""
+    import importlib.util
+    import json
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
     from .model import looks_like_hub_id
 
     family, where = parse_source(source)
+    if family == "open_clip" and importlib.util.find_spec("open_clip") is None:
+        raise UserError(f"--rerank_model {source} needs the package open_clip_torch (not installed)")
+    wanted = "open_clip_config.json" if family == "open_clip" else "config.json"
     folder = Path(where).expanduser()
     if folder.is_dir():
-        wanted = "open_clip_config.json" if family == "open_clip" else "config.json"
-        if not (folder / wanted).is_file():
-            raise UserError(f"--rerank_model {source}: {folder} has no {wanted} (an image-text model folder: "
-                            "open_clip, or Hugging Face CLIP / SigLIP)")
-        return
-    if where.startswith(("/", ".", "~")) or not looks_like_hub_id(where):
+        config = folder / wanted
+    elif where.startswith(("/", ".", "~")) or not looks_like_hub_id(where):
         raise UserError(f"--rerank_model {source}: no such folder, and not a hub ID (owner/name)")
+    else:
+        cached = try_to_load_from_cache(where, wanted)
+        if not isinstance(cached, str):
+            if constants.HF_HUB_OFFLINE:
+                raise UserError(f"--rerank_model {source} is not in the local cache and HF_HUB_OFFLINE is set; "
+                                "download it once where there is network and give the local folder")
+            return  # downloaded when the run gets there
+        config = Path(cached)
+    if not config.is_file():
+        raise UserError(f"--rerank_model {source}: {folder} has no {wanted} (an image-text model folder: "
+                        "open_clip, or Hugging Face CLIP / SigLIP)")
+    if family == "hf":
+        try:
+            kind = json.loads(config.read_text()).get("model_type")
+        except (OSError, ValueError):
+            kind = None
+        if kind not in HF_KINDS:
+            raise UserError(f"--rerank_model {source} is a {kind or 'unknown'} model; best of N needs an image-text "
+                            f"model with both towers ({', '.join(HF_KINDS)}, or open_clip)")
 
 
 def load_reranker(source: str, device: str = "auto", dtype: str = "auto") -> Reranker:

@@ -169,6 +169,13 @@ def test_another_reranker_scores_the_same_candidates_without_generating(tiny_mod
     assert "generated now: 0" in back.stderr and "scored now: 0" in back.stderr
 
 
+def test_a_reranker_that_is_no_image_text_model_is_refused_before_anything_generates(tiny_model, tmp_path):
+    out = tmp_path / "c.csv"
+    result = best_of_n(tiny_model, out, "--candidates", "2", "--rerank_model", str(tiny_model))  # LLaVA: no towers
+    assert result.returncode == 2 and "is a llava model; best of N needs an image-text model" in result.stderr
+    assert result.stderr.count("\n") == 1 and not out.with_name("c.journal.jsonl").exists()
+
+
 def test_candidates_without_a_reranker_keep_the_best_beam(tiny_model, tmp_path):
     best = tmp_path / "best" / "captions.csv"
     beams = tmp_path / "beams" / "captions.csv"
