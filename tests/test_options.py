@@ -79,10 +79,15 @@ def first_clause(text: str) -> str:
 
 
 def table() -> str:
+    """One row per option and wording of its help: where two commands say different things of one option (its
+    meaning is one, the details differ), each gets its own row."""
     rows = ["| option | where | what it is |", "|---|---|---|"]
     for name, where in sorted(options().items()):
-        scripts = ", ".join(sorted(where))
-        rows.append(f"| `{name}` | {scripts} | {first_clause(next(iter(where.values())))} |")
+        by_help: dict[str, list[str]] = {}
+        for command, text in where.items():
+            by_help.setdefault(first_clause(text), []).append(command)
+        for text, commands in sorted(by_help.items(), key=lambda item: sorted(item[1])):
+            rows.append(f"| `{name}` | {', '.join(sorted(commands))} | {text} |")
     return "\n".join(rows)
 
 
