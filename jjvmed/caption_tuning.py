@@ -56,9 +56,14 @@ def journal_contenders(path: str | Path) -> list[Contender]:
     if settings.get("task") != "caption":
         raise UserError(f"{path} is not the journal of a caption run (task {settings.get('task')!r})")
     retrieval = settings.get("retrieval")
-    n = int(settings.get("generation", {}).get("num_return_sequences", 1))
-    method = f"rag, {retrieval['neighbours']} neighbours" if retrieval else "generate"
-    options = f"--method rag --neighbours {retrieval['neighbours']}" if retrieval else "--method generate"
+    generation = settings.get("generation")
+    try:  # written by the tool, but a journal is a file a user can edit
+        n = int((generation if isinstance(generation, dict) else {}).get("num_return_sequences", 1))
+        neighbours = int(retrieval["neighbours"]) if retrieval else 0
+    except (TypeError, ValueError, KeyError):
+        raise UserError(f"{path}: its header's settings cannot be read (num_return_sequences, retrieval)") from None
+    method = f"rag, {neighbours} neighbours" if retrieval else "generate"
+    options = f"--method rag --neighbours {neighbours}" if retrieval else "--method generate"
     records = {i: r for i, r in contents.records.items() if r.ok}
     label = f"{method} ({path.name})"
     if n == 1:
