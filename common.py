@@ -69,7 +69,8 @@ def add_checkpoint_options(ck) -> None:
                     "journal is never overwritten (the run stops and says so)")
     ck.add_argument("--force_resume", action="store_true",
                     help="resume even if the journal was written with different settings")
-    ck.add_argument("--overwrite", action="store_true", help="discard an existing journal and start over")
+    ck.add_argument("--overwrite", action="store_true",
+                    help="discard an existing journal and start over (the embeddings file's vectors too)")
 
 
 def add_model_options(model) -> None:
