@@ -131,13 +131,16 @@ def load_retrieval(args: argparse.Namespace, cfg: common.RunConfig):
 
 
 def with_candidates(gen_kwargs: dict, candidates: int) -> dict:
-    """generate() settings for N candidates per image: the N best beams of N beams, or N samples."""
+    """generate() settings for N candidates per image: the N best beams of N beams, or N samples; settings that
+    generate() would refuse are one line now, before the model loads."""
     if "num_return_sequences" in gen_kwargs:
         raise UserError("--generation_kwargs num_return_sequences: use --candidates N")
     if candidates == 1:
         return gen_kwargs
     beams = {} if gen_kwargs.get("do_sample") else {"num_beams": max(candidates, gen_kwargs.get("num_beams", 1))}
-    return {**gen_kwargs, **beams, "num_return_sequences": candidates}
+    kwargs = {**gen_kwargs, **beams, "num_return_sequences": candidates}
+    common.check_generation_settings(kwargs, f"--candidates {candidates} with these generate() settings")
+    return kwargs
 
 
 def generation_source(args: argparse.Namespace, retrieval) -> GenerateSource:

@@ -332,6 +332,9 @@ def test_rag_resumes_after_sigkill_to_the_same_bytes(data, tiny_model, tmp_path)
     (["--method", "rag", "--concept_index", "{data}/index", "--prompt", "Describe it."], "put {context} in it"),
     (["--method", "rag", "--concept_index", "{data}/index", "--num_shards", "2", "--shard_index", "0"],
      "embed the images once first"),
+    (["--candidates", "4", "--generation_kwargs", '{"do_sample": true, "num_beams": 2}'], "num_return_sequences"),
+    (["--generation_kwargs", '{"num_beams": 0}'], "num_beams must be at least 1"),
+    (["--generation_kwargs", '{"temperature": 0.5}'], "temperature"),
 ])
 def test_bad_caption_method_options_are_one_line_before_any_model_loads(data, tmp_path, argv, message):
     out = tmp_path / "c.csv"
