@@ -189,7 +189,7 @@ def key_text(key: dict | None) -> str:
     return json.dumps(key, sort_keys=True)
 
 
-def said(key: dict | None) -> str:
+def settings_text(key: dict | None) -> str:
     if not key:
         return "settings an earlier version did not record"
     return ", ".join(f"{k.removesuffix('_path').replace('_', ' ')} {v}" for k, v in key.items())
@@ -261,7 +261,7 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
         made = stored.meta.get("made_with") or [None] * len(stored.encoders)
         for j, key in enumerate(made):
             if key_text(key) not in keys:
-                foreign.append(f"vectors made with {said(key)}" + ("" if source == path else
+                foreign.append(f"vectors made with {settings_text(key)}" + ("" if source == path else
                                                                       f" (in {parts_dir(path).name}/)"))
                 continue
             m = keys.index(key_text(key))
@@ -276,7 +276,7 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
     lost = []
     if foreign:
         lost.append(f"{' and '.join(dict.fromkeys(foreign))} (this run embeds with "
-                    f"{'; '.join(said(k) for k in options.made_with())})")
+                    f"{'; '.join(settings_text(k) for k in options.made_with())})")
     if incomplete:
         lost.append(f"vectors of {len(incomplete)} images outside this run that lack one of its encoders (first: "
                     f"{', '.join(incomplete[:3])})")
@@ -313,7 +313,7 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
             path.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
         keys = options.made_with()
-        vectors, others, described, others_identity = read_places(plan, len(keys))
+        vectors, others, described, others_identity = read_places(plan, path, len(keys))
         choices = options.choices()
         failed: dict[str, str] = {}
         embedded: set[str] = set()
@@ -368,19 +368,25 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
     return Embedded(mine, len(items) - len(embedded), len(embedded), changed, seconds)
 
 
-def read_places(plan: Plan, encoders: int) -> tuple[list[dict], list[dict], list[dict | None], dict]:
+def read_places(plan: Plan, path: Path, encoders: int) -> tuple[list[dict], list[dict], list[dict | None], dict]:
     """The vectors the plan keeps, read once per file: per encoder the run's images' and the other images',
-    each encoder's description, and the other images' recorded identities."""
+    each encoder's description, and the other images' recorded identities. Of vectors with the same settings
+    made by different models (new weights in the same folder, the run that noticed it cut short), those of the
+    newest file are kept, the others embedded again."""
     sources = {place[0] for found in (*plan.reuse, *plan.others) for place in found.values()}
     stored = {source: load_embeddings(source) for source in sources}
+    order = {source: n for n, source in enumerate(stored_files(path))}
     described: list[dict | None] = [None] * encoders
     identities: dict[str, list[int]] = {}
+    for m in range(encoders):
+        places = [*plan.reuse[m].values(), *plan.others[m].values()]
+        if places:
+            source, j, _ = max(places, key=lambda place: order[place[0]])
+            described[m] = stored[source].encoders[j]
 
     def read(found: dict[str, Place], m: int) -> dict:
-        for source, j, _ in found.values():
-            described[m] = described[m] or stored[source].encoders[j]
-            break
-        return {i: stored[source].vectors[j][row] for i, (source, j, row) in found.items()}
+        return {i: stored[source].vectors[j][row] for i, (source, j, row) in found.items()
+                if same_encoder(stored[source].encoders[j], described[m])}
 
     vectors = [read(found, m) for m, found in enumerate(plan.reuse)]
     others = [read(found, m) for m, found in enumerate(plan.others)]
