@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jjvmed.errors import UserError
+from jjvmed.errors import UserError, first_line
 from jjvmed.generation import parse_batch_size
 from jjvmed.model import DEFAULT_ADAPTER, DEFAULT_BASE_MODEL, ModelSpec, merge_by_default
 from jjvmed.options import Parser, add_device_options
@@ -69,7 +69,8 @@ def add_checkpoint_options(ck) -> None:
                     "journal is never overwritten (the run stops and says so)")
     ck.add_argument("--force_resume", action="store_true",
                     help="resume even if the journal was written with different settings")
-    ck.add_argument("--overwrite", action="store_true", help="discard an existing journal and start over")
+    ck.add_argument("--overwrite", action="store_true",
+                    help="discard an existing journal and start over (the embeddings file's vectors too)")
 
 
 def add_model_options(model) -> None:
@@ -146,7 +147,36 @@ def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, 
     unknown = sorted(k for k in user if k not in known)
     if unknown:
         raise UserError(f"--generation_kwargs has unknown generate() settings: {', '.join(unknown)}")
-    return {**kwargs, **user}
+    kwargs = {**kwargs, **user}
+    check_generation_settings(kwargs, "--generation_kwargs")
+    return kwargs
+
+
+def check_generation_settings(kwargs: dict[str, Any], what: str) -> None:
+    """The settings generate() will get, checked as transformers checks them (strictly: a setting that would be
+    ignored is refused too), plus counts that it divides by: one line now instead of a traceback after the
+    model has loaded."""
+    import warnings
+
+    from transformers import GenerationConfig
+    from transformers.utils import logging as transformers_logging
+
+    for name in ("num_beams", "num_return_sequences", "max_new_tokens"):
+        value = kwargs.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{what}: {name} must be at least 1, got {value!r}")
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # its own warning about the same problem would come first
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            GenerationConfig(**kwargs).validate(strict=True)
+    except (ValueError, TypeError) as e:
+        # transformers lists its problems one per line, after a title line
+        problems = [line.strip(" -") for line in str(e).splitlines() if line.strip().startswith("- ")]
+        raise UserError(f"{what}: {'; '.join(problems) or first_line(e)}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
 
 
 def check_positive(**values: int | None) -> None:

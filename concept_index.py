@@ -78,9 +78,12 @@ def build_parser() -> Parser:
     add_device_options(embed, "the encoder")
     embed.add_argument("--resume_from_checkpoint", choices=["auto"], default=None,
                        help="continue an earlier run of this command: auto = what it left beside --embeddings (the "
-                       "finished chunks in <file>.parts/; starts fresh if there are none). Without it, finished "
-                       "chunks or a finished file are never overwritten (the run stops and says so)")
-    embed.add_argument("--overwrite", action="store_true", help="discard finished chunks or file and start over")
+                       "finished chunks in <file>.parts/ and the file). Every embed does so anyway: the vectors of "
+                       "images whose files are unchanged are kept, the rest embedded (README: Concepts from the "
+                       "vision tower)")
+    embed.add_argument("--overwrite", action="store_true",
+                       help="discard finished chunks or file and start over (also what refuses: vectors of other "
+                       "encoder settings there)")
     embed.rename("--output", "--embeddings")
 
     fit = sub.add_parser("fit", help="training embeddings + concepts -> kNN index and probes",
@@ -192,7 +195,7 @@ def build_parser() -> Parser:
 
 
 def run_embed(args: argparse.Namespace) -> int:
-    from jjvmed.embeddings import EmbedOptions, embed_images
+    from jjvmed.embeddings import EmbedOptions, ensure_embeddings
     from jjvmed.images import list_images
 
     if args.limit is not None and args.limit < 1:
@@ -201,13 +204,14 @@ def run_embed(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
     items = list_images(args.image_dir)[: args.limit]
     options = EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
-                           args.dtype, args.num_workers, resume=args.resume_from_checkpoint == "auto",
-                           overwrite=args.overwrite, encoders=tuple(args.encoder or ["llava"]))
+                           args.dtype, args.num_workers, overwrite=args.overwrite,
+                           encoders=tuple(args.encoder or ["llava"]))
     start = time.perf_counter()
-    emb = embed_images(items, args.embeddings, options)
+    made = ensure_embeddings(items, args.embeddings, options)
     seconds = time.perf_counter() - start
-    errors.log(f"images: {len(items)} (embedded: {len(emb.ids)}, failed: {len(emb.failed)})\n"
-               f"time: {seconds:.1f} s ({len(items) / max(seconds, 1e-9):.1f} images/s)\nwrote: {args.embeddings}")
+    errors.log(f"images: {len(items)} (embedded now: {made.embedded}, reused: {made.reused}, failed: "
+               f"{len(made.embeddings.failed)})\ntime: {seconds:.1f} s ({made.embedded / max(made.seconds, 1e-9):.1f} "
+               f"images/s while embedding)\nwrote: {args.embeddings}")
     return 0
 
 

@@ -20,7 +20,6 @@ index (concept_index.py fit --train_captions):
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,11 +32,12 @@ from jjvmed.writers import CaptionWriter
 
 METHODS = ("generate", "knn", "rag")
 RETRIEVAL_FLAGS = ("concept_index", "neighbours", "embeddings")
-# What only text generation has: refused with --method knn, which generates nothing and keeps no journal.
+# What only text generation has: refused with --method knn, which generates nothing and keeps no journal
+# (--overwrite stays: it embeds every image again).
 GENERATION_ONLY = ("candidates", "rerank_model", "adapter_repo", "lora_subfolder", "merge_adapters",
                    "merged_cache_dir", "load_in_4bit", "prompt_template", "language", "prompt", "compile",
                    "max_new_tokens", "generation_kwargs", "seed", "num_shards", "shard_index", "merge_shards",
-                   "checkpoint_dir", "checkpoint_interval", "force_resume", "overwrite")
+                   "checkpoint_dir", "checkpoint_interval", "force_resume")
 
 
 def build_parser() -> common.Parser:
@@ -61,10 +61,10 @@ def build_parser() -> common.Parser:
                            help="nearest training images whose captions are used: knn takes the consensus of K "
                            "(1: the nearest one's), rag puts K into the prompt (default: 1 for knn, 3 for rag)")
     retrieval.add_argument("--embeddings", default=None, metavar="PATH",
-                           help="the images' embeddings with the index's encoders: read if the file exists "
-                           "(concept_index.py embed, or an earlier run), else the run embeds the images into it, "
-                           "resumably (default: beside --output_csv, <its stem>.embeddings.npz). knn without "
-                           "--image_dir writes a row for every image of this file")
+                           help="the images' embeddings with the index's encoders: the vectors it holds of images "
+                           "whose files are unchanged are reused, the others embedded into it (default: beside "
+                           "--output_csv, <its stem>.embeddings.npz); with shards it is made beforehand and only read. "
+                           "knn without --image_dir writes a row for every image of this file")
     best = parser.add_argument_group("best of several candidates")
     best.add_argument("--candidates", type=int, default=1, metavar="N",
                       help="captions generated per image: the N best beams of a beam search of N beams "
@@ -93,7 +93,7 @@ def check_method_options(args: argparse.Namespace, parser: argparse.ArgumentPars
             given.append("--resume_from_checkpoint PATH")
         if given:
             raise UserError(f"{', '.join(given)}: only for generated captions; --method knn generates no text and "
-                            "keeps no journal (its embeddings resume by themselves)")
+                            "keeps no journal (its embeddings are reused by themselves)")
         if not args.image_dir and not args.embeddings:
             raise UserError("--method knn needs --image_dir (to embed the images) or --embeddings (vectors from "
                             "concept_index.py embed)")
@@ -105,48 +105,42 @@ def check_method_options(args: argparse.Namespace, parser: argparse.ArgumentPars
         raise UserError("--rerank_model chooses among candidates: add --candidates N (2 or more)")
 
 
-def load_retrieval(args: argparse.Namespace):
+def load_retrieval(args: argparse.Namespace, cfg: common.RunConfig):
     """The caption index and how the run's images are embedded for it, read and checked before any model loads."""
     from jjvmed.embeddings import default_embeddings_path
-    from jjvmed.fusion import check_model_matches
-    from jjvmed.index import embed_options_for, load_index
-    from jjvmed.model import check_model_source
+    from jjvmed.index import embed_options_for, load_index, resolve_device
     from jjvmed.retrieval import DEFAULT_NEIGHBOURS, Retrieval, check_caption_index
 
     index = load_index(args.concept_index)
     check_caption_index(index, args.concept_index)
     embeddings = Path(args.embeddings) if args.embeddings else default_embeddings_path(args.output_csv)
-    sharded = args.num_shards is not None or args.merge_shards or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.method == "rag" and sharded and not args.merge_shards and not embeddings.exists():
+    # One process writes an embeddings file: shards (a launcher's or a job array's) and the merge only read it.
+    sharded = cfg.shard is not None or cfg.merge
+    if args.method == "rag" and sharded and not cfg.merge and not embeddings.exists():
         raise UserError("--method rag with shards: embed the images once first (concept_index.py embed --image_dir "
                         "... --encoder ... as the index), and give that file with --embeddings")
-    if args.image_dir and not embeddings.exists() and not args.merge_shards:
-        if any(m.encoder.get("source", "llava") == "llava" for m in index.members):
-            check_model_source(args.base_model_path, "--base_model_path")
-        check_model_matches(args.base_model_path, index)  # every encoder there to embed with, as the index was
     batch_size = args.batch_size if args.method == "knn" else None  # rag: --batch_size is the generation's
     options = embed_options_for(index, None, base_model_path=args.base_model_path, batch_size=batch_size,
-                                device=args.device, dtype=args.dtype, num_workers=args.num_workers, resume=True)
+                                device=args.device, dtype=args.dtype, num_workers=args.num_workers,
+                                overwrite=args.overwrite)
     neighbours = args.neighbours or DEFAULT_NEIGHBOURS[args.method]
     if neighbours > len(index.ids):
         raise UserError(f"--neighbours {neighbours}: the index has {len(index.ids)} training images")
-    return Retrieval(index, args.concept_index, neighbours, embeddings, options, search_device(args.device))
-
-
-def search_device(device: str) -> str:
-    from jjvmed.index import resolve_device
-
-    return resolve_device(device)
+    return Retrieval(index, args.concept_index, neighbours, embeddings, options, resolve_device(args.device),
+                     read_only=sharded or not args.image_dir)
 
 
 def with_candidates(gen_kwargs: dict, candidates: int) -> dict:
-    """generate() settings for N candidates per image: the N best beams of N beams, or N samples."""
+    """generate() settings for N candidates per image: the N best beams of N beams, or N samples; settings that
+    generate() would refuse are one line now, before the model loads."""
     if "num_return_sequences" in gen_kwargs:
         raise UserError("--generation_kwargs num_return_sequences: use --candidates N")
     if candidates == 1:
         return gen_kwargs
     beams = {} if gen_kwargs.get("do_sample") else {"num_beams": max(candidates, gen_kwargs.get("num_beams", 1))}
-    return {**gen_kwargs, **beams, "num_return_sequences": candidates}
+    kwargs = {**gen_kwargs, **beams, "num_return_sequences": candidates}
+    common.check_generation_settings(kwargs, f"--candidates {candidates} with these generate() settings")
+    return kwargs
 
 
 def generation_source(args: argparse.Namespace, retrieval) -> GenerateSource:
@@ -167,8 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_method_options(args, parser)
-    retrieval = load_retrieval(args) if args.method != "generate" else None
     cfg = common.config_from_args(args, task="caption")
+    if args.method == "knn" and cfg.shard is not None:  # a launcher's processes (knn refuses --num_shards itself)
+        raise UserError("--method knn runs as one process, not under torchrun or accelerate: one encoder pass over "
+                        "the images is quick")
+    retrieval = load_retrieval(args, cfg) if args.method != "generate" else None
     if args.method == "knn":
         source = NearestCaptionSource(retrieval, reads_images=bool(args.image_dir))
     else:

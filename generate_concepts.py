@@ -101,18 +101,16 @@ def embeddings_path(args: argparse.Namespace) -> Path:
 
 def embed_options(args: argparse.Namespace, vision: VisionMethod):
     """How the run's images are embedded: with every encoder the settings use, pooled as the index's training
-    images were, resumable like the run."""
+    images were (the vectors the file holds of unchanged images are reused; --overwrite embeds them all)."""
     from jjvmed.index import embed_options_for
 
     if args.resume_from_checkpoint not in (None, "auto") and args.method != "fused":
         raise UserError(f"--method {args.method} resumes with --resume_from_checkpoint auto (it writes no journal)")
-    # A fused run resumed from a journal PATH resumes its embeddings too.
     return embed_options_for(vision.index, vision.settings, base_model_path=args.base_model_path, device=args.device,
-                             dtype=args.dtype, num_workers=args.num_workers,
-                             resume=args.resume_from_checkpoint is not None, overwrite=args.overwrite)
+                             dtype=args.dtype, num_workers=args.num_workers, overwrite=args.overwrite)
 
 
-def from_natural(args: argparse.Namespace, vision: VisionMethod | None) -> tuple:
+def from_natural(args: argparse.Namespace, cfg: common.RunConfig, vision: VisionMethod | None) -> tuple:
     """--from_natural_csv: format A -> format B without a model; with --method fused, fused again with the
     embeddings a run kept."""
     if not args.auto_map_cuis:
@@ -123,12 +121,19 @@ def from_natural(args: argparse.Namespace, vision: VisionMethod | None) -> tuple
     if vision and not args.embeddings:
         raise UserError("--from_natural_csv --method fused needs --embeddings PATH (the run's "
                         "<output stem>.embeddings.npz)")
-    if args.num_shards is not None or args.merge_shards:
-        raise UserError("--from_natural_csv reads one file: no shards")
+    if cfg.shard is not None or cfg.merge:
+        raise UserError("--from_natural_csv reads one file: no shards, and one process (no torchrun or accelerate)")
     if not Path(args.from_natural_csv).is_file():
         raise UserError(f"--from_natural_csv {args.from_natural_csv} does not exist")
     source = AnswersFileSource(args.from_natural_csv, "Concepts", args.embeddings if vision else None)
     return source, ConceptWriter(args.output_csv, None, load_mapper(args.cui_mapping_file), split_natural, vision)
+
+
+def check_one_process(args: argparse.Namespace, cfg: common.RunConfig) -> None:
+    """--method knn|probe: no shards and no launcher, refused before anything is read or loaded."""
+    if cfg.shard is not None or cfg.merge:
+        raise UserError(f"--method {args.method} runs as one process (no --num_shards, no torchrun or accelerate): one "
+                        "vision-tower pass over the images is quick")
 
 
 def from_vision(args: argparse.Namespace, vision: VisionMethod) -> tuple:
@@ -136,8 +141,6 @@ def from_vision(args: argparse.Namespace, vision: VisionMethod) -> tuple:
     if args.output_csv_natural or not args.auto_map_cuis:
         raise UserError(f"--method {args.method} writes format B only (no text, so no format A): drop "
                         "--output_csv_natural / --no-auto_map_cuis")
-    if args.num_shards is not None or args.merge_shards:
-        raise UserError(f"--method {args.method} needs no shards: one vision-tower pass over the images is quick")
     if not args.image_dir:
         raise UserError("--image_dir is required")
     return EmbedSource(embeddings_path(args), embed_options(args, vision)), ConceptWriter(args.output_csv,
@@ -162,15 +165,18 @@ def from_generation(args: argparse.Namespace, vision: VisionMethod | None) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    cfg = common.config_from_args(args, task="concepts")
+    if args.method in ("knn", "probe") and not args.from_natural_csv:
+        check_one_process(args, cfg)
     # The index, settings and mapping file are read before the model loads: a bad file fails in seconds.
     vision = load_vision_method(args)
     if args.from_natural_csv:
-        source, writer = from_natural(args, vision)
+        source, writer = from_natural(args, cfg, vision)
     elif vision and vision.name != "fused":
         source, writer = from_vision(args, vision)
     else:
         source, writer = from_generation(args, vision)
-    return common.run(common.config_from_args(args, task="concepts"), source, writer)
+    return common.run(cfg, source, writer)
 
 
 if __name__ == "__main__":

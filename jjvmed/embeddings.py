@@ -1,24 +1,31 @@
-"""The embedding store: one vector per image and encoder, saved with the IDs in one .npz file, made resumably.
+"""The embedding store: one vector per image and encoder, saved with the IDs in one .npz file.
 
 A file holds the vectors of one encoder (`concept_index.py embed --encoder SPEC`) or of several (an
 ensemble: a generate run embeds with every encoder its concept index uses). Each encoder's vectors
-carry its description (encoders.describe), so vectors of different encoders are never compared.
+carry its description (encoders.describe), so vectors of different encoders are never compared, and
+each image's vectors the identity of the file they were made from (files.file_identity).
 
-`embed_images` embeds a list of images in chunks saved as they complete under `<output>.parts/`, so a
-killed run redoes at most one chunk; at the end the chunks are joined into one file. Nothing is left
-on disk until the first chunk is done: a run that fails at start (a model not found) can be corrected
-and run again as it was.
+`ensure_embeddings` is the one way every command makes a file. It keeps the vectors it finds at the
+path (the file, and the chunks of a run cut short) of every image whose file is unchanged, embeds the
+others, and writes the file whole (atomically), holding a lock on it. Compared, per image: its ID and
+its file's identity now (size, modification time, status-change time) with the one recorded when its
+vector was made; per encoder: what decides its vectors as the options say (`made_with`: the --encoder
+spec, the pooling, the dtype, and for LLaVA's tower the base model). Embedding is cheap next to
+generating, so a changed identity simply means embed again (no reading of the bytes to compare). The
+file keeps the vectors of images outside the run too; only vectors of other encoder settings would be
+lost, and that is refused unless --overwrite.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import io
 import json
 import os
 import shutil
 import time
+import zipfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,8 +48,10 @@ from .errors import UserError, log
 from .images import ImageDataset, ignore_stop_signals
 from .model import DEFAULT_BASE_MODEL
 
-EMBEDDINGS_FORMAT = "jj-vmed-embeddings/2"
-OLD_FORMATS = ("jj-vmed-embeddings/1",)  # one LLaVA encoder, read as such
+EMBEDDINGS_FORMAT = "jj-vmed-embeddings/3"
+# 1: one LLaVA encoder; 2: several. Neither recorded the images' file identities, so nothing of them is reused.
+OLD_FORMATS = ("jj-vmed-embeddings/1", "jj-vmed-embeddings/2")
+NO_IDENTITY = [-1, -1, -1]  # a row of `identities` for an image whose file identity is not known
 GPU_BATCH = 256  # images per forward pass on a GPU: a ViT-B/16 or ConvNeXt-B at 224 px uses a few GB
 CPU_BATCH = 32
 
@@ -54,7 +63,8 @@ class Embeddings:
     vectors: list[np.ndarray]  # per encoder: (len(ids), dim) float32, rows L2-normalised
     encoders: list[dict]  # per encoder: what made its vectors (Encoder.describe)
     failed: dict[str, str] = field(default_factory=dict)  # ID -> why the image could not be embedded
-    meta: dict = field(default_factory=dict)  # the run's settings (a resume must match them)
+    meta: dict = field(default_factory=dict)  # "made_with": per encoder, the settings that made it (see made_with)
+    identities: dict[str, list[int]] = field(default_factory=dict)  # ID -> its file's identity when embedded
 
     def member(self, description: dict, what: str) -> np.ndarray:
         """The vectors made by the encoder `description`, or one line saying which encoders the file has."""
@@ -70,14 +80,18 @@ def save_embeddings(path: str | Path, emb: Embeddings) -> Path:
     """One uncompressed .npz (IDs as a unicode array, no pickle): 80,000 x 1,024 loads in well under a second."""
     buffer = io.BytesIO()
     arrays = {f"vectors_{m}": np.ascontiguousarray(v, dtype=np.float32) for m, v in enumerate(emb.vectors)}
+    identities = [emb.identities.get(i) or NO_IDENTITY for i in emb.ids]
     np.savez(buffer, format=np.array(EMBEDDINGS_FORMAT), ids=np.array(emb.ids, dtype=str),
+             identities=np.array(identities, dtype=np.int64).reshape(len(emb.ids), len(NO_IDENTITY)),
              failed_ids=np.array(list(emb.failed), dtype=str),
              failed_errors=np.array(list(emb.failed.values()), dtype=str),
              encoders=np.array(json.dumps(emb.encoders)), meta=np.array(json.dumps(emb.meta)), **arrays)
     return files.write_bytes_atomic(path, buffer.getvalue())
 
 
-def load_embeddings(path: str | Path) -> Embeddings:
+def load_embeddings(path: str | Path, vectors: bool = True) -> Embeddings:
+    """The file at `path`; with `vectors=False` everything but the vectors (an .npz is read array by array,
+    so the IDs, identities and encoders of a large file come at once)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"embeddings file {path} does not exist (make it with: concept_index.py embed)")
@@ -89,20 +103,29 @@ def load_embeddings(path: str | Path) -> Embeddings:
             ids = data["ids"].tolist()
             failed = dict(zip(data["failed_ids"].tolist(), data["failed_errors"].tolist(), strict=True))
             meta = json.loads(str(data["meta"]))
-            if kind in OLD_FORMATS:
+            identities = {}
+            if "identities" in data.files:
+                rows = data["identities"].reshape(len(ids), -1).tolist()
+                identities = {i: row for i, row in zip(ids, rows, strict=True) if row != NO_IDENTITY}
+            if kind == OLD_FORMATS[0]:
                 # version 1 was LLaVA's tower only, whose vision model is a CLIP one
                 encoders = [{"family": "llava", "name": "clip_vision_model", "source": "llava",
                              **{k: v for k, v in meta.items() if k in ("pooling", "feature_layer", "dtype")}}]
-                vectors = [data["vectors"]]
+                names = ["vectors"]
             else:
                 encoders = json.loads(str(data["encoders"]))
-                vectors = [data[f"vectors_{m}"] for m in range(len(encoders))]
-    except (OSError, KeyError, ValueError) as e:
+                names = [f"vectors_{m}" for m in range(len(encoders))]
+            stored = [data[name] for name in names] if vectors else []
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not an embeddings file written by concept_index.py embed ({e})") from None
-    vectors = [v.astype(np.float32, copy=False).reshape(len(ids), -1) for v in vectors]
-    for e, v in zip(encoders, vectors, strict=True):
+    stored = [v.astype(np.float32, copy=False).reshape(len(ids), -1) for v in stored]
+    for e, v in zip(encoders, stored, strict=False):
         e.setdefault("dim", int(v.shape[1]))
-    return Embeddings(ids, vectors, encoders, failed, meta)
+    if kind == OLD_FORMATS[1] and "settings" in meta:
+        settings = meta["settings"]  # what version 2 recorded of the run, in the options' words
+        meta["made_with"] = [made_with(spec, pooling, settings.get("base_model_path"), settings.get("dtype"))
+                             for spec, pooling in settings.get("encoders", [])]
+    return Embeddings(ids, stored, encoders, failed, meta, identities)
 
 
 def combine(parts: list[Embeddings], names: list[str]) -> Embeddings:
@@ -127,6 +150,11 @@ def load_ensemble(paths: list[str]) -> Embeddings:
     return combine([load_embeddings(p) for p in paths], [str(p) for p in paths])
 
 
+# ---------------------------------------------------------------------------------------------
+# Making a file: keep what is there and still right, embed the rest
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class EmbedOptions:
     base_model_path: str = DEFAULT_BASE_MODEL  # the model of the 'llava' encoder
@@ -136,8 +164,7 @@ class EmbedOptions:
     device: str = "auto"
     dtype: str = "auto"
     num_workers: int | None = None  # None: 16 (at most cores - 1) with a GPU, 0 on CPU
-    resume: bool = False
-    overwrite: bool = False
+    overwrite: bool = False  # keep nothing of what is at the path: embed every image of the run
     encoders: tuple = ()  # specs ('timm:...'), or (spec, pooling) pairs; empty: LLaVA's tower alone
 
     def choices(self) -> list[tuple[str, str]]:
@@ -145,6 +172,228 @@ class EmbedOptions:
         chosen = [(e, self.pooling) if isinstance(e, str) else tuple(e) for e in self.encoders] or [("llava",
                                                                                                       self.pooling)]
         return [(spec, resolve_pooling(parse_spec(spec)[0], pooling)) for spec, pooling in chosen]
+
+    def made_with(self) -> list[dict]:
+        return [made_with(spec, pooling, self.base_model_path, self.dtype) for spec, pooling in self.choices()]
+
+
+def made_with(spec: str, pooling: str, base_model_path: str | None, dtype: str | None) -> dict:
+    """What decides an encoder's vectors, in the options' words: vectors made with the same are reused."""
+    key = {"encoder": spec, "pooling": pooling, "dtype": dtype}
+    if spec == "llava":  # the tower of the base model
+        key["base_model_path"] = base_model_path
+    return key
+
+
+def key_text(key: dict | None) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def settings_text(key: dict | None) -> str:
+    if not key:
+        return "settings an earlier version did not record"
+    return ", ".join(f"{k.removesuffix('_path').replace('_', ' ')} {v}" for k, v in key.items())
+
+
+def check_embed_options(options: EmbedOptions) -> None:
+    if options.pooling not in POOLINGS:
+        raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
+    for name in ("batch_size", "chunk_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be at least 1, got {value}")
+    options.choices()  # every spec parses and takes its pooling
+
+
+def default_embeddings_path(output_csv: str | Path) -> Path:
+    """Where a generate run keeps its images' embeddings: beside the output, `<stem>.embeddings.npz`.
+    With the journal's raw text, it is all a later re-fusion needs (no GPU)."""
+    out = Path(output_csv)
+    return out.with_name(f"{out.stem}.embeddings.npz")
+
+
+def parts_dir(output: Path) -> Path:
+    """Where the chunks of a run not yet finished are kept, beside its file."""
+    return output.with_name(f"{output.name}.parts")
+
+
+def stored_files(path: Path) -> list[Path]:
+    """What an earlier run left at `path`: the file, then the chunks of a run cut short, oldest first."""
+    return ([path] if path.exists() else []) + sorted(parts_dir(path).glob("*.npz"))
+
+
+Place = tuple[Path, int, int]  # a stored vector: (file, encoder in it, row)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run finds at its embeddings path, per encoder of its options (read without the vectors)."""
+    identities: dict[str, list[int]]  # the run's images' files, now
+    reuse: list[dict[str, Place]]  # per encoder: run image -> its vector made from the file as it is now
+    others: list[dict[str, Place]]  # per encoder: vectors of images outside the run (kept in the file)
+    changed: set[str]  # run images with a vector made from another file (or one not recorded), and none kept
+    lost: str  # the vectors at the path this run would not keep, described ("" if none)
+
+    def missing(self, ids: list[str]) -> list[str]:
+        """IDs without a kept vector of every encoder: what the run embeds."""
+        return [i for i in ids if any(i not in found for found in self.reuse)]
+
+    def check(self, path: Path) -> None:
+        """Vectors are never dropped without --overwrite (they would be, of other encoder settings)."""
+        if self.lost:
+            raise UserError(f"{path} holds {self.lost}, which this run would not keep: add --overwrite to embed this "
+                            "run's images into it anew, or give this run its own --embeddings")
+
+
+def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: EmbedOptions) -> Plan:
+    """Compare what is stored at `path` (the file, unfinished chunks) with the run's images and encoders: each
+    vector is kept if its encoder settings (`made_with`) are the run's and its image's file identity is the
+    one recorded when it was made. With --overwrite nothing is kept."""
+    path = Path(path)
+    keys = [key_text(k) for k in options.made_with()]
+    identities = {i: files.file_identity(p) for i, p in items}
+    reuse: list[dict[str, Place]] = [{} for _ in keys]
+    others: list[dict[str, Place]] = [{} for _ in keys]
+    changed: set[str] = set()
+    foreign: list[str] = []
+    for source in [] if options.overwrite else stored_files(path):
+        stored = load_embeddings(source, vectors=False)
+        made = stored.meta.get("made_with") or [None] * len(stored.encoders)
+        for j, key in enumerate(made):
+            if key_text(key) not in keys:
+                foreign.append(f"vectors made with {settings_text(key)}" + ("" if source == path else
+                                                                      f" (in {parts_dir(path).name}/)"))
+                continue
+            m = keys.index(key_text(key))
+            for row, i in enumerate(stored.ids):
+                if i not in identities:
+                    others[m][i] = (source, j, row)
+                elif identities[i] and stored.identities.get(i) == identities[i]:
+                    reuse[m][i] = (source, j, row)
+                else:
+                    changed.add(i)
+    incomplete = sorted({i for found in others for i in found if any(i not in o for o in others)})
+    lost = []
+    if foreign:
+        lost.append(f"{' and '.join(dict.fromkeys(foreign))} (this run embeds with "
+                    f"{'; '.join(settings_text(k) for k in options.made_with())})")
+    if incomplete:
+        lost.append(f"vectors of {len(incomplete)} images outside this run that lack one of its encoders (first: "
+                    f"{', '.join(incomplete[:3])})")
+    kept_everywhere = set.intersection(*(set(r) for r in reuse)) if reuse else set()
+    return Plan(identities, reuse, others, changed - kept_everywhere, " and ".join(lost))
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """What ensure_embeddings made, and how."""
+    embeddings: Embeddings  # the run's images, in its order (those that could not be read in `failed`)
+    reused: int  # images whose vectors were kept
+    embedded: int  # images embedded now (failures included)
+    changed: int  # of those, images whose file changed since their vector was made
+    seconds: float  # spent embedding (loading the encoders left out)
+
+
+def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: EmbedOptions,
+                      encoder: Encoder | None = None, locked: bool = False) -> Embedded:
+    """The vectors of (ID, path) images by every encoder of `options`, kept at `path`: what is stored there and
+    still right is reused (plan_embeddings), the rest is embedded in chunks of `chunk_size` saved under
+    `<path>.parts/` as they complete (a killed run redoes at most one), then the file is written whole with the
+    vectors it held of other images, failures listed in `<path stem>.errors.csv`. A lock on `path` is held
+    throughout; `locked`: the caller holds it already (a run that takes it before loading its model).
+    `encoder`: LLaVA's tower already loaded (a generate run's), used for the 'llava' encoder.
+    """
+    check_embed_options(options)
+    path = Path(path)
+    with nullcontext() if locked else files.lock_exclusive(path, "give this run another --embeddings"):
+        plan = plan_embeddings(items, path, options)
+        plan.check(path)
+        parts = parts_dir(path)
+        if options.overwrite:
+            path.unlink(missing_ok=True)
+            shutil.rmtree(parts, ignore_errors=True)
+        keys = options.made_with()
+        vectors, others, described, others_identity = read_places(plan, path, len(keys))
+        choices = options.choices()
+        failed: dict[str, str] = {}
+        embedded: set[str] = set()
+        seconds = 0.0
+        for m, (spec, pooling) in enumerate(choices):
+            todo = [(i, p) for i, p in items if i not in vectors[m] and i not in failed]
+            if not todo:
+                continue
+            name = f"encoder {m + 1}/{len(choices)} ({spec}): " if len(choices) > 1 else ""
+            reuse = encoder is not None and spec == "llava" and encoder.pooling == pooling
+            loaded = encoder if reuse else load_encoder(spec, pooling, options.device, options.dtype,
+                                                        options.base_model_path)
+            made = loaded.describe()
+            if described[m] is not None and not same_encoder(described[m], made):
+                # the same settings, another model (e.g. new weights in the same folder): nothing of it is kept
+                log(f"{name}the encoder differs from the one the stored vectors were made with "
+                    f"({differences(described[m], made)}): embedding every image again")
+                vectors[m], others[m] = {}, {}
+                todo = [(i, p) for i, p in items if i not in failed]
+            described[m] = made
+            manifest = {"made_with": keys, "images": len(items)}
+            new, new_failed, took = embed_chunks(loaded, todo, parts, keys[m], plan.identities, manifest, options,
+                                                 name)
+            vectors[m].update(new)
+            failed.update(new_failed)
+            embedded.update(i for i, _ in todo)
+            seconds += took
+            if not reuse:
+                del loaded
+                free_memory()
+        ids = [i for i, _ in items if i not in failed and all(i in v for v in vectors)]
+        kept = [i for i in others[0] if all(i in o for o in others)] if others else []
+        rows = ids + kept
+        matrices = [np.stack([vectors[m][i] if i in vectors[m] else others[m][i] for i in rows]) if rows else
+                    np.zeros((0, (described[m] or {}).get("dim", 0)), np.float32) for m in range(len(keys))]
+        identities = {**{i: others_identity[i] for i in kept}, **{i: plan.identities[i] for i in ids}}
+        meta = {"made_with": keys}
+        descriptions = [d or {} for d in described]
+        save_embeddings(path, Embeddings(rows, matrices, descriptions, failed, meta, identities))
+        errors_csv = path.with_name(f"{path.stem}.errors.csv")
+        if failed:
+            files.write_csv_atomic(errors_csv, ["ID", "Error"], ([i, e] for i, e in failed.items()))
+            log(f"{len(failed)} images could not be embedded (listed in {errors_csv})")
+        else:
+            errors_csv.unlink(missing_ok=True)
+        shutil.rmtree(parts, ignore_errors=True)
+    changed = len(plan.changed & embedded)
+    log(f"{path}: {len(items) - len(embedded)} images reused, {len(embedded)} embedded"
+        + (f" ({changed} changed since)" if changed else "") + (f"; kept {len(kept)} other images" if kept else ""))
+    mine = Embeddings(ids, [v[:len(ids)] for v in matrices], descriptions, failed, meta,
+                      {i: plan.identities[i] for i in ids})
+    return Embedded(mine, len(items) - len(embedded), len(embedded), changed, seconds)
+
+
+def read_places(plan: Plan, path: Path, encoders: int) -> tuple[list[dict], list[dict], list[dict | None], dict]:
+    """The vectors the plan keeps, read once per file: per encoder the run's images' and the other images',
+    each encoder's description, and the other images' recorded identities. Of vectors with the same settings
+    made by different models (new weights in the same folder, the run that noticed it cut short), those of the
+    newest file are kept, the others embedded again."""
+    sources = {place[0] for found in (*plan.reuse, *plan.others) for place in found.values()}
+    stored = {source: load_embeddings(source) for source in sources}
+    order = {source: n for n, source in enumerate(stored_files(path))}
+    described: list[dict | None] = [None] * encoders
+    identities: dict[str, list[int]] = {}
+    for m in range(encoders):
+        places = [*plan.reuse[m].values(), *plan.others[m].values()]
+        if places:
+            source, j, _ = max(places, key=lambda place: order[place[0]])
+            described[m] = stored[source].encoders[j]
+
+    def read(found: dict[str, Place], m: int) -> dict:
+        return {i: stored[source].vectors[j][row] for i, (source, j, row) in found.items()
+                if same_encoder(stored[source].encoders[j], described[m])}
+
+    vectors = [read(found, m) for m, found in enumerate(plan.reuse)]
+    others = [read(found, m) for m, found in enumerate(plan.others)]
+    for found in plan.others:
+        for i, (source, _, _) in found.items():
+            identities[i] = stored[source].identities.get(i, NO_IDENTITY)
+    return vectors, others, described, identities
 
 
 def embed_items(encoder: Encoder, items: list[tuple[str, str]], batch_size: int, num_workers: int) -> Embeddings:
@@ -170,110 +419,12 @@ def embed_items(encoder: Encoder, items: list[tuple[str, str]], batch_size: int,
     return Embeddings(kept, [matrix], [encoder.describe()], {i: failed[i] for i, _ in items if i in failed})
 
 
-def default_embeddings_path(output_csv: str | Path) -> Path:
-    """Where a generate run keeps its images' embeddings: beside the output, `<stem>.embeddings.npz`.
-    With the journal's raw text, it is all a later re-fusion needs (no GPU)."""
-    out = Path(output_csv)
-    return out.with_name(f"{out.stem}.embeddings.npz")
-
-
-def parts_dir(output: Path) -> Path:
-    return output.with_name(f"{output.name}.parts")
-
-
-def embed_settings(items: list[tuple[str, str]], options: EmbedOptions) -> dict:
-    """What decides the file; a resume with different settings is refused."""
-    ids = hashlib.sha256("\n".join(i for i, _ in items).encode()).hexdigest()[:16]
-    return {"encoders": [list(c) for c in options.choices()], "base_model_path": options.base_model_path,
-            "dtype": options.dtype, "chunk_size": options.chunk_size, "images": len(items), "ids_sha256": ids}
-
-
-def check_embed_options(options: EmbedOptions) -> None:
-    if options.pooling not in POOLINGS:
-        raise UserError(f"--pooling must be one of {', '.join(POOLINGS)}, got {options.pooling!r}")
-    for name in ("batch_size", "chunk_size"):
-        value = getattr(options, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name} must be at least 1, got {value}")
-    options.choices()  # every spec parses and takes its pooling
-
-
-def check_embeddings_target(output: str | Path, options: EmbedOptions) -> None:
-    """Refuse to overwrite a finished or unfinished embedding run without being asked. A fused generate
-    run calls this before it generates, so the conflict shows in a second, not after the night."""
-    output = Path(output)
-    if options.overwrite or options.resume:
-        return
-    if output.exists():
-        raise UserError(f"{output} exists; add --resume_from_checkpoint auto to keep it, or --overwrite")
-    if parts_dir(output).exists():
-        raise UserError(f"an unfinished embedding run is in {parts_dir(output)}: add --resume_from_checkpoint auto "
-                        "to continue it, or --overwrite to start over")
-
-
-def embed_images(items: list[tuple[str, str]], output: str | Path, options: EmbedOptions,
-                 encoder: Encoder | None = None) -> Embeddings:
-    """Embed every image with every encoder of `options` into one file, resumably: chunks of `chunk_size`
-    images are saved as they complete under `<output>.parts/` (the manifest with the first of them); a
-    resumed run skips finished chunks (redoing those with failed images); at the end they are joined into
-    `output`, failures listed in `<output stem>.errors.csv`. `encoder`: LLaVA's tower already loaded (a
-    generate run's), used for the 'llava' encoder instead of loading it again.
-    """
-    check_embed_options(options)
-    check_embeddings_target(output, options)
-    output = Path(output)
-    parts = parts_dir(output)
-    settings = embed_settings(items, options)
-    if options.overwrite:
-        shutil.rmtree(parts, ignore_errors=True)
-    elif output.exists():
-        done = load_embeddings(output)
-        if done.meta.get("settings") != settings:
-            raise UserError(f"{output} was made from other images or settings; --overwrite to embed again")
-        log(f"{output} is complete: {len(done.ids)} images")
-        return done
-    elif options.resume and not parts.exists():
-        log(f"nothing to resume in {parts}; starting fresh")
-    manifest = parts / "manifest.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old != settings:
-            changed = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in sorted(set(old) | set(settings))
-                                if old.get(k) != settings.get(k))
-            raise UserError(f"cannot resume {parts}: it was started with other settings ({changed}); --overwrite "
-                            "to start over")
-
-    chunks = [items[start:start + options.chunk_size] for start in range(0, len(items), options.chunk_size)]
-    choices = options.choices()
-    members = []
-    for m, (spec, pooling) in enumerate(choices):
-        name = f"encoder {m + 1}/{len(choices)} ({spec}): " if len(choices) > 1 else ""
-        todo = [n for n in range(len(chunks)) if not chunk_is_done(parts, m, n)]
-        if len(todo) < len(chunks):
-            log(f"{name}resuming: {len(chunks) - len(todo)} of {len(chunks)} chunks already embedded")
-        if todo:
-            reuse = encoder is not None and spec == "llava" and encoder.pooling == pooling
-            loaded = encoder if reuse else load_encoder(spec, pooling, options.device, options.dtype,
-                                                        options.base_model_path)
-            embed_chunks(loaded, chunks, todo, parts, m, manifest, settings, options, name)
-            if not reuse:
-                del loaded
-                free_memory()
-        members.append(join_chunks([load_embeddings(chunk_path(parts, m, n)) for n in range(len(chunks))]))
-    result = ensemble_of(members, settings)
-    save_embeddings(output, result)
-    errors_csv = output.with_name(f"{output.stem}.errors.csv")
-    if result.failed:
-        files.write_csv_atomic(errors_csv, ["ID", "Error"], ([i, e] for i, e in result.failed.items()))
-        log(f"{len(result.failed)} images could not be embedded (listed in {errors_csv})")
-    else:
-        errors_csv.unlink(missing_ok=True)
-    shutil.rmtree(parts, ignore_errors=True)
-    return result
-
-
-def embed_chunks(encoder: Encoder, chunks: list, todo: list[int], parts: Path, m: int, manifest: Path,
-                 settings: dict, options: EmbedOptions, name: str) -> None:
+def embed_chunks(encoder: Encoder, todo: list[tuple[str, str]], parts: Path, key: dict,
+                 identities: dict[str, list[int]], manifest: dict, options: EmbedOptions, name: str
+                 ) -> tuple[dict[str, np.ndarray], dict[str, str], float]:
+    """Embed `todo` in chunks, each saved under `parts` as it completes with its images' file identities (taken
+    before the images are read, so a file changed meanwhile shows as changed next time); returns the vectors,
+    the failures and the seconds it took."""
     cuda = getattr(encoder.device, "type", "cpu") == "cuda"
     workers = options.num_workers
     if workers is None:
@@ -281,16 +432,32 @@ def embed_chunks(encoder: Encoder, chunks: list, todo: list[int], parts: Path, m
         # less, so with a GPU every core but one decodes.
         workers = min(16, max(0, (os.cpu_count() or 1) - 1)) if cuda else 0
     batch_size = options.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
+    first = next_chunk(parts)
+    chunks = [todo[start:start + options.chunk_size] for start in range(0, len(todo), options.chunk_size)]
+    vectors: dict[str, np.ndarray] = {}
+    failed: dict[str, str] = {}
     start, count = time.perf_counter(), 0
-    for n in todo:
-        part = embed_items(encoder, chunks[n], batch_size, workers)
-        if not manifest.exists():
-            files.write_text_atomic(manifest, json.dumps(settings, indent=1))
-        save_embeddings(chunk_path(parts, m, n), part)
-        count += len(chunks[n])
+    for n, chunk in enumerate(chunks):
+        part = embed_items(encoder, chunk, batch_size, workers)
+        if not (parts / "manifest.json").exists():  # what the chunks are of, written with the first of them
+            files.write_text_atomic(parts / "manifest.json", json.dumps(manifest, indent=1))
+        save_embeddings(parts / f"chunk-{first + n:06d}.npz",
+                        Embeddings(part.ids, part.vectors, part.encoders, part.failed, {"made_with": [key]},
+                                   {i: identities[i] for i in part.ids}))
+        vectors.update(zip(part.ids, part.vectors[0], strict=True))
+        failed.update(part.failed)
+        count += len(chunk)
         seconds = time.perf_counter() - start
         log(f"{name}chunk {n + 1}/{len(chunks)}: {count} images in {seconds:.0f} s "
             f"({count / max(seconds, 1e-9):.1f} images/s)")
+    return vectors, failed, time.perf_counter() - start
+
+
+def next_chunk(parts: Path) -> int:
+    """The number of the next chunk file: after those a run cut short left (their vectors are still to be kept)."""
+    numbers = [int(p.stem.removeprefix("chunk-")) for p in parts.glob("chunk-*.npz")
+               if p.stem.removeprefix("chunk-").isdigit()]
+    return max(numbers, default=-1) + 1
 
 
 def free_memory() -> None:
@@ -301,32 +468,9 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def chunk_path(parts: Path, m: int, n: int) -> Path:
-    return parts / f"encoder-{m}-chunk-{n:06d}.npz"
-
-
-def chunk_is_done(parts: Path, m: int, n: int) -> bool:
-    """A chunk is done when its file exists with no failed image (failures are retried, as in the generate runs)."""
-    path = chunk_path(parts, m, n)
-    return path.exists() and not load_embeddings(path).failed
-
-
-def join_chunks(chunks: list[Embeddings]) -> Embeddings:
-    """One encoder's chunks, in order, as one set of vectors."""
-    ids = [i for c in chunks for i in c.ids]
-    vectors = [c.vectors[0] for c in chunks if len(c.ids)]
-    failed = {i: e for c in chunks for i, e in c.failed.items()}
-    described = next((c.encoders[0] for c in chunks if c.encoders), {})
-    return Embeddings(ids, [np.concatenate(vectors) if vectors else np.zeros((0, described.get("dim", 0)),
-                                                                            np.float32)], [described], failed)
-
-
-def ensemble_of(members: list[Embeddings], settings: dict) -> Embeddings:
-    """Each encoder's vectors of the same images; an image that failed for one encoder is failed for all."""
-    failed = {i: e for m in members for i, e in m.failed.items()}
-    ids = [i for i in members[0].ids if i not in failed]
-    vectors = []
-    for m in members:
-        row = {i: n for n, i in enumerate(m.ids)}
-        vectors.append(m.vectors[0][[row[i] for i in ids]] if ids else m.vectors[0][:0])
-    return Embeddings(ids, vectors, [m.encoders[0] for m in members], failed, {"settings": settings})
+def check_has_ids(emb: Embeddings, ids: list[str], where: Path, what: str, remedy: str) -> None:
+    """Every ID has a vector or a recorded failure in `emb` (read from `where`), or one line saying what to do."""
+    known = set(emb.ids) | set(emb.failed)
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise UserError(f"{len(missing)} {what} are not in {where} (first: {', '.join(missing[:3])}): {remedy}")

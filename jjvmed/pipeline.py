@@ -76,7 +76,7 @@ class Selection:
 
 @dataclass(frozen=True)
 class RunResult:
-    ids: list[str]  # every ID of the run, in output order
+    ids: list[str]  # every ID of the run (of this process's share, for a shard), in output order
     records: dict[str, Record]
     kept_in: tuple[str, Path] | None  # ("journal", path): where the raw answers are kept, for the summary
     seconds: float = 0.0
@@ -235,7 +235,9 @@ def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: lis
     if result.verb == "generated":
         counts = (f" (generated now: {result.done_now}, done before: {max(before, 0)}"
                   + (f", not done yet: {result.missing}" if result.missing else "") + ")")
-    else:  # the store or file says what was done before; the source logged it
+    elif result.verb == "embedded":  # the vectors of unchanged images are kept from an earlier run
+        counts = f" (embedded now: {result.done_now}, reused: {max(before, 0)})"
+    else:
         counts = f" ({result.verb}: {len(result.ids) - result.missing - len(failures)})"
     lines = [f"images: {len(result.ids)}{counts}",
              f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else "")]

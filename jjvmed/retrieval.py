@@ -10,20 +10,32 @@ encoder, its cosine), so retrieving with BiomedCLIP or MedSigLIP is an index fit
   the nearer on a tie. Copying the nearest training caption has long been a strong baseline in this task.
 - `rag` puts the k nearest captions, nearest first, into the prompt (prompts.rag_prompt).
 
-The run's image vectors come from `--embeddings`: read when the file exists (concept_index.py embed, or an
-earlier run), else embedded into it, resumably, with the index's encoders.
+The run's image vectors come from `--embeddings` (embeddings.ensure_embeddings): the vectors stored there of
+images whose files are unchanged are reused, the others embedded with the index's encoders. Under shards the
+file is made beforehand and only read: one process writes a file.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .embeddings import Embeddings, EmbedOptions, embed_images, load_embeddings, parts_dir
+from .embeddings import (
+    Embedded,
+    Embeddings,
+    EmbedOptions,
+    check_has_ids,
+    ensure_embeddings,
+    load_embeddings,
+    plan_embeddings,
+)
 from .errors import UserError
+from .files import file_identity, lock_exclusive
 from .index import ConceptIndex, nearest
 
 DEFAULT_NEIGHBOURS = {"knn": 1, "rag": 3}  # rag: the 3 captions the second-best 2026 team gave its model
@@ -91,15 +103,20 @@ def consensus(captions: list[str]) -> str:
     return captions[int(np.argmax(agreement))]  # argmax takes the first of equal values
 
 
+EMBED_FIRST = ("embed the images once first (concept_index.py embed --image_dir ... with the index's encoders) and "
+               "give that file with --embeddings")
+
+
 @dataclass(frozen=True)
 class Retrieval:
     """What a caption run retrieves with: the caption index, how many neighbours, the run's image vectors."""
     index: ConceptIndex
     index_dir: str
     neighbours: int
-    embeddings: Path  # the run's vectors: read if the file exists, else embedded into it
+    embeddings: Path  # the run's vectors (embeddings.ensure_embeddings keeps them up to date)
     options: EmbedOptions  # how they are embedded: the index's encoders and pooling
     device: str = "cpu"  # where the search runs
+    read_only: bool = False  # the file is given and only read: under shards (one process writes a file)
 
     def settings(self) -> dict:
         """What decides the retrieved captions; a generate journal records it (a resume with another index or k
@@ -107,26 +124,48 @@ class Retrieval:
         return {"neighbours": self.neighbours, "index": self.index.meta.get("fingerprint"),
                 "encoders": [m.label for m in self.index.members]}
 
+    def outputs(self) -> list[str]:
+        return [] if self.read_only else [str(self.embeddings)]
+
     def check(self) -> None:
-        """Before any model loads: an index with captions, and an existing embeddings file that has its encoders."""
+        """Before any model loads: an index with captions; a file that is only read has its encoders."""
         check_caption_index(self.index, self.index_dir)
-        if self.embeddings.exists():
+        if self.read_only and self.embeddings.exists():
             query_vectors(self.index, load_embeddings(self.embeddings), "the caption index")
 
-    def vectors(self, items: list[tuple[str, str]], encoder=None) -> Embeddings:
-        """The vectors of (ID, path) images: from the embeddings file if it exists (every image must be in it),
-        else embedded into it, resumably. `encoder`: LLaVA's tower already loaded, for the 'llava' encoder."""
-        if self.embeddings.exists():
-            emb = load_embeddings(self.embeddings)
-            known = set(emb.ids) | set(emb.failed)
-            missing = [i for i, _ in items if i not in known]
-            if missing:
-                raise UserError(f"{len(missing)} images of this run are not in {self.embeddings} (first: "
-                                f"{', '.join(missing[:3])}; made for fewer images, by a --limit trial?): give the "
-                                "embeddings of these images, or remove the file to embed them again")
-            return emb
-        resume = parts_dir(self.embeddings).exists()  # an embedding cut short: its finished chunks are kept
-        return embed_images(items, self.embeddings, replace(self.options, resume=resume), encoder)
+    @contextmanager
+    def prepared(self, items: list[tuple[str, str]]) -> Iterator[None]:
+        """Held while a run uses the vectors of (ID, path) images, entered before any model loads: the file's lock
+        (when this run writes it), and every conflict refused at once (vectors it would drop; under shards, an
+        image the file lacks or that changed since it was made)."""
+        if self.read_only:
+            self.check_stored(items)
+            yield
+            return
+        with lock_exclusive(self.embeddings, "give this run another --embeddings"):
+            plan = plan_embeddings(items, self.embeddings, self.options)
+            plan.check(self.embeddings)
+            if plan.missing([i for i, _ in items]):
+                from .fusion import check_model_matches
+
+                check_model_matches(self.options.base_model_path, self.index)  # every encoder there to embed with
+            yield
+
+    def check_stored(self, items: list[tuple[str, str]]) -> None:
+        emb = load_embeddings(self.embeddings, vectors=False)
+        check_has_ids(emb, [i for i, _ in items], self.embeddings, "images of this run", EMBED_FIRST)
+        embedded = set(emb.ids)
+        stale = [i for i, p in items if i in embedded and emb.identities.get(i) != file_identity(p)]
+        if stale:
+            raise UserError(f"{len(stale)} images of this run changed since {self.embeddings} was made, or it does not "
+                            f"record their files (first: {', '.join(stale[:3])}): {EMBED_FIRST}")
+
+    def vectors(self, items: list[tuple[str, str]], encoder=None) -> Embedded:
+        """The vectors of (ID, path) images, inside `prepared`. `encoder`: LLaVA's tower already loaded, for the
+        'llava' encoder."""
+        if self.read_only:
+            return Embedded(load_embeddings(self.embeddings), len(items), 0, 0, 0.0)
+        return ensure_embeddings(items, self.embeddings, self.options, encoder, locked=True)
 
     def captions(self, emb: Embeddings, ids: list[str]) -> dict[str, list[str]]:
         return nearest_captions(self.index, emb, ids, self.neighbours, self.device)

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -88,8 +88,7 @@ class GenerateSource:
         self.reranker = None  # rerank.Reranker, loaded when first needed
 
     def outputs(self) -> list[str]:
-        r = self.generation.retrieval
-        return [str(r.embeddings)] if r is not None and not r.embeddings.exists() else []
+        return self.generation.retrieval.outputs() if self.generation.retrieval is not None else []
 
     def check(self) -> None:
         if self.generation.retrieval is not None:
@@ -108,9 +107,9 @@ class GenerateSource:
             return replace(merged, records=self.chosen(merged.records, merged=True))
         items = cfg.shard.take(selection.items) if cfg.shard else selection.items
         if not (cfg.shard and cfg.shard.distributed):
-            return self.into_journal(cfg, selection.ids, items, self.generation.model)
+            return self.into_journal(cfg, items, self.generation.model)
         with process_group(self.generation.model.device) as device:
-            mine = self.into_journal(cfg, selection.ids, items, replace(self.generation.model, device=device))
+            mine = self.into_journal(cfg, items, replace(self.generation.model, device=device))
             parts = gather_to_rank0({"records": {i: mine.records[i] for i, _ in items if i in mine.records},
                                      "done": mine.done_now, "stopped": mine.stopped, "seconds": mine.seconds,
                                      "working": mine.working_seconds})
@@ -120,12 +119,12 @@ class GenerateSource:
         for part in parts:
             records.update(part["records"])
         stopped = next((p["stopped"] for p in parts if p["stopped"] is not None), None)
-        return replace(mine, records=records, seconds=max(p["seconds"] for p in parts),
+        return replace(mine, ids=selection.ids, records=records, seconds=max(p["seconds"] for p in parts),
                        done_now=sum(p["done"] for p in parts), stopped=stopped,
                        working_seconds=max(p["working"] for p in parts))
 
-    def into_journal(self, cfg: RunConfig, ids: list[str], items: list[tuple[str, str]], spec: ModelSpec) -> RunResult:
-        """Open this process's journal and generate what it lacks."""
+    def into_journal(self, cfg: RunConfig, items: list[tuple[str, str]], spec: ModelSpec) -> RunResult:
+        """Open this process's journal and generate what it lacks; the result counts this process's images."""
         settings = replace(self.generation, model=spec).resolved_settings()
         journal_path = cfg.journal_path
         remedy = "give this run another --checkpoint_dir" if cfg.resume in (None, "auto") else "resume another journal"
@@ -143,7 +142,10 @@ class GenerateSource:
             done, detail, working = 0, "", 0.0
             try:
                 if todo:
-                    done, detail, working = self.generate(todo, items, spec, journal, stop)
+                    with ExitStack() as retrieving:
+                        if self.generation.retrieval is not None:  # its conflicts refused before the model loads
+                            retrieving.enter_context(self.generation.retrieval.prepared(items))
+                        done, detail, working = self.generate(todo, items, spec, journal, stop)
                 if self.generation.rerank_model and stop.signum is None:
                     rerank_detail, rerank_seconds = self.rerank(items, spec, journal, stop)
                     detail, working = ", ".join(d for d in (detail, rerank_detail) if d), working + rerank_seconds
@@ -151,8 +153,8 @@ class GenerateSource:
                 journal.close()
             # A stopped run writes no CSV: nothing to choose, and no reranker to load on the way out.
             records = journal.records if stop.signum is not None else self.chosen(journal.records)
-            return RunResult(ids, records, ("journal", cfg.journal_path), time.perf_counter() - start, done,
-                             stop.signum, detail, working)
+            return RunResult([i for i, _ in items], records, ("journal", cfg.journal_path), time.perf_counter() - start,
+                             done, stop.signum, detail, working)
 
     def generate(self, todo: list[tuple[str, str]], items: list[tuple[str, str]], spec: ModelSpec, journal,
                  stop: StopSignals) -> tuple[int, str, float]:
@@ -198,17 +200,14 @@ class GenerateSource:
 
     def rag_prompts(self, items: list[tuple[str, str]], todo: list[tuple[str, str]]) -> dict[str, str]:
         """ID -> prompt of every image to generate: the RAG template with the captions of its nearest training
-        images. The run's images are embedded first (or read from --embeddings); the index's 'llava' encoder is
-        the tower of the model just loaded, so the checkpoint is read once."""
-        from .encoders import vision_encoder_from
+        images. The vectors of the process's images are made first (those --embeddings holds of unchanged images
+        are reused); the index's 'llava' encoder is the tower of the model just loaded, so the checkpoint is read
+        once."""
         from .prompts import rag_prompt
 
         g = self.generation
-        retrieval = g.retrieval
-        model, processor, _ = self.loaded
-        pooling = next((p for spec, p in retrieval.options.choices() if spec == "llava"), None)
-        emb = retrieval.vectors(items, vision_encoder_from(model, processor, pooling) if pooling else None)
-        captions = retrieval.captions(emb, [i for i, _ in todo])
+        emb = g.retrieval.vectors(items, llava_tower(g.retrieval.options, self.loaded)).embeddings
+        captions = g.retrieval.captions(emb, [i for i, _ in todo])
         # An image without a vector could not be read: it fails to load in the loader too, whatever its prompt.
         return {i: rag_prompt(g.prompt, captions.get(i, [])) for i, _ in todo}
 
@@ -273,6 +272,16 @@ def merge_shards(cfg: RunConfig, generation: Generation, selection: Selection) -
     return RunResult(selection.ids, records, ("shard journals in", folder))
 
 
+def llava_tower(options, loaded) -> object | None:
+    """The 'llava' encoder of the embedding options (embeddings.EmbedOptions), as the vision tower of a loaded
+    generate model (model, processor, device), pooled as the options say; None if the options have no 'llava'
+    encoder or nothing is loaded (then it is loaded alone, if needed)."""
+    from .encoders import vision_encoder_from
+
+    pooling = next((p for spec, p in options.choices() if spec == "llava"), None)
+    return vision_encoder_from(loaded[0], loaded[1], pooling) if loaded and pooling else None
+
+
 def guarded(loader) -> Iterator:
     """The loader's batches; a failure of the loader itself becomes one line with what to do.
 
@@ -318,48 +327,48 @@ def cpu_split(device_type: str, num_workers: int | None) -> Iterator[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def embedded_result(ids: list[str], emb, where: Path, seconds: float, done: int, verb: str) -> RunResult:
-    """A run result from embeddings: a record per image (failed images with their error)."""
+def embedded_result(ids: list[str], emb, where: Path, verb: str, seconds: float = 0.0, made=None) -> RunResult:
+    """A run result from embeddings: a record per image (failed images with their error). `made`: what
+    ensure_embeddings did this time (embeddings.Embedded), for the summary's counts and rate."""
     records = {i: Record(i) for i in emb.ids}
     records.update({i: Record(i, "", error) for i, error in emb.failed.items()})
-    return RunResult(ids, records, ("embeddings", where), seconds, done, embeddings=emb, verb=verb)
+    done, working = (made.embedded, made.seconds) if made is not None else (0, 0.0)
+    return RunResult(ids, records, ("embeddings", where), seconds, done, working_seconds=working, embeddings=emb,
+                     verb=verb)
 
 
 class EmbedSource:
-    """Every image's vector from an image encoder, into the resumable embedding store (embeddings.py).
+    """Every image's vector from an image encoder, kept up to date at `path` (embeddings.ensure_embeddings)."""
 
-    `encoder_from`: a callable giving the encoder to use (the generate run's vision tower), or None to load it.
-    """
-
-    def __init__(self, path: str | Path, options, encoder_from=None):
+    def __init__(self, path: str | Path, options):
         self.path = Path(path)
         self.options = options  # embeddings.EmbedOptions
-        self.encoder_from = encoder_from
 
     def outputs(self) -> list[str]:
         return [str(self.path)]
 
     def check(self) -> None:
-        from .embeddings import check_embeddings_target
+        from .embeddings import check_embed_options
 
-        check_embeddings_target(self.path, self.options)
+        check_embed_options(self.options)
 
     def ids(self) -> None:
         return None  # the run's images: the image folder
 
-    def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
-        from .embeddings import embed_images
+    def produce(self, cfg: RunConfig, selection: Selection, encoder=None, locked: bool = False) -> RunResult:
+        """`encoder`: LLaVA's tower already loaded; `locked`: the caller holds the file's lock."""
+        from .embeddings import ensure_embeddings
 
         start = time.perf_counter()
-        encoder = self.encoder_from() if self.encoder_from else None
-        emb = embed_images(selection.items, self.path, self.options, encoder)
-        seconds = time.perf_counter() - start
-        return embedded_result(selection.ids, emb, self.path, seconds, len(emb.ids) + len(emb.failed), "embedded")
+        made = ensure_embeddings(selection.items, self.path, self.options, encoder, locked)
+        return embedded_result(selection.ids, made.embeddings, self.path, "embedded", time.perf_counter() - start,
+                               made)
 
 
 class GenerateThenEmbed:
     """--method fused: generate the text (journal), then embed the same images with the model that
-    generated (one load), or with the vision tower alone when this process generated nothing."""
+    generated (one load), or with the vision tower alone when this process generated nothing. The
+    embeddings file is locked, and a conflict there refused, before the model loads."""
 
     def __init__(self, generate: GenerateSource, embed: EmbedSource):
         self.generate = generate
@@ -376,18 +385,19 @@ class GenerateThenEmbed:
         return None  # the run's images: the image folder
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
-        from .encoders import vision_encoder_from
+        from .embeddings import plan_embeddings
 
-        result = self.generate.produce(cfg, selection)
-        if result.stopped is not None or not cfg.writes_csv:
-            return result
-        # Under a launcher each process loaded its own model on its own device; rank 0 then loads the tower alone.
-        # The generating model's tower serves the index's 'llava' encoder (with its pooling); others are loaded.
-        loaded = self.generate.loaded if cfg.shard is None else None
-        pooling = next((p for spec, p in self.embed.options.choices() if spec == "llava"), None)
-        embed = EmbedSource(self.embed.path, self.embed.options,
-                            (lambda: vision_encoder_from(*loaded[:2], pooling)) if loaded and pooling else None)
-        embedded = embed.produce(cfg, selection)
+        if not cfg.writes_csv:  # a shard: the process that writes the CSVs embeds
+            return self.generate.produce(cfg, selection)
+        with lock_exclusive(self.embed.path, "give this run another --embeddings"):
+            plan_embeddings(selection.items, self.embed.path, self.embed.options).check(self.embed.path)
+            result = self.generate.produce(cfg, selection)
+            if result.stopped is not None:
+                return result
+            # Under a launcher each process loaded its own model on its own device; rank 0 then loads the tower
+            # alone. The generating model's tower serves the index's 'llava' encoder; others are loaded.
+            tower = llava_tower(self.embed.options, self.generate.loaded) if cfg.shard is None else None
+            embedded = self.embed.produce(cfg, selection, tower, locked=True)
         return replace(result, embeddings=embedded.embeddings)
 
 
@@ -421,14 +431,10 @@ class AnswersFileSource:
         records = {i: Record(i, self.rows[i]) for i in selection.ids}
         emb = None
         if self.embeddings:
-            from .embeddings import load_embeddings
+            from .embeddings import check_has_ids, load_embeddings
 
             emb = load_embeddings(self.embeddings)
-            known = set(emb.ids) | set(emb.failed)
-            missing = [i for i in selection.ids if i not in known]
-            if missing:
-                raise UserError(f"{len(missing)} IDs of {self.path} are not in {self.embeddings} (first: "
-                                f"{', '.join(missing[:3])}): the embeddings of another run?")
+            check_has_ids(emb, selection.ids, self.embeddings, f"IDs of {self.path}", "the embeddings of another run?")
         return RunResult(selection.ids, records, None, embeddings=emb, verb="read")
 
 
@@ -456,12 +462,18 @@ class EmbeddingsFileSource:
                 self.emb.member(self.vision.index.members[m].encoder, "the concept index")
 
     def ids(self) -> list[str]:
-        from .images import id_sort_key
-
-        return sorted({*self.emb.ids, *self.emb.failed, *self.extra_ids}, key=id_sort_key)
+        return ids_of(self.emb, self.extra_ids)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
-        return embedded_result(selection.ids, self.emb, Path(self.paths[0]), 0.0, 0, "read")
+        return embedded_result(selection.ids, self.emb, Path(self.paths[0]), "read")
+
+
+def ids_of(emb, extra: list[str] = ()) -> list[str]:
+    """Every image of embeddings (embedded or failed) and `extra`, in natural ID order: the rows of a run that
+    reads its images from an embeddings file."""
+    from .images import id_sort_key
+
+    return sorted({*emb.ids, *emb.failed, *extra}, key=id_sort_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,16 +483,16 @@ class EmbeddingsFileSource:
 
 class NearestCaptionSource:
     """--method knn: each image's caption is its nearest training image's, or the consensus of its k nearest
-    (retrieval.py); no text generation. The vectors are embedded from the image folder into the embeddings
-    file (or read from it when it exists); without a folder, the rows are the images of the embeddings file."""
+    (retrieval.py); no text generation. The vectors of the image folder's images are kept up to date in the
+    embeddings file (unchanged images reused); without a folder, the rows are the images of the embeddings file."""
 
     def __init__(self, retrieval, reads_images: bool):
-        self.retrieval = retrieval  # retrieval.Retrieval
+        self.retrieval = retrieval  # retrieval.Retrieval (read_only without an image folder)
         self.reads_images = reads_images  # False: the rows are the images of the embeddings file
         self.emb = None
 
     def outputs(self) -> list[str]:
-        return [] if self.retrieval.embeddings.exists() else [str(self.retrieval.embeddings)]
+        return self.retrieval.outputs()
 
     def check(self) -> None:
         from .embeddings import load_embeddings
@@ -493,15 +505,18 @@ class NearestCaptionSource:
             self.emb = load_embeddings(self.retrieval.embeddings)
 
     def ids(self) -> list[str] | None:
-        from .images import id_sort_key
-
-        return None if self.reads_images else sorted({*self.emb.ids, *self.emb.failed}, key=id_sort_key)
+        return None if self.reads_images else ids_of(self.emb)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         from .retrieval import consensus
 
         start = time.perf_counter()
-        emb = self.retrieval.vectors(selection.items) if self.reads_images else self.emb
+        emb, working = self.emb, 0.0
+        if self.reads_images:
+            with self.retrieval.prepared(selection.items):
+                made = self.retrieval.vectors(selection.items)
+            emb, working = made.embeddings, made.seconds
+        searching = time.perf_counter()
         neighbours = self.retrieval.captions(emb, selection.ids)
         records = {}
         for i in selection.ids:
@@ -509,8 +524,10 @@ class NearestCaptionSource:
                 records[i] = Record(i, consensus(neighbours[i]))
             else:
                 records[i] = Record(i, "", emb.failed.get(i, "no vector for this image"))
-        seconds = time.perf_counter() - start
+        now = time.perf_counter()
         how = "nearest caption" if self.retrieval.neighbours == 1 else \
             f"consensus of the {self.retrieval.neighbours} nearest captions"
-        return RunResult(selection.ids, records, ("embeddings", self.retrieval.embeddings), seconds, len(neighbours),
-                         detail=how, working_seconds=seconds, embeddings=emb, verb="retrieved")
+        # the work: embedding and the search; reading files and loading an encoder are the rest
+        return RunResult(selection.ids, records, ("embeddings", self.retrieval.embeddings), now - start,
+                         len(neighbours), detail=how, working_seconds=working + now - searching, embeddings=emb,
+                         verb="retrieved")

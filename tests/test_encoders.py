@@ -222,7 +222,7 @@ def test_the_old_option_spellings_still_work_with_a_deprecation_line(specs, imag
 @needs_timm
 def test_embeddings_resume_after_a_stop_to_the_same_vectors(specs, images, tmp_path, capsys):
     """Two encoders into one file, in chunks of 2 images: the second encoder's run is cut short (its chunk files
-    removed, as a kill before they were written leaves them); the resumed run redoes only those."""
+    removed, as a kill before they were written leaves them); the same command again redoes only those."""
     flags = ["--image_dir", str(images), "--encoder", specs["timm-convnext"], "--encoder", specs["hf-clip"],
              "--chunk_size", "2", "--batch_size", "2"]
     full = tmp_path / "full.npz"
@@ -231,23 +231,18 @@ def test_embeddings_resume_after_a_stop_to_the_same_vectors(specs, images, tmp_p
     # a finished first encoder and one chunk of the second, as a run killed there leaves them
     parts = out.with_name("cut.npz.parts")
     parts.mkdir()
-    from jjvmed.embeddings import EmbedOptions, chunk_path, embed_settings
+    from jjvmed.embeddings import EmbedOptions
     from jjvmed.embeddings import save_embeddings as save
-    from jjvmed.images import list_images
 
-    items = list_images(images)
-    options = EmbedOptions(encoders=(specs["timm-convnext"], specs["hf-clip"]), batch_size=2, chunk_size=2)
-    (parts / "manifest.json").write_text(json.dumps(embed_settings(items, options), indent=1))
+    keys = EmbedOptions(encoders=(specs["timm-convnext"], specs["hf-clip"])).made_with()
     done = load_embeddings(full)
-    for m, n in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]:
-        rows = slice(2 * n, 2 * n + 2)
-        save(chunk_path(parts, m, n), Embeddings(done.ids[rows], [done.vectors[m][rows]], [done.encoders[m]]))
+    for n, (m, rows) in enumerate([(0, slice(0, 4)), (0, slice(4, None)), (1, slice(0, 2))]):
+        save(parts / f"chunk-{n:06d}.npz", Embeddings(done.ids[rows], [done.vectors[m][rows]], [done.encoders[m]],
+                                                      meta={"made_with": [keys[m]]}, identities=done.identities))
     capsys.readouterr()
-    assert cli("embed", "--embeddings", str(out), *flags) == 2  # never silently redone
-    assert "--resume_from_checkpoint auto" in capsys.readouterr().err
-    assert cli("embed", "--embeddings", str(out), *flags, "--resume_from_checkpoint", "auto") == 0
+    assert cli("embed", "--embeddings", str(out), *flags) == 0
     err = capsys.readouterr().err
-    assert "encoder 2/2" in err and "resuming: 1 of 4 chunks already embedded" in err
+    assert "encoder 2/2" in err and "encoder 1/2" not in err and "2 images reused, 5 embedded" in err
     got = load_embeddings(out)
     assert got.ids == done.ids
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(got.vectors, done.vectors, strict=True))
@@ -356,8 +351,8 @@ def test_files_of_different_images_or_the_same_encoder_twice_are_refused_before_
 def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that_one_file(specs, images, tmp_path,
                                                                                           capsys):
     """What generate_concepts.py does with an ensemble index: index.embed_options_for gives the encoders, one
-    embed_images call writes one file with each encoder's vectors, predict_concepts reads it."""
-    from jjvmed.embeddings import embed_images
+    ensure_embeddings call writes one file with each encoder's vectors, predict_concepts reads it."""
+    from jjvmed.embeddings import ensure_embeddings
     from jjvmed.fusion import load_settings, predict_concepts
     from jjvmed.images import list_images
     from jjvmed.index import embed_options_for, load_index
@@ -377,7 +372,7 @@ def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that
     used = [m.encoder["source"] for m, part in zip(index.members, settings["members"], strict=True)
             if part["knn"] or part["probe"]]
     assert [spec for spec, _ in options.choices()] == used and used
-    emb = embed_images(list_images(images), tmp_path / "run.embeddings.npz", options)
+    emb = ensure_embeddings(list_images(images), tmp_path / "run.embeddings.npz", options).embeddings
     assert [e["source"] for e in emb.encoders] == used
     predictions = predict_concepts(index, settings, emb)
     assert sorted(predictions) == sorted(load_embeddings(train).ids)

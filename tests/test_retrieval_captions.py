@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,43 @@ def test_knn_captions_are_the_captions_of_the_held_out_images_in_the_id_lists_or
     assert read_csv(out) == [["ID", "Caption"], *([i, expected[i]] for i in order)]
     assert "the official checks say accepted" in result.stderr and (tmp_path / "knn.zip").exists()
     assert "retrieved: 6" in result.stderr and (tmp_path / "knn.embeddings.npz").exists()
+    # the encoder's loading is not counted as retrieving
+    loading = re.search(r"time: [\d.]+ s \(([\d.]+) s loading\)", result.stderr)
+    assert loading and float(loading.group(1)) > 0, result.stderr
+
+
+def test_a_changed_image_is_embedded_again_and_captioned_from_its_new_picture(data, tiny_model, tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    shutil.copytree(data / "held_out", images)
+    out = tmp_path / "knn.csv"
+    run = ["--method", "knn", "--concept_index", str(data / "index"), "--image_dir", str(images), "--output_csv",
+           str(out), *tiny(tiny_model)]
+    assert captions_run(*run).returncode == 0
+    assert dict(read_csv(out)[1:])["held_out_red_0"] == caption_of("red")
+    shutil.copy(images / "held_out_blue_0.png", images / "held_out_red_0.png")  # another picture, the same ID
+    again = captions_run(*run)
+    assert again.returncode == 0, again.stderr
+    assert dict(read_csv(out)[1:])["held_out_red_0"] == caption_of("blue")
+    assert "5 images reused, 1 embedded (1 changed since)" in again.stderr
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("every image is unchanged: nothing to embed")
+
+    monkeypatch.setattr("jjvmed.embeddings.load_encoder", no_model)
+    third = captions_run(*run)
+    assert third.returncode == 0, third.stderr
+    assert "6 images reused, 0 embedded" in third.stderr and dict(read_csv(out)[1:])["held_out_red_0"] == \
+        caption_of("blue")
+
+
+def test_knn_under_a_launcher_is_refused_in_one_line_before_anything_loads(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    result = captions_run("--method", "knn", "--concept_index", str(data / "index"), "--image_dir",
+                          str(data / "held_out"), "--output_csv", str(tmp_path / "knn.csv"), "--base_model_path",
+                          "/no/such/model")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "one process" in result.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_knn_with_another_image_encoder_is_one_option_away(data, tiny_model, tmp_path):
@@ -216,6 +254,35 @@ def test_a_rag_resume_with_another_index_or_neighbours_is_refused(data, tiny_mod
         assert result.returncode == 2 and "other settings" in result.stderr and "retrieval" in result.stderr
 
 
+def test_a_rag_run_after_a_limit_trial_embeds_only_the_images_the_trial_left_out(data, tiny_model, tmp_path):
+    out = tmp_path / "rag.csv"
+    run = ["--method", "rag", "--concept_index", str(data / "index"), "--image_dir", str(data / "held_out"),
+           "--output_csv", str(out), *generating(tiny_model)]
+    assert captions_run(*run, "--limit", "2").returncode == 0
+    full = captions_run(*run, "--resume_from_checkpoint", "auto")
+    assert full.returncode == 0, full.stderr
+    assert "generated now: 4, done before: 2" in full.stderr and "2 images reused, 4 embedded" in full.stderr
+    assert len(read_csv(out)) == 7
+
+
+def test_embeddings_of_other_encoder_settings_are_refused_before_the_model_loads(data, tiny_model, tmp_path,
+                                                                                monkeypatch):
+    emb = tmp_path / "held_out_cls.npz"  # the index's images were pooled by the mean, these by the CLS token
+    assert index_cli("embed", "--image_dir", str(data / "held_out"), "--embeddings", str(emb), "--pooling", "cls",
+                     *tiny(tiny_model)) == 0
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("refused before any model loads")
+
+    monkeypatch.setattr("jjvmed.sources.load_model", no_model)
+    result = captions_run("--method", "rag", "--concept_index", str(data / "index"), "--image_dir",
+                          str(data / "held_out"), "--output_csv", str(tmp_path / "rag.csv"), "--embeddings", str(emb),
+                          *generating(tiny_model))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "cls" in result.stderr and "--overwrite" in result.stderr
+    assert not (tmp_path / "rag.csv").exists() and not (tmp_path / "rag.journal.jsonl").exists()
+
+
 def journal_records(path: Path) -> int:
     return max(0, path.read_bytes().count(b"\n") - 1) if path.exists() else 0
 
@@ -265,6 +332,9 @@ def test_rag_resumes_after_sigkill_to_the_same_bytes(data, tiny_model, tmp_path)
     (["--method", "rag", "--concept_index", "{data}/index", "--prompt", "Describe it."], "put {context} in it"),
     (["--method", "rag", "--concept_index", "{data}/index", "--num_shards", "2", "--shard_index", "0"],
      "embed the images once first"),
+    (["--candidates", "4", "--generation_kwargs", '{"do_sample": true, "num_beams": 2}'], "num_return_sequences"),
+    (["--generation_kwargs", '{"num_beams": 0}'], "num_beams must be at least 1"),
+    (["--generation_kwargs", '{"temperature": 0.5}'], "temperature"),
 ])
 def test_bad_caption_method_options_are_one_line_before_any_model_loads(data, tmp_path, argv, message):
     out = tmp_path / "c.csv"

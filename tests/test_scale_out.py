@@ -65,8 +65,11 @@ def test_torchrun_concepts_match_a_single_process_run(tiny_model, tmp_path):
 def test_manual_shards_and_merge_give_the_same_captions(tiny_model, tmp_path, single_captions):
     out = tmp_path / "captions.csv"
     for index in ("0", "1"):
-        assert run_captions(*model_args(tiny_model, out), "--num_shards", "2", "--shard_index", index).returncode == 0
+        shard = run_captions(*model_args(tiny_model, out), "--num_shards", "2", "--shard_index", index)
+        assert shard.returncode == 0, shard.stderr
         assert not out.exists()  # a shard only fills its journal
+        # its summary counts its own images: half of the 18
+        assert "images: 9 (generated now: 9, done before: 0)\n" in shard.stderr
     assert run_captions(*model_args(tiny_model, out), "--merge_shards").returncode == 0
     assert read_csv(out) == single_captions
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -202,15 +204,31 @@ def test_resume_after_a_kill_gives_the_same_embeddings_file(run, tiny_model, tmp
     done = len(list(parts.glob("*chunk-*.npz")))
     assert 1 <= done < SPLITS["train"] // 8 and not out.exists(), "the run should have been killed half-way"
 
-    assert cli(*args[2:]) == 2  # an unfinished run is never silently redone...
-    assert "--resume_from_checkpoint auto" in capsys.readouterr().err  # ...the error says how to continue it
-    resumed = subprocess.run([*args, "--resume_from_checkpoint", "auto"], env=env, capture_output=True, text=True,
-                             timeout=240)
+    # the same command continues: the finished chunks' vectors are kept, the rest embedded
+    resumed = subprocess.run(args, env=env, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming: {done} of 6 chunks already embedded" in resumed.stderr
+    assert f"{8 * done} images reused, {SPLITS['train'] - 8 * done} embedded" in resumed.stderr
     full, got = load_embeddings(run / "train.npz"), load_embeddings(out)
     assert got.ids == full.ids and np.array_equal(got.vectors, full.vectors)
     assert not parts.exists()
+
+
+def test_a_second_run_on_the_same_embeddings_file_is_refused_at_once(run, tiny_model, tmp_path):
+    from jjvmed.embeddings import EmbedOptions, ensure_embeddings
+    from jjvmed.images import list_images
+
+    out = tmp_path / "e.npz"
+    hold = (f"import time\nfrom jjvmed.files import lock_exclusive\nwith lock_exclusive({str(out)!r}):\n"
+            "    print('held', flush=True)\n    time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(errors.UserError, match=f"another run \\(PID {holder.pid}\\) is using {out}"):
+            ensure_embeddings(list_images(run / "valid")[:2], out, EmbedOptions(str(tiny_model), num_workers=0))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()
 
 
 def test_the_fast_f1_used_for_tuning_is_the_official_one():
@@ -239,6 +257,22 @@ def test_the_fast_f1_used_for_tuning_is_the_official_one():
     threshold, keep_top, best = best_global_threshold(r, t)
     brute = max(f1_per_image(r, t, Decision(x, top)).mean() for x in THRESHOLDS for top in (False, True))
     assert best == pytest.approx(brute) == pytest.approx(f1_per_image(r, t, Decision(threshold, keep_top)).mean())
+
+
+def test_a_damaged_embeddings_file_is_one_line(run, tmp_path, capsys):
+    damaged = tmp_path / "cut.npz"
+    damaged.write_bytes((run / "test.npz").read_bytes()[:5000])  # a copy cut short
+    commands = [["fit", "--embeddings", str(damaged), "--train_concepts", str(run / "train_concepts.csv"),
+                 "--concept_index", str(tmp_path / "i")],
+                ["tune", "--concept_index", str(run / "index"), "--embeddings", str(damaged), "--valid_concepts",
+                 str(run / "valid_concepts.csv"), "--concept_settings", str(tmp_path / "s.json")],
+                ["predict", "--concept_index", str(run / "index"), "--concept_settings", str(run / "settings.json"),
+                 "--method", "knn", "--embeddings", str(damaged), "--output_csv", str(tmp_path / "p.csv")]]
+    for command in commands:
+        assert cli(*command) == 2, command[0]
+        err = capsys.readouterr().err
+        assert "is not an embeddings file" in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == [damaged]
 
 
 def test_user_errors_are_one_line(run, tmp_path, capsys):
@@ -325,25 +359,36 @@ def test_knn_and_probe_runs_label_the_images_in_the_ids_csv_order_without_genera
         assert not (tmp_path / f"{method}_natural.csv").exists() and not (tmp_path / f"{method}.journal.jsonl").exists()
 
 
-def test_a_knn_run_is_never_silently_redone_and_resumes_from_its_embeddings(run, tiny_model, tmp_path,
-                                                                           monkeypatch):
+def test_a_knn_run_again_reuses_the_vectors_of_unchanged_images_and_embeds_a_changed_one(run, tiny_model,
+                                                                                       tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    shutil.copytree(run / "test", images)
     out = tmp_path / "knn.csv"
-    first = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn"))
+    args = [*vision_args(run, tiny_model, out, "knn"), "--image_dir", str(images)]
+    first = run_in_process("generate_concepts.py", *args)
     assert first.returncode == 0, first.stderr
-    written = read_csv(out)
-    again = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn"))
-    assert again.returncode == 2 and "--resume_from_checkpoint auto" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
+    rate = re.search(r"([\d.]+) images/s while embedding", first.stderr)
+    assert rate and float(rate.group(1)) > 0, first.stderr
+    rows = dict(map(tuple, read_csv(out)[1:]))
+    assert rows["test_1"] != rows["test_2"]  # red and green
 
     def no_model(*args, **kwargs):
-        raise AssertionError("the embeddings are complete: nothing to load")
+        raise AssertionError("every vector is there: nothing to load")
 
-    monkeypatch.setattr("jjvmed.embeddings.load_encoder", no_model)
-    out.unlink()
-    resumed = run_in_process("generate_concepts.py", *vision_args(run, tiny_model, out, "knn",
-                                                                  "--resume_from_checkpoint", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert read_csv(out) == written
+    with monkeypatch.context() as patched:
+        patched.setattr("jjvmed.embeddings.load_encoder", no_model)
+        patched.setattr("jjvmed.embeddings.embed_items", no_model)
+        (images / "broken.png").unlink()  # the one image that fails, and so is tried again every time
+        again = run_in_process("generate_concepts.py", *args)
+    assert again.returncode == 0, again.stderr
+    assert "embedded now: 0, reused: 24" in again.stderr
+    assert dict(map(tuple, read_csv(out)[1:])) == {i: c for i, c in rows.items() if i != "broken"}
+
+    shutil.copy(images / "test_2.png", images / "test_1.png")  # another picture under the same ID
+    changed = run_in_process("generate_concepts.py", *args)
+    assert changed.returncode == 0, changed.stderr
+    assert "embedded now: 1, reused: 23" in changed.stderr
+    assert dict(map(tuple, read_csv(out)[1:]))["test_1"] == rows["test_2"]
 
 
 def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_model(run, tiny_model, tmp_path,
@@ -410,6 +455,17 @@ def test_a_missing_or_mismatched_concept_index_fails_in_one_line_before_the_mode
         assert done.returncode == 2 and expected in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "c.csv").exists()
+
+
+@pytest.mark.parametrize("method", ["knn", "probe"])
+def test_knn_and_probe_under_a_launcher_are_refused_in_one_line_before_anything_loads(run, tmp_path, monkeypatch,
+                                                                                    method):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    done = run_in_process("generate_concepts.py", *vision_args(run, Path("/no/such/model"), tmp_path / "c.csv",
+                                                               method))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "one process" in done.stderr and list(tmp_path.iterdir()) == []
 
 
 def test_probe_training_stops_when_the_held_out_f1_stops_rising_and_keeps_the_best_pass(run):
