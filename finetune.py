@@ -38,7 +38,7 @@ from jjvmed.images import id_sort_key, make_loader
 from jjvmed.model import DEFAULT_BASE_MODEL, load_base_model, load_processor, resolve_device_and_dtype
 from jjvmed.options import Parser, add_device_options
 from jjvmed.shards import gather_everywhere
-from jjvmed.submission import read_id_table
+from jjvmed.tables import read_id_table
 from jjvmed.training import (
     ERRORS_FILE,
     NO_IMAGE,
