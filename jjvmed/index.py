@@ -250,7 +250,12 @@ def used_members(index: ConceptIndex, method_settings: dict | None) -> list[int]
 def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(cosine similarities, key rows) of the k nearest keys per query, nearest first: exact search,
-    chunked matrix products (rows are L2-normalised, so the dot product is the cosine)."""
+    chunked matrix products (rows are L2-normalised, so the dot product is the cosine).
+
+    Keys at equal cosine (duplicated training images) are taken lowest row first, so the k nearest are
+    always the first k of the K nearest: tuning searches once at its largest k and reads every smaller k
+    from that list, prediction searches at the tuned k, and both must pick the same neighbours.
+    """
     import torch
 
     k = min(k, len(keys))
@@ -261,7 +266,22 @@ def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
     key_t = torch.from_numpy(np.ascontiguousarray(keys)).to(device)
     for start in range(0, len(queries), chunk):
         q = torch.from_numpy(np.ascontiguousarray(queries[start:start + chunk])).to(device)
-        top = torch.topk(q @ key_t.T, k, dim=1)
-        sims[start:start + len(q)] = top.values.cpu().numpy()
-        rows[start:start + len(q)] = top.indices.cpu().numpy()
+        values, indices = top_k_lowest_row_first(q @ key_t.T, k)
+        sims[start:start + len(q)] = values.cpu().numpy()
+        rows[start:start + len(q)] = indices.cpu().numpy()
     return sims, rows
+
+
+def top_k_lowest_row_first(scores, k: int):
+    """torch.topk over each row of `scores`, with ties broken by the lower column (topk's own order among
+    equal values is unspecified, and a tie can straddle the k-th place)."""
+    import torch
+
+    values, indices = torch.topk(scores, k, dim=1)
+    kth = values[:, -1:]
+    tied = ((scores == kth).sum(1) > (values == kth).sum(1)) | (values[:, :-1] == values[:, 1:]).any(1)
+    if tied.any():  # only rows with ties are redone: a stable sort of the whole row, best first
+        rows = tied.nonzero().squeeze(1)
+        order = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = order.values[:, :k], order.indices[:, :k]
+    return values, indices
