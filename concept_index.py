@@ -22,8 +22,8 @@ methods on validation:
 
 Only `embed` needs a GPU (one pass of an image encoder, no text generation); the rest runs on a CPU.
 Several embeddings files of the same images (one per encoder) make an ensemble.
-The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py (fit), tuning.py
-(tune), fusion.py (predict), retrieval.py and caption_tuning.py (tune_captions).
+The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py, probe.py and tables.py
+(fit), tuning.py (tune), fusion.py (predict), retrieval.py and caption_tuning.py (tune_captions).
 """
 
 from __future__ import annotations
