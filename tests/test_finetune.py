@@ -350,9 +350,11 @@ def test_options_that_would_fail_once_the_model_is_loaded_are_one_line_before_an
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_the_validation_concept_f1_is_what_the_generate_scripts_csv_scores(tiny_model, tmp_path):
+def test_the_validation_concept_f1_is_what_the_generate_scripts_csv_scores(tiny_model, tmp_path, monkeypatch):
     """Over every image of the ground truth, CUIs unknown to the mapping file included; an answer that maps to
-    no CUI is the CSV row 'ID,', which the official reader takes as the concept ''."""
+    no CUI is the CSV row 'ID,', which the official reader takes as the concept ''. (Answers of 8 tokens on
+    both sides, instead of 150, to keep the test short.)"""
+    from jjvmed import prompts
     from jjvmed.scores import concept_scores
     from jjvmed.submission import concept_pairs, read_rows
 
@@ -364,13 +366,13 @@ def test_the_validation_concept_f1_is_what_the_generate_scripts_csv_scores(tiny_
     args = finetune.build_parser().parse_args([
         "--image_dir", str(valid), "--output_dir", str(tmp_path / "out"), "--valid_image_dir", str(valid),
         "--valid_concepts", str(truth_csv), "--cui_mapping_file", str(mapping), "--batch_size", "4"])
+    monkeypatch.setitem(prompts.MAX_NEW_TOKENS, "concepts", 8)
     model, processor, _ = load_model(ModelSpec(str(tiny_model), None, device="cpu"))
     mapper = load_mapper(str(mapping))
     scored = finetune.validation_scores(model, processor, args, mapper, finetune.read_validation_truth(args))
     out = tmp_path / "concepts.csv"
     done = run_in_process("generate_concepts.py", *tiny_args(tiny_model, out, valid, "--prompt_template", "vicuna",
-                                                             "--cui_mapping_file", str(mapping), "--max_new_tokens",
-                                                             "150"))
+                                                             "--cui_mapping_file", str(mapping)))
     assert done.returncode == 0, done.stderr
     csv_f1 = concept_scores(concept_pairs(read_rows(truth_csv)), concept_pairs(read_rows(out)))[0]["f1"]
     assert scored["concepts_images"] == 4 and scored["concepts_f1"] == pytest.approx(csv_f1, abs=1e-12)
