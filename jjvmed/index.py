@@ -274,14 +274,22 @@ def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
 
 def top_k_lowest_row_first(scores, k: int):
     """torch.topk over each row of `scores`, with ties broken by the lower column (topk's own order among
-    equal values is unspecified, and a tie can straddle the k-th place)."""
+    equal values is unspecified, and a tie can straddle the k-th place). Rows without ties, nearly all
+    of them, cost one topk of k + 1."""
     import torch
 
-    values, indices = torch.topk(scores, k, dim=1)
-    kth = values[:, -1:]
-    tied = ((scores == kth).sum(1) > (values == kth).sum(1)) | (values[:, :-1] == values[:, 1:]).any(1)
-    if tied.any():  # only rows with ties are redone: a stable sort of the whole row, best first
-        rows = tied.nonzero().squeeze(1)
-        order = torch.sort(scores[rows], dim=1, descending=True, stable=True)
-        values[rows], indices[rows] = order.values[:, :k], order.indices[:, :k]
+    width = scores.shape[1]
+    values, indices = torch.topk(scores, min(k + 1, width), dim=1)
+    straddles = values[:, k - 1] == values[:, k] if k < width else torch.zeros(len(values), dtype=torch.bool)
+    values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
+    inside = (values[:, :-1] == values[:, 1:]).any(1)
+    if inside.any():  # the same k keys, put in order: by row, then stably by value, best first
+        rows = inside.nonzero().squeeze(1)
+        by_row, order = torch.sort(indices[rows], dim=1)
+        by_value = torch.sort(values[rows].gather(1, order), dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = by_value.values, by_row.gather(1, by_value.indices)
+    if straddles.any():  # which of the tied keys are in the k: a stable sort of the whole row
+        rows = straddles.nonzero().squeeze(1)
+        ranked = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = ranked.values[:, :k], ranked.indices[:, :k]
     return values, indices
