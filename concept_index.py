@@ -22,8 +22,8 @@ methods on validation:
 
 Only `embed` needs a GPU (one pass of an image encoder, no text generation); the rest runs on a CPU.
 Several embeddings files of the same images (one per encoder) make an ensemble.
-The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py (fit), tuning.py
-(tune), fusion.py (predict), retrieval.py and caption_tuning.py (tune_captions).
+The library: jjvmed/encoders.py, preprocessing.py and embeddings.py (embed), index.py, probe.py and tables.py
+(fit), tuning.py (tune), fusion.py (predict), retrieval.py and caption_tuning.py (tune_captions).
 """
 
 from __future__ import annotations
@@ -217,7 +217,9 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_fit(args: argparse.Namespace) -> int:
     from jjvmed.embeddings import load_ensemble
-    from jjvmed.index import ProbeOptions, fit_index, read_caption_csv, read_cui_sets
+    from jjvmed.index import fit_index
+    from jjvmed.probe import ProbeOptions
+    from jjvmed.tables import read_cui_lists, read_id_table
 
     for name in ("probe_hidden", "probe_epochs", "probe_patience"):
         if getattr(args, name) < 0:
@@ -227,8 +229,8 @@ def run_fit(args: argparse.Namespace) -> int:
     if not args.train_concepts and not args.train_captions:
         raise errors.UserError("give --train_concepts, --train_captions, or both")
     emb = load_ensemble(args.embeddings)
-    concepts = read_cui_sets(args.train_concepts) if args.train_concepts else None
-    captions = read_caption_csv(args.train_captions) if args.train_captions else None
+    concepts = read_cui_lists(args.train_concepts) if args.train_concepts else None
+    captions = read_id_table(args.train_captions, "Caption") if args.train_captions else None
     options = ProbeOptions(args.probe_hidden, args.probe_epochs, args.probe_batch_size, args.probe_learning_rate,
                            args.probe_weight_decay, args.probe_patience, seed=args.seed, device=args.device)
     start = time.perf_counter()
@@ -251,7 +253,8 @@ def check_has_concepts(index, folder: str) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from jjvmed.embeddings import load_ensemble
-    from jjvmed.index import load_index, read_concept_csv, read_cui_sets
+    from jjvmed.index import load_index, read_concept_csv
+    from jjvmed.tables import read_cui_lists
     from jjvmed.tuning import format_table, tune
 
     index = load_index(args.concept_index)
@@ -260,7 +263,7 @@ def run_tune(args: argparse.Namespace) -> int:
     for member in index.members:
         valid.member(member.encoder, "the concept index")  # every encoder of the index, before any work
     gt = read_concept_csv(args.valid_concepts)
-    generated = read_cui_sets(args.generated) if args.generated else None
+    generated = read_cui_lists(args.generated) if args.generated else None
     manual = read_concept_csv(args.gt_manual) if args.gt_manual else None
     start = time.perf_counter()
     settings, table = tune(index, valid, gt, generated, manual, args.device, args.per_cui_thresholds)
@@ -277,15 +280,16 @@ def run_predict(args: argparse.Namespace) -> int:
     """Through the engine's one pipeline: the embeddings files are the source, the concept writer fuses and
     writes format B, and the run checks it with the 2026 rules and zips it."""
     from jjvmed.fusion import load_settings, uses_generated
-    from jjvmed.index import load_index, read_cui_sets
+    from jjvmed.index import load_index
     from jjvmed.pipeline import RunConfig, run
     from jjvmed.sources import EmbeddingsFileSource
+    from jjvmed.tables import read_cui_lists
     from jjvmed.writers import ConceptWriter, VisionMethod
 
     index = load_index(args.concept_index)
     check_has_concepts(index, args.concept_index)
     settings = load_settings(args.concept_settings, args.method, index)
-    generated = read_cui_sets(args.generated) if args.generated else None
+    generated = read_cui_lists(args.generated) if args.generated else None
     if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
@@ -299,14 +303,16 @@ def run_tune_captions(args: argparse.Namespace) -> int:
     """knn at each k and every journal given, scored on the same validation images; the table, best first."""
     from jjvmed.caption_tuning import format_table, journal_contenders, knn_contenders, parts_that_ran, score_contenders
     from jjvmed.embeddings import load_ensemble
-    from jjvmed.index import load_index, read_caption_csv, resolve_device
+    from jjvmed.index import load_index
+    from jjvmed.model import resolve_device
     from jjvmed.retrieval import check_caption_index, query_vectors
+    from jjvmed.tables import read_id_table
 
     index = load_index(args.concept_index)
     check_caption_index(index, args.concept_index)
     valid = load_ensemble(args.embeddings)
     query_vectors(index, valid, "the caption index")  # every encoder of the index, before any work
-    gt = read_caption_csv(args.valid_captions)
+    gt = read_id_table(args.valid_captions, "Caption")
     from_journals = [c for path in args.journals for c in journal_contenders(path)]  # all read before scoring
     start = time.perf_counter()
     contenders = knn_contenders(index, valid, list(gt), resolve_device(args.device)) + from_journals

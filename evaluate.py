@@ -25,6 +25,7 @@ from jjvmed import errors, files, images
 from jjvmed.options import Parser
 from jjvmed.scores import ALLOWED_CUIS_2025, caption_scores, concept_scores, describe_partial
 from jjvmed.submission import (
+    CUI_SHAPE,
     RULES,
     TASKS,
     Report,
@@ -259,13 +260,26 @@ def build_parser() -> Parser:
 
 
 def allowed_list(value: str | None) -> tuple[str, ...]:
+    """--allowed_cuis: a file of CUIs (one per line; a header `CUI` is skipped) or a list of CUIs. Anything that
+    is not a CUI is refused: a mistyped path read as a list would filter every CUI out, and the secondary F1
+    would be 0."""
     if not value:
         return ALLOWED_CUIS_2025
-    text = Path(value).read_text(encoding="utf-8") if Path(value).is_file() else value
-    cuis = tuple(c.strip().upper() for c in re.split(r"[\s,;]+", text) if c.strip() and c.strip().upper() != "CUI")
-    if not cuis:
+    is_file = Path(value).is_file()
+    try:
+        text = Path(value).read_text(encoding="utf-8") if is_file else value
+    except UnicodeDecodeError:
+        raise errors.UserError(f"--allowed_cuis {value} is not UTF-8; save it as UTF-8") from None
+    items = [c.strip() for c in re.split(r"[\s,;]+", text) if c.strip() and c.strip().upper() != "CUI"]
+    wrong = [c for c in items if not CUI_SHAPE.match(c.upper())]
+    if wrong and not is_file:
+        raise errors.UserError(f"--allowed_cuis {value} is neither a file nor a list of CUIs ({wrong[0]!r} is not "
+                               "a CUI, C followed by 7 digits)")
+    if wrong:
+        raise errors.UserError(f"--allowed_cuis {value} holds {wrong[0]!r}, which is not a CUI; give one CUI per line")
+    if not items:
         raise errors.UserError(f"--allowed_cuis {value} lists no CUIs")
-    return cuis
+    return tuple(c.upper() for c in items)
 
 
 def write_per_image(path: str, rows: list[dict]) -> None:

@@ -38,9 +38,10 @@ from jjvmed.images import id_sort_key, make_loader
 from jjvmed.model import DEFAULT_BASE_MODEL, load_base_model, load_processor, resolve_device_and_dtype
 from jjvmed.options import Parser, add_device_options
 from jjvmed.shards import gather_everywhere
-from jjvmed.submission import read_id_table
 from jjvmed.training import (
     ERRORS_FILE,
+    IMAGE_TOKENS,
+    MIN_MAX_LENGTH,
     NO_IMAGE,
     Example,
     Trained,
@@ -54,6 +55,9 @@ from jjvmed.training import (
 
 SUMMARY_FILE = "finetune_summary.json"
 LOSS_CURVE_FILE = "loss_curve.png"
+# Schedulers transformers builds from a name alone (the others need settings this script does not take).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 
 
 def training_arguments(args: argparse.Namespace, cuda: bool, dtype):
@@ -147,7 +151,8 @@ def build_parser() -> Parser:
     data.add_argument("--language", choices=prompts.LANGUAGES, default="es",
                       help="instruction language; es = the published adapter's (default: %(default)s)")
     data.add_argument("--max_length", type=int, default=1024,
-                      help="tokens per example, prompt and 576 image tokens included (default: %(default)s)")
+                      help=f"tokens per example, the {IMAGE_TOKENS} image tokens and the prompt included; at least "
+                      f"{MIN_MAX_LENGTH} (default: %(default)s)")
     model = p.add_argument_group("model")
     model.add_argument("--base_model_path", default=DEFAULT_BASE_MODEL,
                        help="hub ID or local folder of the LLaVA base model (default: %(default)s)")
@@ -171,7 +176,7 @@ def build_parser() -> Parser:
                             "(default: %(default)s)")
     train.add_argument("--learning_rate", type=float, default=5e-5, help="peak learning rate (default: %(default)s)")
     train.add_argument("--lr_scheduler", default="cosine",
-                       help="transformers scheduler name: cosine, linear, constant, ... (default: %(default)s)")
+                       help=f"learning-rate schedule: {', '.join(LR_SCHEDULERS)} (default: %(default)s)")
     train.add_argument("--warmup_ratio", type=float, default=0.03,
                        help="fraction of all steps spent warming the learning rate up (default: %(default)s)")
     train.add_argument("--batch_size", type=int, default=4,
@@ -201,41 +206,77 @@ def build_parser() -> Parser:
     return p
 
 
-def evaluate_adapter(model, processor, args, mapper) -> dict:
-    """Generate for the first --eval_images validation images and score them with scores.py.
+def read_validation_truth(args: argparse.Namespace) -> dict[str, dict]:
+    """task -> the validation ground truth, read as the official scorer reads it ('ID,' is the concept ''),
+    before anything loads, so a bad file fails in a second rather than after training. Empty without
+    validation."""
+    from jjvmed.submission import caption_pairs, concept_pairs, read_rows
+
+    if not (args.valid_image_dir and args.eval_images > 0):
+        return {}
+    truth = {}
+    if args.valid_captions:
+        truth["caption"] = caption_pairs(read_rows(args.valid_captions))
+    if args.valid_concepts:
+        truth["concepts"] = concept_pairs(read_rows(args.valid_concepts))
+    return truth
+
+
+def evaluate_adapter(model, processor, args, mapper: CuiMapper | None, truth: dict[str, dict]) -> dict:
+    """Generate for the first --eval_images images of each validation ground truth and score them with
+    scores.py, as the generate scripts' CSVs would be scored.
 
     Uses the generation core and the prompts, token limits and post-processing of the generate
-    scripts, so the scores say what those scripts would give.
+    scripts; the answers are scored as their CSV reads back (no CUI is the row 'ID,', the concept ''),
+    over the ground truth's images, including those whose CUIs the mapping file does not know.
     """
     from jjvmed import scores
+    from jjvmed.images import list_images
     from jjvmed.prompts import parse_answer
 
-    names = mapper.names if mapper else {}
-    examples, _, _ = build_examples(args.valid_image_dir, args.valid_captions, args.valid_concepts, names,
-                                 args.language)
+    images = dict(list_images(args.valid_image_dir))
     results: dict = {}
-    for task in ("caption", "concepts"):
-        chosen = [e for e in examples if e.task == task][: args.eval_images]
+    for task, gt_all in truth.items():
+        chosen = [i for i in sorted(gt_all, key=id_sort_key) if gt_all[i] and i in images][: args.eval_images]
         if not chosen:
             continue
         prompt = prompts.build_prompt("vicuna", prompts.INSTRUCTIONS[(task, args.language)],
                                      prompts.ANSWER_PREFIXES.get((task, args.language), ""))
-        loader = make_loader([(e.image_id, e.image_path) for e in chosen], processor, prompt, args.batch_size, 0)
+        loader = make_loader([(i, images[i]) for i in chosen], processor, prompt, args.batch_size, 0)
         gen_kwargs = {"max_new_tokens": prompts.MAX_NEW_TOKENS[task], "do_sample": False, "num_beams": 1}
         texts = {r.id: r.text for records in generate_batches(model, processor, loader, gen_kwargs) for r in records}
+        gt = {i: gt_all[i] for i in chosen}
         if task == "caption":
-            gt = {e.image_id: e.answer for e in chosen}
-            pred = {i: prompts.clean_caption(t) for i, t in texts.items()}
-            summary, _ = scores.caption_scores(gt, pred)
+            summary, _ = scores.caption_scores(gt, {i: prompts.clean_caption(texts.get(i) or "") for i in chosen})
             results["caption_rouge1"] = summary["rouge1"]
         else:
-            truth = read_id_table(args.valid_concepts, "CUIs")
-            gt = {e.image_id: tuple(c.strip() for c in truth[e.image_id].split(";")) for e in chosen}
-            pred = {i: tuple(mapper.map_phrases(parse_answer(t, mapper))[0]) for i, t in texts.items()}
-            summary, _ = scores.concept_scores(gt, pred)
+            cuis = {i: mapper.map_phrases(parse_answer(texts.get(i) or "", mapper))[0] for i in chosen}
+            summary, _ = scores.concept_scores(gt, {i: tuple(c) if c else ("",) for i, c in cuis.items()})
             results["concepts_f1"] = summary["f1"]
         results[f"{task}_images"] = len(chosen)
     return results
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The options that would otherwise fail only once the model is loaded, or after training: one line now."""
+    for name in ("batch_size", "gradient_accumulation_steps", "lora_r", "lora_alpha", "logging_steps", "save_steps"):
+        if getattr(args, name) < 1:
+            raise errors.UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("num_workers", "eval_images"):
+        if getattr(args, name) < 0:
+            raise errors.UserError(f"--{name} must be 0 or more, got {getattr(args, name)}")
+    if not args.learning_rate > 0 or not args.epochs > 0:
+        raise errors.UserError("--learning_rate and --epochs must be more than 0")
+    for name in ("lora_dropout", "warmup_ratio"):
+        if not 0 <= getattr(args, name) < 1:
+            raise errors.UserError(f"--{name} must be from 0 up to (not including) 1, got {getattr(args, name)}")
+    if args.max_length < MIN_MAX_LENGTH:
+        raise errors.UserError(f"--max_length {args.max_length} would cut into the {IMAGE_TOKENS} image tokens that "
+                               f"open every example, before its prompt and answer: give at least {MIN_MAX_LENGTH}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise errors.UserError(f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.valid_concepts and args.valid_image_dir and args.eval_images > 0 and not args.cui_mapping_file:
+        raise errors.UserError("--valid_concepts needs --cui_mapping_file to turn the generated answers into CUIs")
 
 
 # The steps of a run, in the order main() takes them: read the data, start the processes, drop the
@@ -336,12 +377,13 @@ def checkpoint_step(checkpoint: str | None) -> int | None:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
 
 
-def validation_scores(model, processor, args: argparse.Namespace, mapper: CuiMapper | None) -> dict | None:
+def validation_scores(model, processor, args: argparse.Namespace, mapper: CuiMapper | None,
+                      truth: dict[str, dict]) -> dict | None:
     """Scores on the validation images after training; None when there are none to score."""
-    if not (args.valid_image_dir and args.eval_images > 0):
+    if not truth:
         return None
     model.eval()  # no dropout while generating
-    return evaluate_adapter(model, processor, args, mapper)
+    return evaluate_adapter(model, processor, args, mapper, truth)
 
 
 def batch_sizes(per_device: int, accumulation: int, world: int) -> dict[str, int]:
@@ -382,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     script = sys.argv[0] if argv is None else "finetune.py"
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    check_options(args)
+    truth = read_validation_truth(args)
     mapper, examples, problems, no_image = read_training_data(args.image_dir, args.train_captions,
                                                               args.train_concepts, args.cui_mapping_file,
                                                               args.language)
@@ -410,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     save_adapter(model, args.output_dir)
     failures = {**unreadable, **trained.seen.failures}
     errors_file = write_errors_file(args.output_dir, {**no_image, **failures})
-    validation = validation_scores(model, processor, args, mapper)
+    validation = validation_scores(model, processor, args, mapper, truth)
     curve = write_loss_curve(args.output_dir, trained, validation, batch["global_batch_size"], resumed_from)
     summary = run_summary(usable, problems, failures, trained, batch, resumed_from, validation, errors_file, curve)
     files.write_text_atomic(Path(args.output_dir) / SUMMARY_FILE, json.dumps(summary, indent=2))

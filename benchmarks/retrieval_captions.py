@@ -50,9 +50,9 @@ def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 
 def training_captions(rng: np.random.Generator, n: int) -> list[str]:
     if ROCO.exists():
-        from jjvmed.index import read_caption_csv
+        from jjvmed.tables import read_id_table
 
-        pool = list(read_caption_csv(ROCO).values())
+        pool = list(read_id_table(ROCO, "Caption").values())
     else:
         words = "axial coronal computed tomography magnetic resonance image chest abdomen showing mass lesion".split()
         pool = [" ".join(rng.choice(words, size=16)) + "." for _ in range(5000)]

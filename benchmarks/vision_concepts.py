@@ -1,7 +1,7 @@
 """Vision-tower concepts at ImageCLEF scale, on random vectors: exact kNN, file loading, probe, tuning.
 
     python benchmarks/vision_concepts.py                         # kNN 20,000 x 80,000 x 1,024 + file load
-    python benchmarks/vision_concepts.py --probe --tune           # also a default probe fit and a whole tune run
+    python benchmarks/vision_concepts.py --probe --tune           # also a default probe fit and whole tune runs
     python benchmarks/vision_concepts.py --probe_f1               # only: the probe's held-out F1 on learnable data
     python benchmarks/vision_concepts.py --device cuda            # the same on a GPU
 
@@ -25,10 +25,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings  # noqa: E402
-from jjvmed.index import ProbeOptions, fit_index, nearest, train_probe  # noqa: E402
+from jjvmed.index import fit_index, nearest  # noqa: E402
+from jjvmed.probe import ProbeOptions, train_probe  # noqa: E402
 from jjvmed.tuning import K_GRID, tune  # noqa: E402
 
-ENCODER = {"family": "llava", "pooling": "mean"}  # what the random vectors stand in for
+# What the random vectors stand in for: LLaVA's tower, described as encoders.vision_encoder_from describes it.
+ENCODER = {"family": "llava", "name": "clip_vision_model", "source": "llava", "pooling": "mean", "feature_layer": -2,
+           "weights": "random", "image_size": [336, 336]}
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -96,7 +99,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="queries per matrix product")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--probe", action="store_true", help="time a default probe fit (concept_index.py fit)")
-    parser.add_argument("--tune", action="store_true", help="time a whole tune run (kNN grid, probe, thresholds)")
+    parser.add_argument("--tune", action="store_true", help="time whole tune runs (kNN grid, probe, thresholds), "
+                        "without and with per-CUI thresholds, interleaved")
+    parser.add_argument("--repeats", type=int, default=3, help="tune runs of each kind, for --tune")
     parser.add_argument("--probe_f1", action="store_true", help="only a default probe fit on learnable data")
     args = parser.parse_args()
     if args.probe_f1:
@@ -118,7 +123,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "train.npz"
         start = time.perf_counter()
-        save_embeddings(path, Embeddings(ids, [keys], [ENCODER]))
+        save_embeddings(path, Embeddings(ids, [keys], [{**ENCODER, "dim": args.dim}]))
         rows.append((f"save {args.keys:,} x {args.dim:,} embeddings ({path.stat().st_size / 1e6:,.0f} MB)",
                      time.perf_counter() - start, ""))
         start = time.perf_counter()
@@ -137,17 +142,29 @@ def main() -> None:
         if args.tune:
             index = fit_index(train, concepts, Path(tmp) / "index", ProbeOptions(epochs=1, device=args.device))
             valid_ids = [f"ImageCLEFmedical_Caption_2025_valid_{n}" for n in range(args.valid)]
-            valid = Embeddings(valid_ids, [unit_vectors(rng, args.valid, args.dim)], [ENCODER])
+            # the validation vectors carry the training file's encoder description, as embed would write it
+            valid = Embeddings(valid_ids, [unit_vectors(rng, args.valid, args.dim)], train.encoders)
             gt = {i: tuple(c) for i, c in random_concepts(rng, valid_ids, args.cuis).items()}
             generated = random_concepts(rng, valid_ids, args.cuis, per_image=4)
-            start = time.perf_counter()
-            tune(index, valid, gt, generated, device=args.device)
-            rows.append((f"tune on {args.valid:,} validation images (+ generated CUIs)", time.perf_counter() - start,
-                         ""))
-    print(f"\ndevice: {args.device}, torch threads: {torch.get_num_threads()}")
-    print("| step | seconds | rate |\n|---|---|---|")
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for _ in range(args.repeats):
+                for per_cui in (False, True):
+                    start = time.perf_counter()
+                    tune(index, valid, gt, generated, device=args.device, per_cui=per_cui)
+                    times[per_cui].append(time.perf_counter() - start)
+            for per_cui, runs in times.items():
+                rows.append((f"tune on {args.valid:,} validation images (+ generated CUIs), per-CUI thresholds "
+                             f"{'on' if per_cui else 'off'}", runs, ""))
+    print(f"\ndevice: {args.device}, torch threads: {torch.get_num_threads()}, training images: {args.keys:,}, "
+          f"dimensions: {args.dim:,}")
+    print("| step | seconds (of several runs: min / median / max) | rate |\n|---|---|---|")
     for name, seconds, rate in rows:
-        print(f"| {name} | {seconds:.2f} | {rate} |")
+        if isinstance(seconds, list):
+            runs = sorted(seconds)
+            seconds_text = " / ".join(f"{x:.2f}" for x in (runs[0], runs[len(runs) // 2], runs[-1]))
+        else:
+            seconds_text = f"{seconds:.2f}"
+        print(f"| {name} | {seconds_text} | {rate} |")
 
 
 if __name__ == "__main__":

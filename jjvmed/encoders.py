@@ -15,7 +15,8 @@ token, timm's global pool, open_clip's image embedding, LLaVA's mean of the patc
 
 `describe` says what made a vector; two vectors may be compared only if `same_encoder` says so. Models
 other than LLaVA's tower are loaded on the CPU in their stored precision first, so the weights'
-fingerprint does not depend on the device or dtype they then run in.
+fingerprint does not depend on the device or dtype they then run in; LLaVA's tower, loaded with the
+language model, is fingerprinted on values cast to bf16, for the same reason.
 """
 
 from __future__ import annotations
@@ -81,6 +82,14 @@ def same_encoder(a: dict, b: dict) -> bool:
     return all(a.get(k) == b.get(k) for k in IDENTITY)
 
 
+def check_recorded(description: dict, what: str, remedy: str) -> None:
+    """Refuse LLaVA vectors from before the tower's weights fingerprint and image size were recorded: they
+    cannot be told from another LLaVA checkpoint's of the same shape."""
+    if description.get("family", "llava") == "llava" and not all(k in description for k in ("weights", "image_size")):
+        raise UserError(f"{what} holds LLaVA vision-tower vectors made by an older version, which did not record "
+                        f"which weights made them: {remedy}")
+
+
 def encoder_label(description: dict) -> str:
     """A short name for tables and messages: 'llava', 'hf:rad-dino', 'timm:convnextv2_base'."""
     family = description.get("family", "llava")
@@ -125,14 +134,18 @@ def blank_image():
     return Image.new("RGB", (64, 64), (128, 128, 128))
 
 
-def weights_fingerprint(model) -> str:
-    """Which weights these are: parameter names, shapes and a sample of each tensor's values, as stored
-    (before any move or cast), so BiomedCLIP and an OpenAI ViT-B/16 of the same shape differ."""
+def weights_fingerprint(model, cast=None) -> str:
+    """Which weights these are: parameter names, shapes and a sample of each tensor's values, so BiomedCLIP
+    and an OpenAI ViT-B/16 of the same shape differ. Taken as stored (before any move or cast), or, with
+    `cast` (a torch dtype), with the sampled values cast to it first: then one checkpoint loaded in bf16 on a
+    GPU and in fp32 on the CPU gives the same fingerprint."""
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().numpy()
-        h.update(f"{name}{tuple(tensor.shape)}".encode() + sample.tobytes())
+        sample = flat[:: max(1, flat.numel() // 64)][:64]
+        if cast is not None and sample.is_floating_point():
+            sample = sample.to(cast)
+        h.update(f"{name}{tuple(tensor.shape)}".encode() + sample.float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -193,6 +206,9 @@ def torchvision_placeholders():
     On the project's CPU machines torchvision cannot be installed (FACTS.md, section 7). Where it is
     missing, its modules are stood in for, during the import only, by placeholders that raise if
     anything ever calls them; they are removed afterwards, so no other code sees a torchvision.
+    transformers (which open_clip imports) caches whether torchvision is installed the first time it
+    is asked; it is asked here, before the placeholders exist, or every later image processor would
+    take the torchvision backend and fail to import.
     """
     import importlib.machinery
     import importlib.util
@@ -200,6 +216,9 @@ def torchvision_placeholders():
     if importlib.util.find_spec("torchvision") is not None:
         yield
         return
+    from transformers.utils import is_torchvision_available
+
+    is_torchvision_available()  # cached False now, while the answer is true
 
     class Missing(type):
         def __getattr__(cls, name):
@@ -269,10 +288,12 @@ def load_hf(source: str):
     checkpoint's own image processor, with transformers' PIL backend (the same pixels on every machine)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
+    from .model import IMAGE_BACKEND
+
     spec = f"hf:{source}"
     try:
         config = AutoConfig.from_pretrained(source)
-        processor = AutoImageProcessor.from_pretrained(source, backend="pil")
+        processor = AutoImageProcessor.from_pretrained(source, backend=IMAGE_BACKEND)
     except (OSError, ValueError) as e:
         raise UserError(f"--encoder {spec}: cannot load its config or image processor ({first_line(e)})") from None
     kind = config.model_type
@@ -375,11 +396,20 @@ def vision_encoder_from(model, processor, pooling: str = "mean") -> Encoder:
     if any("lora_" in name for name, _ in tower.named_modules()):
         raise UserError("this adapter changes the vision tower, so its image features would not match a concept "
                         "index built from the base model; embed with the base model")
+    import torch
+
     device = next(p.device for p in tower.parameters())
+    preprocess = HFPreprocess(processor.image_processor)
+    pixels = preprocess([blank_image()])
+    # The fingerprint tells two LLaVA checkpoints of the same shape apart; taken in bf16, the coarsest
+    # precision the tower runs in, so an index embedded in bf16 on a GPU accepts queries embedded in fp32
+    # on a CPU.
     info = {"name": config.vision_config.model_type, "feature_layer": int(config.vision_feature_layer),
             "drop_cls": config.vision_feature_select_strategy == "default",
-            "dim": int(config.vision_config.hidden_size), "source": "llava"}
-    return Encoder("llava", tower, HFPreprocess(processor.image_processor), pooling, device, info)
+            "dim": int(config.vision_config.hidden_size), "source": "llava",
+            "weights": weights_fingerprint(tower, cast=torch.bfloat16),
+            "image_size": [int(pixels.shape[2]), int(pixels.shape[3])]}
+    return Encoder("llava", tower, preprocess, pooling, device, info)
 
 
 def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str = "auto",

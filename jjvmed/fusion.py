@@ -27,7 +27,8 @@ from .embeddings import Embeddings
 from .encoders import encoder_label
 from .errors import UserError, first_line
 from .images import id_sort_key
-from .index import ConceptIndex, nearest, resolve_device, used_members
+from .index import ConceptIndex, nearest, used_members
+from .model import resolve_device
 from .submission import MAX_CONCEPTS
 
 SETTINGS_FORMAT = "jj-vmed-concept-settings/2"

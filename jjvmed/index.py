@@ -1,5 +1,6 @@
 """The concept index: the training images' CUIs and, per encoder, their vectors (for nearest neighbours)
-and the probe trained on them, saved in one folder by `fit_index`; and the concept files they are built from.
+and the probe trained on them (probe.py), saved in one folder by `fit_index`; and the reader of the ground-truth
+concepts that tuning scores against.
 
 An index of several encoders (an ensemble) holds one member per encoder, all over the same images and
 CUIs; tuning.py weighs their scores. Fitted with the training captions too (`fit --train_captions`), it
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -19,12 +21,15 @@ import numpy as np
 
 from . import files
 from .embeddings import Embeddings, EmbedOptions
-from .encoders import encoder_label
-from .errors import UserError, log
-from .submission import concept_pairs, is_header, read_rows
+from .encoders import check_recorded, encoder_label
+from .errors import UserError, first_line, log
+from .model import resolve_device  # noqa: F401 - generate_captions.py imports it from here
+from .probe import Probe, ProbeOptions, train_probe
+from .submission import concept_pairs, read_rows
 
 INDEX_FORMAT = "jj-vmed-concept-index/2"
 OLD_INDEX_FORMAT = "jj-vmed-concept-index/1"  # one LLaVA encoder, read as such
+PROBE_FILES = ("probe.safetensors", "probe.json")  # the probes' weights and what they were trained on
 
 
 def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
@@ -33,49 +38,6 @@ def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
     if not pairs:
         raise UserError(f"{path} has no ID,CUIs rows")
     return pairs
-
-
-def read_caption_csv(path: str | Path) -> dict[str, str]:
-    """ID -> caption of an ID,Caption file (the header row skipped; an unquoted comma kept in the caption)."""
-    pairs = {fields[0]: ",".join(fields[1:]) for _, fields in read_rows(path) if len(fields) >= 2 and
-             not is_header(fields)}
-    if not pairs:
-        raise UserError(f"{path} has no ID,Caption rows")
-    return pairs
-
-
-def read_cui_sets(path: str | Path) -> dict[str, list[str]]:
-    """ID -> upper-cased CUIs without empty items or repeats (training labels, generated concepts)."""
-    return {i: list(dict.fromkeys(c.strip().upper() for c in cuis if c.strip()))
-            for i, cuis in read_concept_csv(path).items()}
-
-
-@dataclass(frozen=True)
-class Probe:
-    """Standardise, then a linear layer (or one hidden GELU layer); sigmoid gives one probability per CUI."""
-    tensors: dict[str, np.ndarray]  # mean, std, w1, b1[, w2, b2]
-    info: dict
-
-    def predict(self, vectors: np.ndarray, device: str = "cpu", batch: int = 8192) -> np.ndarray:
-        import torch
-
-        t = {k: torch.from_numpy(v).to(device) for k, v in self.tensors.items()}
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(vectors), batch):
-                x = (torch.from_numpy(vectors[start:start + batch]).to(device) - t["mean"]) / t["std"]
-                out.append(torch.sigmoid(probe_logits(t, x)).cpu().numpy())
-        width = len(self.tensors["b2" if "w2" in self.tensors else "b1"])
-        return np.concatenate(out) if out else np.zeros((0, width), np.float32)
-
-
-def probe_logits(t: dict, x):
-    import torch
-
-    h = x @ t["w1"].T + t["b1"]
-    if "w2" in t:
-        h = torch.nn.functional.gelu(h) @ t["w2"].T + t["b2"]
-    return h
 
 
 @dataclass(frozen=True)
@@ -107,134 +69,6 @@ class ConceptIndex:
         return csr_matrix((data, self.label_idx, self.label_ptr), shape=(len(self.ids), len(self.cuis)))
 
 
-@dataclass(frozen=True)
-class ProbeOptions:
-    hidden: int = 0  # 0: linear
-    epochs: int = 30  # passes over the training vectors at most; 0: no probe
-    batch_size: int = 256
-    learning_rate: float = 1e-2
-    weight_decay: float = 1e-4
-    patience: int = 3  # stop after this many passes without a better held-out F1
-    held_out: float = 0.1  # share of the training images (at most MAX_HELD_OUT) that decides when to stop
-    seed: int = 0
-    device: str = "auto"
-
-
-MIN_STEPS_PER_PASS = 20  # a pass is at least this many steps, so a small set gets updates between checks
-MAX_HELD_OUT = 2000  # images: enough to rank passes by F1, few enough to leave the rest for training
-MIN_HELD_OUT = 20  # below this the probe trains all `epochs` passes on every image
-F1_THRESHOLDS = np.round(np.arange(1, 20) * 0.05, 2).astype(np.float32)  # for the held-out F1 only
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
-    return device
-
-
-def held_out_f1(probabilities: np.ndarray, truth: np.ndarray) -> float:
-    """Mean per-image F1 (images with concepts) at the best single threshold: what tuning will maximise."""
-    keep = truth.any(1)
-    p, t = probabilities[keep], truth[keep]
-    if not len(p):
-        return 0.0
-    sizes = t.sum(1)
-    best = 0.0
-    for threshold in F1_THRESHOLDS:
-        chosen = p >= threshold
-        best = max(best, float((2 * (chosen & t).sum(1) / (sizes + np.maximum(chosen.sum(1), 1))).mean()))
-    return best
-
-
-def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
-    """Multi-label BCE on the training vectors (labels: scipy csr, images x CUIs): AdamW over shuffled
-    batches, in passes over the data; after each pass the F1 on a held-out slice of the training images
-    (the official per-image F1 at the best single threshold) is measured, and training stops once it has
-    not risen for `patience` passes. The weights of the best pass are kept.
-
-    Stopping on the training loss never fired at 8,000 images (the loss keeps falling long after the
-    held-out F1 peaks). The output biases start at each CUI's log-odds in the training set: from zero
-    (probability 0.5 for all ~2,000 CUIs) the optimiser spent most of its steps pushing rare CUIs down.
-    """
-    import math
-
-    import torch
-
-    device = resolve_device(options.device)
-    torch.manual_seed(options.seed)
-    rng = np.random.default_rng(options.seed)
-    n = len(vectors)
-    held = min(int(n * options.held_out), MAX_HELD_OUT) if options.held_out > 0 else 0
-    held = held if held >= MIN_HELD_OUT else 0
-    order = rng.permutation(n)
-    train_rows, held_rows = np.sort(order[held:]), np.sort(order[:held])
-    x_all = torch.from_numpy(vectors).to(device)
-    mean = x_all.mean(0)
-    std = x_all.std(0) + 1e-6  # a few CLIP dimensions dominate; standardising lets each count
-    dim, n_cuis = vectors.shape[1], labels.shape[1]
-    if options.hidden:
-        net = torch.nn.Sequential(torch.nn.Linear(dim, options.hidden), torch.nn.GELU(),
-                                  torch.nn.Linear(options.hidden, n_cuis))
-    else:
-        net = torch.nn.Sequential(torch.nn.Linear(dim, n_cuis))
-    share = np.asarray(labels[train_rows].sum(0), np.float64).ravel() / len(train_rows)
-    share = np.clip(share, 0.5 / len(train_rows), 1 - 0.5 / len(train_rows))
-    with torch.no_grad():
-        net[-1].bias.copy_(torch.from_numpy(np.log(share / (1 - share)).astype(np.float32)))
-    net.to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay)
-    batch = min(options.batch_size, len(train_rows))
-    steps_per_pass = max(math.ceil(len(train_rows) / batch), MIN_STEPS_PER_PASS)
-    x_held = (x_all[torch.from_numpy(held_rows).to(device)] - mean) / std if held else None
-    truth_held = labels[held_rows].toarray() > 0 if held else None
-    shuffled, position = rng.permutation(train_rows), 0
-    losses: list[float] = []
-    scores: list[float] = []
-    best_state, best_score = None, -1.0
-    for _ in range(options.epochs):
-        net.train()
-        total = torch.zeros((), device=device)
-        for _ in range(steps_per_pass):
-            if position + batch > len(shuffled):
-                shuffled, position = rng.permutation(train_rows), 0
-            rows = shuffled[position:position + batch]
-            position += batch
-            target = torch.from_numpy(labels[rows].toarray()).to(device)
-            x = (x_all[torch.from_numpy(rows).to(device)] - mean) / std
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-        losses.append(float(total) / steps_per_pass)
-        if not held:
-            continue
-        with torch.inference_mode():
-            scores.append(held_out_f1(torch.sigmoid(net(x_held)).cpu().numpy(), truth_held))
-        if scores[-1] > best_score + 1e-6:
-            best_score = scores[-1]
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        elif len(scores) - 1 - int(np.argmax(scores)) >= options.patience:
-            break
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    layers = [m for m in net if isinstance(m, torch.nn.Linear)]
-    tensors = {"mean": mean, "std": std, "w1": layers[0].weight, "b1": layers[0].bias}
-    if len(layers) == 2:
-        tensors |= {"w2": layers[1].weight, "b2": layers[1].bias}
-    best_pass = int(np.argmax(scores)) + 1 if scores else len(losses)
-    info = {"hidden": options.hidden, "passes": len(losses), "best_pass": best_pass,
-            "steps": len(losses) * steps_per_pass, "batch_size": batch, "learning_rate": options.learning_rate,
-            "weight_decay": options.weight_decay, "patience": options.patience, "held_out_images": held,
-            "losses": [round(x, 6) for x in losses], "held_out_f1": [round(x, 4) for x in scores],
-            "final_loss": losses[-1] if losses else float("nan"), "dim": dim}
-    return Probe({k: v.detach().float().cpu().contiguous().numpy() for k, v in tensors.items()}, info)
-
-
 def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_dir: str | Path,
               probe_options: ProbeOptions | None = ProbeOptions(), captions: dict[str, str] | None = None
               ) -> ConceptIndex:
@@ -248,6 +82,8 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_d
     if not keep:
         raise UserError(f"no training image has a row in the {' and '.join(n for n, _ in labelled)} file "
                         "(do the IDs match?)")
+    for encoder in train.encoders:
+        check_recorded(encoder, "the training embeddings file", "embed the training images again")
     ids = [train.ids[n] for n in keep]
     concepts = concepts if concepts is not None else {}
     cuis = sorted({c for i in ids for c in concepts.get(i, [])})
@@ -342,8 +178,6 @@ def captions_from_arrays(data) -> list[str]:
 
 
 def load_index(index_dir: str | Path) -> ConceptIndex:
-    from safetensors.numpy import load_file
-
     folder = Path(index_dir)
     path = folder / "index.npz"
     if not path.is_file():
@@ -362,19 +196,39 @@ def load_index(index_dir: str | Path) -> ConceptIndex:
             captions = captions_from_arrays(data) if "captions_utf8" in data.files else None
             if captions is not None and len(captions) != len(ids):
                 raise ValueError(f"{len(captions)} captions for {len(ids)} images")
-    except (OSError, KeyError, ValueError) as e:
-        raise UserError(f"{path} is not a concept index written by concept_index.py fit ({e})") from None
-    probes: dict[int, Probe] = {}
-    if (folder / "probe.safetensors").is_file():
-        info = json.loads((folder / "probe.json").read_text())
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:  # damaged, cut short, or not ours
+        raise UserError(f"{path} is not a concept index written by concept_index.py fit ({first_line(e)}); fit it "
+                        "again") from None
+    for encoder in meta["encoders"]:
+        check_recorded(encoder, f"the concept index {folder}", "embed the training images again and fit it again")
+    probes = load_probes(folder, cuis)
+    members = [Member(e, v, probes.get(m)) for m, (e, v) in enumerate(zip(meta["encoders"], vectors, strict=True))]
+    return ConceptIndex(cuis, ids, label_ptr, label_idx, members, meta, captions)
+
+
+def load_probes(folder: Path, cuis: list[str]) -> dict[int, Probe]:
+    """Member -> its probe, from probe.safetensors and probe.json (fit writes both or neither)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    present = [name for name in PROBE_FILES if (folder / name).is_file()]
+    if not present:
+        return {}
+    if len(present) < len(PROBE_FILES):
+        missing = next(name for name in PROBE_FILES if name not in present)
+        raise UserError(f"{folder} has {present[0]} but no {missing}: the index is incomplete; fit it again")
+    try:
+        info = json.loads((folder / "probe.json").read_text(encoding="utf-8"))
         if info.pop("cuis") != cuis:
             raise UserError(f"{folder}/probe.json lists other CUIs than index.npz; fit the index again")
         tensors = load_file(folder / "probe.safetensors")
+        probes = {}
         for m, member_info in info["members"].items():
             own = {k.partition(".")[2]: v for k, v in tensors.items() if k.partition(".")[0] == m}
             probes[int(m)] = Probe(own, member_info)
-    members = [Member(e, v, probes.get(m)) for m, (e, v) in enumerate(zip(meta["encoders"], vectors, strict=True))]
-    return ConceptIndex(cuis, ids, label_ptr, label_idx, members, meta, captions)
+        return probes
+    except (OSError, KeyError, ValueError, AttributeError, SafetensorError) as e:
+        raise UserError(f"the probe files in {folder} are damaged ({first_line(e)}); fit the index again") from None
 
 
 def embed_options_for(index: ConceptIndex, method_settings: dict | None = None, **options) -> EmbedOptions:
@@ -396,7 +250,12 @@ def used_members(index: ConceptIndex, method_settings: dict | None) -> list[int]
 def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
             chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(cosine similarities, key rows) of the k nearest keys per query, nearest first: exact search,
-    chunked matrix products (rows are L2-normalised, so the dot product is the cosine)."""
+    chunked matrix products (rows are L2-normalised, so the dot product is the cosine).
+
+    Keys at equal cosine (duplicated training images) are taken lowest row first, so the k nearest are
+    always the first k of the K nearest: tuning searches once at its largest k and reads every smaller k
+    from that list, prediction searches at the tuned k, and both must pick the same neighbours.
+    """
     import torch
 
     k = min(k, len(keys))
@@ -407,7 +266,30 @@ def nearest(keys: np.ndarray, queries: np.ndarray, k: int, device: str = "cpu",
     key_t = torch.from_numpy(np.ascontiguousarray(keys)).to(device)
     for start in range(0, len(queries), chunk):
         q = torch.from_numpy(np.ascontiguousarray(queries[start:start + chunk])).to(device)
-        top = torch.topk(q @ key_t.T, k, dim=1)
-        sims[start:start + len(q)] = top.values.cpu().numpy()
-        rows[start:start + len(q)] = top.indices.cpu().numpy()
+        values, indices = top_k_lowest_row_first(q @ key_t.T, k)
+        sims[start:start + len(q)] = values.cpu().numpy()
+        rows[start:start + len(q)] = indices.cpu().numpy()
     return sims, rows
+
+
+def top_k_lowest_row_first(scores, k: int):
+    """torch.topk over each row of `scores`, with ties broken by the lower column (topk's own order among
+    equal values is unspecified, and a tie can straddle the k-th place). Rows without ties, nearly all
+    of them, cost one topk of k + 1."""
+    import torch
+
+    width = scores.shape[1]
+    values, indices = torch.topk(scores, min(k + 1, width), dim=1)
+    straddles = values[:, k - 1] == values[:, k] if k < width else torch.zeros(len(values), dtype=torch.bool)
+    values, indices = values[:, :k].contiguous(), indices[:, :k].contiguous()
+    inside = (values[:, :-1] == values[:, 1:]).any(1)
+    if inside.any():  # the same k keys, put in order: by row, then stably by value, best first
+        rows = inside.nonzero().squeeze(1)
+        by_row, order = torch.sort(indices[rows], dim=1)
+        by_value = torch.sort(values[rows].gather(1, order), dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = by_value.values, by_row.gather(1, by_value.indices)
+    if straddles.any():  # which of the tied keys are in the k: a stable sort of the whole row
+        rows = straddles.nonzero().squeeze(1)
+        ranked = torch.sort(scores[rows], dim=1, descending=True, stable=True)
+        values[rows], indices[rows] = ranked.values[:, :k], ranked.indices[:, :k]
+    return values, indices

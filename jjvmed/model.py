@@ -21,6 +21,7 @@ DEFAULT_BASE_MODEL = "xtuner/llava-llama-3-8b-v1_1-transformers"
 DEFAULT_ADAPTER = "JoVal26/ja-med-clef-model"
 # The 8B generation config lists only <|end_of_text|>; the model ends its turns with <|eot_id|>.
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
+IMAGE_BACKEND = "pil"  # transformers' image processors: the same pixels on every machine (load_processor)
 
 @dataclass
 class ModelSpec:
@@ -43,6 +44,17 @@ def merge_by_default(adapter: str | None, load_in_4bit: bool) -> bool:
     unquantized weights on the CPU and saving ~16 GB once, so there it stays a choice.
     """
     return adapter is not None and not load_in_4bit
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; a CUDA device asked for without one is a UserError."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return device
 
 
 def resolve_device_and_dtype(device: str, dtype: str):
@@ -127,11 +139,20 @@ def check_model_source(name: str, what: str) -> None:
 
 
 def load_processor(base_model_path: str):
-    from transformers import AutoProcessor
+    """The LLaVA processor, with transformers' PIL image processor wherever it runs.
+
+    Left to itself, transformers 5 takes its torchvision image processor where torchvision is installed
+    (GPU machines) and the PIL one elsewhere (this project's CPU machines): their resizing differs, so an
+    index embedded on one would be queried with other pixels on the other. PIL is what the hf: encoders
+    use too. The image processor is loaded on its own: `backend=` given to AutoProcessor would also reach
+    the tokenizer, which keeps it as its own `backend` attribute.
+    """
+    from transformers import AutoImageProcessor, AutoProcessor
 
     check_model_source(base_model_path, "--base_model_path")
     try:
         processor = AutoProcessor.from_pretrained(base_model_path)
+        processor.image_processor = AutoImageProcessor.from_pretrained(base_model_path, backend=IMAGE_BACKEND)
     except OSError as e:
         raise UserError(f"cannot load the processor from {base_model_path}: {first_line(e)}") from None
     fix_processor(processor)

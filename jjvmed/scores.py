@@ -123,7 +123,9 @@ def bleu_scores(gts: list[str], preds: list[str]) -> dict[str, float]:
 
 
 def bertscore_f1(gts: list[str], preds: list[str], model: str, num_layers: int | None) -> list[float]:
-    """BERTScore F1 with idf from the ground-truth captions (bert-score package, a local model folder)."""
+    """BERTScore F1 of each pair (bert-score package, a local model folder), with idf from every ground-truth
+    caption in `gts`, as the organisers' BERTScorer(idf_sents=...) computes it: the pairs scored (those where
+    neither caption is empty) do not change the weights, so no image's score depends on another's prediction."""
     import bert_score
 
     folder = Path(model)
@@ -140,11 +142,30 @@ def bertscore_f1(gts: list[str], preds: list[str], model: str, num_layers: int |
     scores = [1.0 if not g.strip() and not p.strip() else 0.0 for g, p in zip(gts, preds, strict=True)]
     todo = [i for i, (g, p) in enumerate(zip(gts, preds, strict=True)) if g.strip() and p.strip()]
     if todo:
+        idf = idf_weights(gts, bert_score.utils.get_tokenizer(str(folder), False))  # the tokenizer score() loads
         _, _, f1 = bert_score.score([preds[i] for i in todo], [gts[i] for i in todo], model_type=str(folder),
-                                    num_layers=num_layers, idf=True, lang="en", verbose=False, batch_size=32)
+                                    num_layers=num_layers, idf=idf, lang="en", verbose=False, batch_size=32)
         for i, s in zip(todo, f1.tolist(), strict=True):
             scores[i] = float(s)
     return scores
+
+
+def idf_weights(sentences: list[str], tokenizer) -> dict:
+    """bert-score's idf weights (utils.get_idf_dict) over `sentences`: log((N + 1) / (n + 1)) for a token in n of
+    the N sentences, log(N + 1) for one in none. An empty sentence counts as its special tokens alone, as
+    bert-score encodes it; bert-score itself cannot encode one on transformers 5 (it calls a tokenizer method
+    that is gone), so the empty ones are counted here."""
+    import math
+    from collections import Counter, defaultdict
+
+    from bert_score.utils import process
+
+    empty = set(tokenizer("")["input_ids"])  # [CLS] [SEP]
+    counts = Counter(token for s in sentences for token in (process(s, tokenizer) if s.strip() else empty))
+    n = len(sentences)
+    weights: dict = defaultdict(lambda: math.log(n + 1))
+    weights.update({token: math.log((n + 1) / (c + 1)) for token, c in counts.items()})
+    return weights
 
 
 # bleurt-pytorch 0.0.1 (what the organisers install) was written for transformers 4. On transformers 5 its

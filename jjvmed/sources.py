@@ -32,7 +32,7 @@ from .pipeline import RunConfig, RunResult, Selection, worker_died
 from .records import Record
 from .shards import gather_to_rank0, merge_shard_records, process_group
 from .signals import StopSignals
-from .submission import read_id_table
+from .tables import read_id_table
 
 
 @dataclass(frozen=True)

@@ -151,31 +151,6 @@ def check_header_row(records: list[tuple[int, list[str]]], path: Path, what: str
                                "a header row ID above it")
 
 
-def read_id_table(path: str | Path, column: str) -> dict[str, str]:
-    """ID -> the `column` field of every row of a CSV with an ID column and that one (`ID,Caption`, `ID,CUIs`,
-    format A's `ID,Concepts`), in file order; columns found by their header, in any case. The one reader of
-    such files for training data and for answers read back; submissions and ground truths are read as the
-    organisers' code reads them (read_rows)."""
-    path = Path(path)
-    if not path.is_file():
-        raise errors.UserError(f"{path} does not exist")
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh)
-        header = [h.strip() for h in next(reader, [])]
-        lower = [h.casefold() for h in header]
-        if "id" not in lower or column.casefold() not in lower:
-            raise errors.UserError(f"{path} needs the columns ID,{column}; it has: {', '.join(header) or 'none'}")
-        id_col, value_col = lower.index("id"), lower.index(column.casefold())
-        rows: dict[str, str] = {}
-        for row in reader:
-            if not row:
-                continue
-            # An unquoted comma inside the last column ("Foramen Ovale, Patent", a caption) splits it: rejoin it.
-            rows[row[id_col]] = ",".join(row[value_col:]) if value_col == len(header) - 1 else \
-                (row[value_col] if len(row) > value_col else "")
-        return rows
-
-
 # The header rule of an ID list, said once: the docstring below, --ids_csv's help and the README use it.
 ID_LIST_HEADER_RULE = ("its first row is the header and is never read as an ID, whatever it holds (ID,CUIs, "
                        "image_id,caption), as on the platform; a first row whose first field holds a digit is "

@@ -26,12 +26,14 @@ from .errors import UserError, log, quiet_library_deprecations
 from .images import id_sort_key, ignore_stop_signals, list_images, load_image
 from .shards import gather_everywhere
 from .signals import StopSignals
-from .submission import read_id_table
+from .tables import read_id_table
 
 # The language model's attention and MLP projections, and the projector (transformers-5 names).
 LORA_TARGETS = (r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
                 r"|model\.multi_modal_projector\.linear_[12]")
 IGNORE = -100
+IMAGE_TOKENS = 576  # (336 / 14)^2 patches of the CLIP ViT-L/14-336 tower: every example opens with them
+MIN_MAX_LENGTH = IMAGE_TOKENS + 64  # tokens: the image, the prompt (~30) and the start of the answer
 ERRORS_FILE = "finetune_errors.csv"  # every training image that could not be used
 PROGRESS_FILE = "finetune_progress.json"  # in every checkpoint: what training has fed the model so far
 # Collator keys for the run's own bookkeeping; the trainer takes them out before the model sees the batch.

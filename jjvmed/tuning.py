@@ -38,7 +38,8 @@ from .fusion import (
     settings_of,
 )
 from .images import id_sort_key
-from .index import ConceptIndex, resolve_device
+from .index import ConceptIndex
+from .model import resolve_device
 
 # The grids. kNN: neighbours, and how much closer neighbours count (0: all the same; else softmax of
 # cosine / temperature: CLIP cosines of neighbours sit within a few hundredths).

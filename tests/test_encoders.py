@@ -377,3 +377,93 @@ def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that
     predictions = predict_concepts(index, settings, emb)
     assert sorted(predictions) == sorted(load_embeddings(train).ids)
     assert predictions["img_copy"] == predictions["img_1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# LLaVA's tower beside the other families
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_open_clip
+def test_an_open_clip_encoder_loaded_first_leaves_the_llava_and_hf_encoders_working(specs, images, tiny_model,
+                                                                                   tmp_path):
+    """open_clip imports transformers; where torchvision is missing, transformers must not remember the stand-in
+    as an installed torchvision, or every image processor after it fails to import. A fresh interpreter, as a
+    user runs it: open_clip first, then LLaVA's tower and a Hugging Face CLIP."""
+    from conftest import run_script
+
+    out = tmp_path / "emb.npz"
+    done = run_script("concept_index.py", "embed", "--image_dir", str(images), "--embeddings", str(out),
+                      "--encoder", specs["open_clip-vit"], "--encoder", "llava", "--encoder", specs["hf-clip"],
+                      "--base_model_path", str(tiny_model), "--num_workers", "0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [e["family"] for e in load_embeddings(out).encoders] == ["open_clip", "llava", "hf"]
+
+
+def llava_tower(model_dir: Path, dtype: str = "float32"):
+    import torch
+
+    from jjvmed.encoders import vision_encoder_from
+    from jjvmed.model import load_base_model, load_processor
+
+    model = load_base_model(str(model_dir), {"": "cpu"}, getattr(torch, dtype), load_in_4bit=False)
+    return vision_encoder_from(model, load_processor(str(model_dir)))
+
+
+def test_the_llava_tower_records_its_weights_the_same_in_bf16_and_fp32_and_its_image_size(tiny_model):
+    """An index embedded in bf16 on a GPU must accept queries embedded in fp32 on a CPU."""
+    fp32, bf16 = llava_tower(tiny_model).describe(), llava_tower(tiny_model, "bfloat16").describe()
+    assert fp32["weights"] and fp32["weights"] == bf16["weights"] and fp32["dtype"] != bf16["dtype"]
+    assert fp32["image_size"] == [336, 336]
+
+
+def test_vectors_of_another_llava_checkpoint_of_the_same_shape_are_refused(images, tiny_model, tmp_path, capsys):
+    from tiny_llava import build_tiny_llava
+
+    other = build_tiny_llava(tmp_path / "other-llava", seed=1)  # same shapes, other weights
+    for name, model in (("train", tiny_model), ("other", other)):
+        assert cli("embed", "--image_dir", str(images), "--embeddings", str(tmp_path / f"{name}.npz"),
+                   "--base_model_path", str(model), "--num_workers", "0") == 0
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
+    index, settings = tmp_path / "index", tmp_path / "settings.json"
+    assert cli("fit", "--embeddings", str(tmp_path / "train.npz"), "--train_concepts", str(concepts),
+               "--concept_index", str(index), "--probe_epochs", "0") == 0
+    assert cli("tune", "--concept_index", str(index), "--embeddings", str(tmp_path / "train.npz"), "--valid_concepts",
+               str(concepts), "--concept_settings", str(settings)) == 0
+    capsys.readouterr()
+    predict = ["predict", "--concept_index", str(index), "--concept_settings", str(settings), "--method", "knn"]
+    assert cli(*predict, "--embeddings", str(tmp_path / "other.npz"), "--output_csv", str(tmp_path / "o.csv")) == 2
+    err = capsys.readouterr().err
+    assert "weights" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "o.csv").exists()
+    assert cli(*predict, "--embeddings", str(tmp_path / "train.npz"), "--output_csv", str(tmp_path / "t.csv")) == 0
+
+
+def test_llava_vectors_of_an_older_version_without_a_weights_fingerprint_are_refused_in_one_line(tmp_path, capsys):
+    old = {"family": "llava", "name": "clip_vision_model", "source": "llava", "pooling": "mean", "feature_layer": -2,
+           "dim": 4}
+    ids = ["a", "b"]
+    save_embeddings(tmp_path / "old.npz", Embeddings(ids, [np.eye(2, 4, dtype=np.float32)], [old]))
+    (tmp_path / "concepts.csv").write_text("ID,CUIs\na,C0000001\nb,C0000002\n")
+    assert cli("fit", "--embeddings", str(tmp_path / "old.npz"), "--train_concepts", str(tmp_path / "concepts.csv"),
+               "--concept_index", str(tmp_path / "index")) == 2
+    err = capsys.readouterr().err
+    assert "older version" in err and "embed the training images again" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "index").exists()
+
+
+def test_the_llava_processor_takes_the_pil_image_backend_wherever_it_runs(tiny_model):
+    """Generation and the llava encoder share load_processor; left to itself, transformers would take its
+    torchvision image processor where torchvision is installed and resize differently. (On a machine without
+    torchvision both backends resolve to PIL: this checks the pin and that the tokenizer is left alone.)"""
+    from transformers import AutoImageProcessor
+
+    from jjvmed.encoders import HFPreprocess, blank_image
+    from jjvmed.model import load_processor
+
+    processor = load_processor(str(tiny_model))
+    assert type(processor.image_processor).__name__.endswith("Pil")
+    assert processor.tokenizer.backend == "tokenizers"  # `backend=` given to AutoProcessor would land here
+    pil = AutoImageProcessor.from_pretrained(str(tiny_model), backend="pil")
+    assert np.array_equal(HFPreprocess(processor.image_processor)([blank_image()]).numpy(),
+                          HFPreprocess(pil)([blank_image()]).numpy())

@@ -116,6 +116,21 @@ def test_secondary_f1_filters_to_the_allowed_list_and_skips_images_left_empty(tm
     assert summary["images_scored_secondary"] == 1 and summary["f1_secondary"] == 0.0
 
 
+def test_an_allowed_cuis_value_that_is_neither_a_file_nor_cuis_is_one_line(tmp_path, capsys):
+    """A mistyped path was read as a list of one 'CUI', which filtered every CUI out: secondary F1 0."""
+    gt = write(tmp_path / "gt.csv", "ID,CUIs\na,C0040405\n")
+    allowed = write(tmp_path / "allowed.txt", "CUI\nC0040405\nc0817096\n")
+    base = ["concepts", "--gt", str(gt), "--pred", str(gt), "--gt_manual", str(gt), "--json"]
+    for value, expected in ((str(tmp_path / "alowed.txt"), "is neither a file nor a list of CUIs"),
+                            (str(write(tmp_path / "names.txt", "CUI,Name\nC0040405,CT\n")), "which is not a CUI")):
+        assert errors.run_cli(evaluate.main, [*base, "--allowed_cuis", value]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+    for value in (str(allowed), "C0040405,c0817096"):
+        assert errors.run_cli(evaluate.main, [*base, "--allowed_cuis", value]) == 0
+        assert json.loads(capsys.readouterr().out)["f1_secondary"] == 1.0
+
+
 def test_2025_rules_report_every_violation_with_its_line_and_reject(tmp_path):
     many = ";".join(f"C{i:07d}" for i in range(101))
     pred = write(tmp_path / "pred.csv", "ID,CUIs\na,C0000001\nb,C0000001;C0000001\na,C0000002\n"
@@ -191,28 +206,56 @@ def test_a_caption_file_without_header_or_with_blank_lines_is_rejected(tmp_path)
     assert "line 2: blank line" in report.errors
 
 
-def test_bertscore_runs_from_a_local_model_folder(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT with a WordPiece vocabulary of the captions' words, saved as a local model folder."""
+    import torch
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(["axial ct of the brain chest x ray mass number"] * 5,
+    tok.train_from_iterator(["axial ct of the brain chest x ray mass number showing a lesion in left lung"] * 5,
                             trainers.WordPieceTrainer(vocab_size=100, special_tokens=specials))
-    folder = tmp_path / "tiny-bert"
+    folder = tmp_path_factory.mktemp("tiny-bert")
     hf = BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                            sep_token="[SEP]", mask_token="[MASK]", model_max_length=512)
     hf.save_pretrained(folder)
+    torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=len(hf), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64)).save_pretrained(folder)
+    return folder
+
+
+def test_bertscore_runs_from_a_local_model_folder(tiny_bert):
     gt = {"a": "axial ct of the brain", "b": "chest x ray", "c": ""}
     pred = {"a": "axial ct of the brain", "b": "mass", "c": ""}
-    summary, rows = scores.caption_scores(gt, pred, str(folder), bertscore_layers=2)
+    summary, rows = scores.caption_scores(gt, pred, str(tiny_bert), bertscore_layers=2)
     per = {r["ID"]: r["bertscore_f1"] for r in rows}
     assert per["a"] == pytest.approx(1.0, abs=1e-5) and per["c"] == 1.0 and per["b"] < 1.0
     with pytest.raises(errors.UserError, match="--bertscore_layers"):
-        scores.caption_scores(gt, pred, str(folder))
+        scores.caption_scores(gt, pred, str(tiny_bert))
+
+
+def test_bertscore_weighs_words_by_every_ground_truth_caption_as_the_organisers_do(tiny_bert):
+    """The organisers build BERTScorer(idf_sents=<every preprocessed ground-truth caption>) once: an image's
+    score must not depend on whether another image's prediction is empty (and so left out of bert-score)."""
+    from bert_score import BERTScorer
+
+    gt = {"a": "Axial CT of the brain.", "b": "Chest X-ray showing a lesion", "c": "CT of the chest showing a mass",
+          "d": "X-ray of the left lung"}
+    pred = {"a": "CT of the brain", "b": "chest x ray of the lung", "c": "", "d": "x ray showing a lesion"}
+    with_empty = {r["ID"]: r["bertscore_f1"] for r in scores.caption_scores(gt, pred, str(tiny_bert), 2)[1]}
+    full = {r["ID"]: r["bertscore_f1"] for r in scores.caption_scores(gt, {**pred, "c": "ct of the lung"},
+                                                                       str(tiny_bert), 2)[1]}
+    organisers = BERTScorer(model_type=str(tiny_bert), num_layers=2, idf=True, lang="en",
+                            idf_sents=[scores.preprocess_caption(c) for c in gt.values()])
+    for image_id in "abd":
+        official = organisers.score(cands=[scores.preprocess_caption(pred[image_id])],
+                                    refs=[scores.preprocess_caption(gt[image_id])])[2].item()
+        assert with_empty[image_id] == pytest.approx(full[image_id], abs=1e-5) == pytest.approx(official, abs=1e-5)
+    assert with_empty["c"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -322,3 +322,57 @@ def test_help_loads_neither_torch_nor_matplotlib():
             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--max_length", "100"], "--max_length 100 would cut into the 576 image tokens"),
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1"),
+    (["--lora_r", "0"], "--lora_r must be at least 1"),
+    (["--lr_scheduler", "foo"], "--lr_scheduler foo is not one of linear, cosine"),
+    (["--warmup_ratio", "1.5"], "--warmup_ratio must be from 0 up to"),
+    (["--train_captions", "LATIN1"], "is not UTF-8"),
+    (["--valid_image_dir", "IMAGES", "--valid_concepts", "LATIN1", "--cui_mapping_file", "NAMES"], "is not UTF-8"),
+    (["--valid_image_dir", "IMAGES", "--valid_concepts", "CAPTIONS"], "--valid_concepts needs --cui_mapping_file"),
+], ids=["max_length", "batch_size", "accumulation", "lora_r", "scheduler", "warmup", "latin-1 training",
+        "latin-1 validation", "no mapping"])
+def test_options_that_would_fail_once_the_model_is_loaded_are_one_line_before_anything_loads(tmp_path, extra,
+                                                                                            expected):
+    """The base model does not exist: had the run gone on to load it, the error would name the model instead."""
+    images = colour_split(tmp_path / "imgs", 1, seed=0)
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("ID,Caption\nred_0,Radiografía de tórax\n".encode("latin-1"))
+    names = {"LATIN1": str(latin1), "IMAGES": str(images), "CAPTIONS": str(images.with_suffix(".csv")),
+             "NAMES": str(tmp_path / "names.csv")}
+    done = run_in_process("finetune.py", *small_args(images, Path("/no/such/model"), tmp_path / "out"),
+                          *[names.get(a, a) for a in extra])
+    assert done.returncode == 2 and expected in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_validation_concept_f1_is_what_the_generate_scripts_csv_scores(tiny_model, tmp_path, monkeypatch):
+    """Over every image of the ground truth, CUIs unknown to the mapping file included; an answer that maps to
+    no CUI is the CSV row 'ID,', which the official reader takes as the concept ''. (Answers of 8 tokens on
+    both sides, instead of 150, to keep the test short.)"""
+    from jjvmed import prompts
+    from jjvmed.scores import concept_scores
+    from jjvmed.submission import concept_pairs, read_rows
+
+    valid = colour_split(tmp_path / "valid", 1, seed=1)
+    truth_csv = tmp_path / "valid_concepts.csv"
+    truth_csv.write_text("ID,CUIs\nred_0,C0000001\ngreen_0,C9999999\nblue_0,\nyellow_0,C0000001;C0000004\n")
+    mapping = tmp_path / "names.csv"
+    mapping.write_text("CUI,Name\nC0000001,Red\nC0000004,Yellow\n")
+    args = finetune.build_parser().parse_args([
+        "--image_dir", str(valid), "--output_dir", str(tmp_path / "out"), "--valid_image_dir", str(valid),
+        "--valid_concepts", str(truth_csv), "--cui_mapping_file", str(mapping), "--batch_size", "4"])
+    monkeypatch.setitem(prompts.MAX_NEW_TOKENS, "concepts", 8)
+    model, processor, _ = load_model(ModelSpec(str(tiny_model), None, device="cpu"))
+    mapper = load_mapper(str(mapping))
+    scored = finetune.validation_scores(model, processor, args, mapper, finetune.read_validation_truth(args))
+    out = tmp_path / "concepts.csv"
+    done = run_in_process("generate_concepts.py", *tiny_args(tiny_model, out, valid, "--prompt_template", "vicuna",
+                                                             "--cui_mapping_file", str(mapping)))
+    assert done.returncode == 0, done.stderr
+    csv_f1 = concept_scores(concept_pairs(read_rows(truth_csv)), concept_pairs(read_rows(out)))[0]["f1"]
+    assert scored["concepts_images"] == 4 and scored["concepts_f1"] == pytest.approx(csv_f1, abs=1e-12)

@@ -105,3 +105,39 @@ def test_a_threshold_relative_to_the_top_score_is_kept_where_no_single_threshold
     plain = held_out_f1("threshold", r, t, cols, len(SPACE))
     relative = held_out_f1("relative to the top", r, t, cols, len(SPACE))
     assert plain < 0.9 and relative == pytest.approx(1.0)
+
+
+def test_tuned_knn_settings_predict_what_tuning_scored_when_training_images_tie(tmp_path):
+    """Every training vector five times over (duplicated images), each copy with other CUIs: at k < 100 the
+    k nearest include some copies of a vector and leave others out. Tuning reads k neighbours off its search
+    at k = 100, prediction searches at k: both must pick the same copies, so the F1 tuning reports is the F1
+    of the settings' predictions."""
+    from jjvmed.embeddings import Embeddings
+    from jjvmed.fusion import image_scores, predict_concepts, settings_of
+    from jjvmed.index import fit_index
+    from jjvmed.tuning import K_GRID
+
+    rng = np.random.default_rng(0)
+    encoder = {"family": "timm", "name": "stand-in", "source": "timm:/models/stand-in", "pooling": "default",
+               "weights": "w", "image_size": [224, 224]}
+    base = rng.normal(size=(60, 16)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    train_vectors = np.repeat(base, 5, axis=0)
+    train_ids = [f"t{i}" for i in range(len(train_vectors))]
+    cuis = [f"C{n:07d}" for n in range(8)]
+    concepts = {i: list(rng.choice(cuis, size=2, replace=False)) for i in train_ids}
+    index = fit_index(Embeddings(train_ids, [train_vectors], [encoder]), concepts, tmp_path / "index", None)
+    queries = base[rng.integers(0, 60, 400)] + 0.3 * rng.normal(size=(400, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    valid_ids = [f"v{i}" for i in range(400)]
+    valid = Embeddings(valid_ids, [queries], [encoder])
+    gt = {i: tuple(rng.choice(cuis, size=2, replace=False)) for i in valid_ids}
+    searched = image_scores(index, valid, sorted(valid_ids), None, max(K_GRID))
+    for k in (1, 2, 3, 5, 10):
+        fusion = Fusion((Part(knn=1.0, k=k),))
+        cand, _, _ = scored("knn", searched, fusion, gt)
+        settings = settings_of(fusion, cand.decision, searched.space, index, "knn")
+        predicted = predict_concepts(index, settings, valid)
+        assert predicted == predict_from_scores(searched, settings), k
+        official = concept_scores(gt, {i: tuple(c) or ("",) for i, c in predicted.items()})[0]["f1"]
+        assert official == pytest.approx(cand.f1, abs=1e-9), k

@@ -29,8 +29,10 @@ from jjvmed.embeddings import embed_items, load_embeddings
 from jjvmed.encoders import vision_encoder_from
 from jjvmed.fusion import Decision, ImageScores, Ranked, predict_concepts
 from jjvmed.images import id_sort_key
-from jjvmed.index import ConceptIndex, Member, ProbeOptions, load_index, read_concept_csv, read_cui_sets, train_probe
+from jjvmed.index import ConceptIndex, Member, load_index, read_concept_csv
+from jjvmed.probe import ProbeOptions, train_probe
 from jjvmed.scores import ALLOWED_CUIS_2025, concept_scores, image_f1
+from jjvmed.tables import read_cui_lists
 from jjvmed.tuning import (
     THRESHOLDS,
     best_global_threshold,
@@ -169,7 +171,7 @@ def test_tuning_never_picks_settings_worse_than_a_single_method(run):
                          [Member(member.encoder, member.vectors[:12], None)], index.meta)  # a weak kNN
     valid = load_embeddings(run / "valid.npz")
     gt = read_concept_csv(run / "valid_concepts.csv")
-    truth = read_cui_sets(run / "valid_concepts.csv")
+    truth = read_cui_lists(run / "valid_concepts.csv")
     ids = sorted(truth)
     generated = {i: truth[i] if n % 2 else ["C9000099"] for n, i in enumerate(ids)}
     settings, _ = tune(index, valid, gt, generated, per_cui=False)
