@@ -92,6 +92,17 @@ def run_script(script: str, *args: str, timeout: float = 300, **kwargs) -> subpr
                           timeout=timeout, env=env, cwd=kwargs.get("cwd", ROOT))
 
 
+def make_image_files(folder: Path, count: int) -> dict[str, str]:
+    """ID -> path of `count` small files of different bytes, for code that never decodes them (journal, shards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for n in range(count):
+        path = folder / f"img_{n}.png"
+        path.write_bytes(b"picture %d " % n * 100)
+        files[path.stem] = str(path)
+    return files
+
+
 def read_csv(path: Path) -> list[list[str]]:
     import csv
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import make_image_files
 
 from jjvmed import journal as jl
 from jjvmed.errors import UserError
@@ -17,17 +18,6 @@ from jjvmed.records import Record
 
 SETTINGS = {"task": "caption", "prompt": "USER: <image>\nx\nASSISTANT:", "generation": {"max_new_tokens": 8}}
 FOLDER = "/data/images"
-
-
-def make_images(folder: Path, count: int = 3) -> dict[str, str]:
-    """ID -> path of `count` small files of different bytes (the journal never decodes them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for n in range(count):
-        path = folder / f"img_{n}.png"
-        path.write_bytes(b"picture %d " % n * 100)
-        files[path.stem] = str(path)
-    return files
 
 
 def write_journal(path: Path, files: dict[str, str], settings: dict = SETTINGS, folder: str = FOLDER) -> None:
@@ -44,7 +34,7 @@ def resume(path: Path, files: dict[str, str], settings: dict = SETTINGS, folder:
 
 
 def test_a_resume_keeps_every_record_of_an_unchanged_file(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     kept = resume(path, files)
@@ -53,7 +43,7 @@ def test_a_resume_keeps_every_record_of_an_unchanged_file(tmp_path):
 
 
 def test_an_image_of_another_size_or_time_is_generated_again(tmp_path, capsys):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     Path(files["img_0"]).write_bytes(b"another picture")
@@ -65,7 +55,7 @@ def test_an_image_of_another_size_or_time_is_generated_again(tmp_path, capsys):
 
 
 def test_an_image_replaced_by_one_of_the_same_size_with_its_time_restored_is_generated_again(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     target = Path(files["img_0"])
@@ -78,7 +68,7 @@ def test_an_image_replaced_by_one_of_the_same_size_with_its_time_restored_is_gen
 
 def test_an_image_with_the_same_bytes_and_times_but_a_new_ctime_is_kept_after_comparing_its_content(tmp_path,
                                                                                                       capsys):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     for p in files.values():
@@ -90,7 +80,7 @@ def test_an_image_with_the_same_bytes_and_times_but_a_new_ctime_is_kept_after_co
 
 
 def test_a_new_ctime_without_a_recorded_digest_is_generated_again(tmp_path):
-    files = make_images(tmp_path / "images", 1)
+    files = make_image_files(tmp_path / "images", 1)
     path = tmp_path / "c.journal.jsonl"
     path.write_bytes(header_line(SETTINGS, FOLDER) + record_line(Record("img_0", "x"), file_identity(files["img_0"])))
     os.chmod(files["img_0"], 0o640)
@@ -98,7 +88,7 @@ def test_a_new_ctime_without_a_recorded_digest_is_generated_again(tmp_path):
 
 
 def test_a_version_2_journal_is_compared_on_size_and_modification_time(tmp_path):
-    files = make_images(tmp_path / "images", 2)
+    files = make_image_files(tmp_path / "images", 2)
     path = tmp_path / "c.journal.jsonl"
     path.write_bytes(header_line(SETTINGS, FOLDER) + b"".join(
         record_line(Record(i, "old"), file_identity(p)[:2]) for i, p in files.items()))
@@ -107,7 +97,7 @@ def test_a_version_2_journal_is_compared_on_size_and_modification_time(tmp_path)
 
 
 def test_other_settings_or_another_folder_are_refused_naming_the_difference(tmp_path):
-    files = make_images(tmp_path / "images", 1)
+    files = make_image_files(tmp_path / "images", 1)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     with pytest.raises(UserError, match=r"task: 'caption' -> 'concepts'.*--force_resume"):
@@ -120,7 +110,7 @@ def test_other_settings_or_another_folder_are_refused_naming_the_difference(tmp_
 @pytest.mark.parametrize("settings, shown", [([1, 2], "a list"), (42, "a number"), ("caption", "a string"),
                                              (None, "null"), (True, "true/false")])
 def test_settings_of_the_wrong_json_type_are_refused_as_unreadable(tmp_path, settings, shown):
-    files = make_images(tmp_path / "images", 1)
+    files = make_image_files(tmp_path / "images", 1)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     lines = path.read_text().splitlines(keepends=True)
@@ -132,7 +122,7 @@ def test_settings_of_the_wrong_json_type_are_refused_as_unreadable(tmp_path, set
 
 
 def test_a_line_of_deeply_nested_brackets_is_set_aside_and_its_image_redone(tmp_path, capsys):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     lines = path.read_bytes().splitlines(keepends=True)
@@ -157,7 +147,7 @@ def test_a_line_of_deeply_nested_brackets_is_set_aside_and_its_image_redone(tmp_
     b"\xff\xfe not even text",
 ])
 def test_lines_of_wrong_types_or_unwritable_text_are_set_aside(tmp_path, line):
-    files = make_images(tmp_path / "images", 1)
+    files = make_image_files(tmp_path / "images", 1)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     with open(path, "ab") as fh:
@@ -167,7 +157,7 @@ def test_lines_of_wrong_types_or_unwritable_text_are_set_aside(tmp_path, line):
 
 
 def test_a_torn_last_line_is_dropped_and_the_next_append_starts_on_a_fresh_line(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 3)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     data = path.read_bytes()
@@ -183,7 +173,7 @@ def test_a_torn_last_line_is_dropped_and_the_next_append_starts_on_a_fresh_line(
 @pytest.mark.parametrize("data", [b"", b"{", b'{"jour', HEADER_START, HEADER_START + b', "version": 3, "sett'])
 @pytest.mark.parametrize("flag", [None, "auto"])
 def test_a_journal_cut_off_before_its_first_line_ended_is_started_over(tmp_path, data, flag, capsys):
-    files = make_images(tmp_path / "images", 1)
+    files = make_image_files(tmp_path / "images", 1)
     path = tmp_path / "c.journal.jsonl"
     path.write_bytes(data)
     started = resume(path, files, resume=flag)
@@ -203,7 +193,7 @@ def test_a_file_that_is_not_a_journal_is_refused_not_overwritten(tmp_path, data)
 
 
 def test_an_existing_journal_needs_a_resume_flag_or_overwrite(tmp_path):
-    files = make_images(tmp_path / "images", 2)
+    files = make_image_files(tmp_path / "images", 2)
     path = tmp_path / "c.journal.jsonl"
     write_journal(path, files)
     with pytest.raises(UserError, match=r"\(2 images done\); add --resume_from_checkpoint auto"):
@@ -253,7 +243,7 @@ def test_a_full_disk_later_keeps_the_batches_before_it(tmp_path):
 
 
 def test_records_keep_the_identity_at_the_start_and_the_digest_of_the_bytes_decoded(tmp_path):
-    files = make_images(tmp_path / "images", 2)
+    files = make_image_files(tmp_path / "images", 2)
     path = tmp_path / "c.journal.jsonl"
     started = resume(path, files)
     started.append([Record("img_0", "a"), Record("img_1", "", "OSError: unreadable")], {"img_0": "ab" * 4})

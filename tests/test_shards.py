@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import make_image_files
 
 from jjvmed.errors import UserError
 from jjvmed.files import file_digest, file_identity
@@ -16,16 +17,6 @@ from jjvmed.shards import Shard, merge_shard_records, shard_from
 
 SETTINGS = {"task": "caption", "prompt": "USER: <image>\nx\nASSISTANT:"}
 FOLDER = "/data/images"
-
-
-def make_images(folder: Path, count: int = 5) -> dict[str, str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    files = {}
-    for n in range(count):
-        path = folder / f"img_{n}.png"
-        path.write_bytes(b"picture %d " % n * 50)
-        files[path.stem] = str(path)
-    return files
 
 
 def run_shard(out: Path, files: dict[str, str], index: int, count: int, settings: dict = SETTINGS) -> Path:
@@ -70,7 +61,7 @@ def test_bad_shard_options_are_one_clear_error(monkeypatch, num, index, message)
 
 
 def test_merge_gives_every_shards_records(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     for index in range(2):
         run_shard(out, files, index, 2)
@@ -78,7 +69,7 @@ def test_merge_gives_every_shards_records(tmp_path):
 
 
 def test_merge_names_a_missing_or_incomplete_shard_with_the_command_to_finish_it(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     run_shard(out, files, 1, 3)
     journal = run_shard(out, files, 2, 3)
@@ -92,7 +83,7 @@ def test_merge_names_a_missing_or_incomplete_shard_with_the_command_to_finish_it
 
 
 def test_merge_refuses_journals_of_runs_with_different_shard_counts(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     run_shard(out, files, 0, 2)
     run_shard(out, files, 0, 3)
@@ -101,7 +92,7 @@ def test_merge_refuses_journals_of_runs_with_different_shard_counts(tmp_path):
 
 
 def test_merge_refuses_a_shard_run_with_other_settings(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     run_shard(out, files, 0, 2)
     run_shard(out, files, 1, 2, {**SETTINGS, "prompt": "other"})
@@ -111,7 +102,7 @@ def test_merge_refuses_a_shard_run_with_other_settings(tmp_path):
 
 @pytest.mark.parametrize("settings", [[1], 3, "x", None])
 def test_merge_refuses_a_shard_whose_settings_cannot_be_read(tmp_path, settings):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     run_shard(out, files, 0, 2)
     journal = run_shard(out, files, 1, 2)
@@ -123,7 +114,7 @@ def test_merge_refuses_a_shard_whose_settings_cannot_be_read(tmp_path, settings)
 
 
 def test_merge_refuses_an_image_changed_since_its_shard_ran(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     for index in range(2):
         run_shard(out, files, index, 2)
@@ -137,7 +128,7 @@ def test_merge_refuses_an_image_changed_since_its_shard_ran(tmp_path):
 
 
 def test_merge_accepts_images_with_the_same_bytes_and_times_but_a_new_ctime(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     for index in range(2):
         run_shard(out, files, index, 2)
@@ -147,7 +138,7 @@ def test_merge_accepts_images_with_the_same_bytes_and_times_but_a_new_ctime(tmp_
 
 
 def test_a_shard_journal_cut_off_at_its_first_write_counts_as_incomplete(tmp_path):
-    files = make_images(tmp_path / "images")
+    files = make_image_files(tmp_path / "images", 5)
     out = tmp_path / "captions.csv"
     run_shard(out, files, 0, 2)
     run_shard(out, files, 1, 2).write_bytes(b"")  # a full disk at its first write
