@@ -27,6 +27,10 @@ def first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+# What an exit at once must still undo, as os._exit skips every `finally`: the lock side files (and the folders
+# made for them) of files.lock_exclusive. Key: any object unique to the holder; value: the undoing.
+UNDO_AT_EXIT: dict[object, Callable[[], None]] = {}
+
 RESUME_HINT = "what was finished is kept: rerun the same command with --resume_from_checkpoint auto to continue"
 
 
@@ -58,11 +62,17 @@ def exit_at_once(signum, frame, hint: str = RESUME_HINT) -> None:
     """Ctrl-C or SIGTERM outside the generation loop (start-up, writing): exit now, cleanly.
 
     Nothing is lost: the journal is flushed after every batch, CSVs are written atomically and
-    the lock dies with the process. Raising KeyboardInterrupt instead can land inside a library's
-    import or finalizer and end in a traceback.
+    the lock dies with the process (its side file is removed here, as a normal end removes it).
+    Raising KeyboardInterrupt instead can land inside a library's import or finalizer and end in a
+    traceback.
     """
     print(stopped_message(signum, hint), file=sys.stderr, flush=True)
     end_worker_processes()
+    for undo in reversed(list(UNDO_AT_EXIT.values())):  # the innermost first, as the blocks would end
+        try:
+            undo()
+        except OSError:
+            pass  # what cannot be removed stays: an unlocked side file blocks nothing
     os._exit(128 + signum)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UNDO_AT_EXIT, UserError
 
 
 def current_umask() -> int:
@@ -88,10 +88,12 @@ def lock_exclusive(path: str | Path, remedy: str = "give this run another --outp
     An advisory lock on a side file (`.NAME.lock`): the OS drops it when the process dies, so a
     killed run never leaves a stale lock behind. A POSIX record lock (lockf), not flock: forked
     DataLoader workers do not inherit it, so a worker outliving its killed parent holds nothing.
-    The side file is removed when the block ends, so a run that stopped (or failed to start) leaves
-    nothing beside its outputs; only a killed process leaves it, unlocked.
+    The side file, and the folders made for it, are removed when the block ends or the process exits at
+    once on a signal (errors.exit_at_once), so a run that stopped (or failed to start) leaves nothing beside
+    its outputs; only a killed process leaves the side file, unlocked.
     """
     path = Path(path)
+    made = missing_folders(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = path.with_name(f".{path.name}.lock")
     while True:
@@ -101,19 +103,46 @@ def lock_exclusive(path: str | Path, remedy: str = "give this run another --outp
         except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
+            remove_empty(made)
             raise UserError(f"another run (PID {holder}) is using {path}; wait for it to end, or {remedy}") from None
         # The holder before us removes the file as it lets go: if that happened between our open and our
         # lock, we hold a file nobody else can find. Take the lock again on the file the path names now.
         if same_file(fd, lock_path):
             break
         os.close(fd)
+
+    def release() -> None:
+        lock_path.unlink(missing_ok=True)  # while still holding it: whoever opens it next gets a new file
+        remove_empty(made)
+
+    token = object()
+    UNDO_AT_EXIT[token] = release
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
     finally:
-        lock_path.unlink(missing_ok=True)  # while still holding it: whoever opens it next gets a new file
+        UNDO_AT_EXIT.pop(token, None)
+        release()
         os.close(fd)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """The folders `folder.mkdir(parents=True)` would make, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a lock made (deepest first) that nothing else was written into."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty: the run wrote its outputs there, keep it and the folders above
 
 
 def same_file(fd: int, path: Path) -> bool:

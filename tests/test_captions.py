@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, read_csv, run_script
+from conftest import REAL_IMAGES, read_csv, run_in_process, run_script, tiny_args
 
 import generate_captions
 from jjvmed import errors, files, prompts
@@ -164,3 +164,28 @@ def test_ctrl_c_while_the_model_loads_advises_no_resume_when_nothing_ran(tiny_mo
     assert "nothing was generated yet: rerun the same command" in result.stderr
     assert "--resume_from_checkpoint" not in result.stderr and "Traceback" not in result.stderr
     assert not out.with_name("captions.journal.jsonl").exists()
+
+
+def test_sigterm_while_the_model_loads_leaves_no_lock_files_and_no_empty_folder(tiny_model, tmp_path):
+    """The run stops at once before anything was generated: the lock side files (and the output folder made
+    for them, still empty) go with it, as they do when a run ends normally."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "new" / "captions.csv"
+    start = ("import os, signal, sys; sys.path.insert(0, sys.argv.pop(1)); import jjvmed.sources as s; "
+             "real = s.load_model; s.load_model = lambda spec: (os.kill(os.getpid(), signal.SIGTERM), real(spec))[1]; "
+             "import generate_captions; from jjvmed.errors import run_cli; sys.exit(run_cli(generate_captions.main))")
+    result = subprocess.run([sys.executable, "-c", start, str(ROOT), *tiny_args(tiny_model, out)],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 143, result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_that_fails_to_start_leaves_no_empty_output_folder(tmp_path):
+    out = tmp_path / "cu" / "captions.csv"
+    result = run_in_process("generate_captions.py", *tiny_args(tmp_path / "no-model-here", out))
+    assert result.returncode == 2 and "no-model-here: no such folder" in result.stderr
+    assert list(tmp_path.iterdir()) == []
