@@ -125,7 +125,7 @@ def from_natural(args: argparse.Namespace, cfg: common.RunConfig, vision: Vision
         raise UserError("--from_natural_csv reads one file: no shards, and one process (no torchrun or accelerate)")
     if not Path(args.from_natural_csv).is_file():
         raise UserError(f"--from_natural_csv {args.from_natural_csv} does not exist")
-    source = AnswersFileSource(args.from_natural_csv, "Concepts", args.embeddings if vision else None)
+    source = AnswersFileSource(args.from_natural_csv, "Concepts", args.embeddings if vision else None, args.image_dir)
     return source, ConceptWriter(args.output_csv, None, load_mapper(args.cui_mapping_file), split_natural, vision)
 
 

@@ -409,23 +409,41 @@ class GenerateThenEmbed:
 class AnswersFileSource:
     """Answers read back from a CSV an earlier run wrote (format A: ID,Concepts), one record per row.
 
-    With `embeddings` (the run's `<stem>.embeddings.npz`), the vectors come too, for fusing again.
+    With `embeddings` (the run's `<stem>.embeddings.npz`), the vectors come too, for fusing again. With
+    `image_dir`, the rows are those of the folder's images, in its order, as in every run on a folder; an image
+    of the folder without a row is refused (the file is another run's).
     """
 
-    def __init__(self, path: str, column: str, embeddings: str | None = None):
+    def __init__(self, path: str, column: str, embeddings: str | None = None, image_dir: str | None = None):
         self.path = path
         self.column = column
         self.embeddings = embeddings
+        self.image_dir = image_dir
         self.rows: dict[str, str] | None = None
+        self.selected: list[str] | None = None
 
     def outputs(self) -> list[str]:
         return []
 
     def check(self) -> None:
+        from .images import list_images, scan_folder
+
         self.rows = read_id_table(self.path, self.column)
+        self.selected = list(self.rows)
+        if self.image_dir is None:
+            return
+        folder = [i for i, _ in scan_folder(self.image_dir).items]
+        if not folder:
+            list_images(self.image_dir)  # raises the "no images" error with its hints
+        lacking = [i for i in folder if i not in self.rows]
+        if lacking:
+            raise UserError(f"{self.path} has no row for {len(lacking)} of the {len(folder)} images in --image_dir "
+                            f"{self.image_dir} (first: {', '.join(lacking[:3])}): is it another run's file? Drop "
+                            "--image_dir to map every row of the file")
+        self.selected = folder
 
     def ids(self) -> list[str]:
-        return list(self.rows)
+        return list(self.selected)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
         records = {i: Record(i, self.rows[i]) for i in selection.ids}

@@ -130,3 +130,23 @@ def test_a_degenerate_unmapped_phrase_is_shortened_in_the_summary_but_kept_whole
     summary = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("unmapped phrases"))
     assert len(summary) < 300 and "bla bla" in summary and "..." in summary
     assert read_csv(out.with_name("cuis.unmapped.csv"))[1][0] == phrase.strip()
+
+
+def test_remapping_with_an_image_folder_keeps_the_rows_of_its_images_in_its_order(tmp_path, capsys):
+    natural = tmp_path / "natural.csv"
+    natural.write_text("ID,Concepts\n" + "".join(f"img_{n},Chest\n" for n in (1, 2, 3, 10, 11)), encoding="utf-8")
+    folder = tmp_path / "test"
+    folder.mkdir()
+    for n in (11, 2, 10):
+        (folder / f"img_{n}.png").write_bytes(b"never decoded")
+    out = tmp_path / "cuis.csv"
+    args = ["--from_natural_csv", str(natural), "--output_csv", str(out), "--image_dir", str(folder)]
+    assert concepts(*args) == 0
+    assert [r[0] for r in read_csv(out)[1:]] == ["img_2", "img_10", "img_11"]
+    assert concepts(*args, "--limit", "2") == 0
+    assert [r[0] for r in read_csv(out)[1:]] == ["img_2", "img_10"]
+    (folder / "img_4.png").write_bytes(b"an image the file has no row for")
+    capsys.readouterr()
+    assert concepts(*args) == 2
+    err = capsys.readouterr().err
+    assert "has no row for 1 of the 4 images" in err and "img_4" in err and err.count("\n") == 1
