@@ -78,14 +78,19 @@ class Selection:
 class RunResult:
     ids: list[str]  # every ID of the run (of this process's share, for a shard), in output order
     records: dict[str, Record]
-    kept_in: tuple[str, Path] | None  # ("journal", path): where the raw answers are kept, for the summary
+    # where the raw answers (and vectors) are kept, for the summary: (("journal", path), ("embeddings", path))
+    kept: tuple[tuple[str, str | Path], ...] = ()
     seconds: float = 0.0
-    done_now: int = 0  # images the source processed in this invocation
+    done_now: int = 0  # images the rate counts: generated (or embedded, for the embedding methods) in this invocation
     stopped: int | None = None  # the signal that stopped the run early, if one did
     detail: str = ""  # how the work ran, for the summary (e.g. "batch size 16 (auto), compiled")
-    working_seconds: float = 0.0  # of `seconds`, those spent generating or embedding (not loading a model)
+    working_seconds: float = 0.0  # of `seconds`, those spent making the `done_now` images (the rate's)
+    # of `seconds`, other timed steps, each named: (("embedding 55 images", 2.1), ("reranking", 0.4)); what
+    # neither they nor the work took is loading (models, files)
+    phases: tuple[tuple[str, float], ...] = ()
     embeddings: object | None = None  # embeddings.Embeddings of the run's images, for vision methods
     verb: str = "generated"  # what the source did to an image ("generated", "embedded", "read"), for the summary
+    doing: str = ""  # what the rate measures ("generating", "embedding"); default: from `verb`
 
     @property
     def failures(self) -> list[tuple[str, str]]:
@@ -190,6 +195,12 @@ def select(cfg: RunConfig, source: Source) -> Selection:
     return Selection(items[: cfg.limit] if cfg.limit else items, skipped)
 
 
+def own_rows_note(rows: int) -> str:
+    """What a zip written without an ID list was checked against (its set and order of IDs were not)."""
+    return (f"note: the zip was checked against its own {rows} rows; give --ids_csv to check against the test "
+            "set's ID list")
+
+
 def os_failure(error: OSError) -> UserError:
     """Disk full and friends: one line with what to do; the journal keeps every finished batch."""
     resume = f"then {RESUME}; finished batches are kept"
@@ -230,8 +241,6 @@ def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: lis
     failures = result.failures
     errors_file = write_errors(cfg.output_csv, failures) if cfg.writes_csv and result.stopped is None else None
     before = len(result.ids) - result.missing - result.done_now
-    # The rate counts the work alone, as the progress bar does: loading an 8B model takes minutes.
-    rate = result.done_now / result.working_seconds if result.working_seconds > 0 else 0.0
     if result.verb == "generated":
         counts = (f" (generated now: {result.done_now}, done before: {max(before, 0)}"
                   + (f", not done yet: {result.missing}" if result.missing else "") + ")")
@@ -242,11 +251,8 @@ def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: lis
     lines = [f"images: {len(result.ids)}{counts}",
              f"failures: {len(failures)}" + (f" (listed in {errors_file})" if errors_file else "")]
     if result.seconds:
-        doing = {"generated": "generating", "embedded": "embedding"}.get(result.verb, "working")
-        lines.append(f"time: {result.seconds:.1f} s ({result.seconds - result.working_seconds:.1f} s loading), "
-                     f"{rate:.2f} images/s while {doing}" + (f", {result.detail}" if result.detail else ""))
-    if result.kept_in:
-        lines.append(f"{result.kept_in[0]}: {result.kept_in[1]}")
+        lines.append(time_line(result))
+    lines += [f"{what}: {where}" for what, where in result.kept]
     for why, names in selection.skipped.items():
         lines.append(f"skipped, {why}: {len(names)} ({', '.join(repr(n) for n in names[:3])}"
                      f"{', ...' if len(names) > 3 else ''})")
@@ -258,7 +264,22 @@ def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: lis
                      "--merge_shards instead of --num_shards/--shard_index")
     else:
         lines += [f"wrote: {p}" for p in outputs]
+        if cfg.zip_path and not cfg.ids_csv and Path(cfg.zip_path) in map(Path, outputs):
+            lines.append(own_rows_note(len(selection.ids)))
     log("\n".join(lines))
     if result.stopped is not None:
         return 128 + result.stopped
     return 0 if accepted else 1
+
+
+def time_line(result: RunResult) -> str:
+    """Where the time went: loading, each timed step, and the rate of the work alone, as the progress bar gives
+    it (loading an 8B model takes minutes). No rate when nothing was made: a rerank-only or all-reused run."""
+    timed = result.working_seconds + sum(seconds for _, seconds in result.phases)
+    parts = [f"{max(result.seconds - timed, 0.0):.1f} s loading"]
+    parts += [f"{seconds:.1f} s {name}" for name, seconds in result.phases]
+    line = f"time: {result.seconds:.1f} s ({', '.join(parts)})"
+    if result.done_now and result.working_seconds > 0:
+        doing = result.doing or {"generated": "generating", "embedded": "embedding"}.get(result.verb, "working")
+        line += f", {result.done_now / result.working_seconds:.2f} images/s while {doing}"
+    return line + (f", {result.detail}" if result.detail else "")

@@ -139,28 +139,33 @@ class GenerateSource:
                                    cfg.force_resume, cfg.overwrite, cfg.checkpoint_interval)
             todo = [(i, p) for i, p in items if not (i in journal.records and journal.records[i].ok)]
             start = time.perf_counter()
-            done, detail, working = 0, "", 0.0
+            done, detail, working, phases = 0, "", 0.0, ()
             try:
                 if todo:
                     with ExitStack() as retrieving:
                         if self.generation.retrieval is not None:  # its conflicts refused before the model loads
                             retrieving.enter_context(self.generation.retrieval.prepared(items))
-                        done, detail, working = self.generate(todo, items, spec, journal, stop)
+                        done, detail, working, phases = self.generate(todo, items, spec, journal, stop)
                 if self.generation.rerank_model and stop.signum is None:
                     rerank_detail, rerank_seconds = self.rerank(items, spec, journal, stop)
-                    detail, working = ", ".join(d for d in (detail, rerank_detail) if d), working + rerank_seconds
+                    detail = ", ".join(d for d in (detail, rerank_detail) if d)
+                    phases += (("reranking", rerank_seconds),)
             finally:
                 journal.close()
             # A stopped run writes no CSV: nothing to choose, and no reranker to load on the way out.
             records = journal.records if stop.signum is not None else self.chosen(journal.records)
-            return RunResult([i for i, _ in items], records, ("journal", cfg.journal_path), time.perf_counter() - start,
-                             done, stop.signum, detail, working)
+            kept = (("journal", cfg.journal_path),)
+            if self.generation.retrieval is not None:
+                kept += (("embeddings", self.generation.retrieval.embeddings),)
+            return RunResult([i for i, _ in items], records, kept, time.perf_counter() - start, done, stop.signum,
+                             detail, working, phases)
 
     def generate(self, todo: list[tuple[str, str]], items: list[tuple[str, str]], spec: ModelSpec, journal,
-                 stop: StopSignals) -> tuple[int, str, float]:
+                 stop: StopSignals) -> tuple[int, str, float, tuple[tuple[str, float], ...]]:
         """Load the model and append the records of every batch to the journal; returns how many were written,
-        how (batch size) and the seconds spent generating (model loading, retrieval and the batch-size probe
-        left out). `items`: every image of this process (retrieval embeds them all, so a resume reads them)."""
+        how (batch size), the seconds spent generating (model loading, retrieval and the batch-size probe
+        left out) and the other timed steps (embedding the images, for retrieval). `items`: every image of this
+        process (retrieval embeds them all, so a resume reads them)."""
         import torch
         from tqdm import tqdm
 
@@ -171,7 +176,9 @@ class GenerateSource:
         torch.manual_seed(g.seed)
         self.loaded = self.bundle or load_model(spec)
         model, processor, device = self.loaded
-        prompt = self.rag_prompts(items, todo) if g.retrieval is not None else g.prompt
+        prompt, phases = g.prompt, ()
+        if g.retrieval is not None:
+            prompt, phases = self.rag_prompts(items, todo)
         longest = prompt if isinstance(prompt, str) else max(prompt.values(), key=len)  # the batch-size probe's
         batch_size = g.batch_size or auto_batch_size(model, processor, longest, g.gen_kwargs, len(todo),
                                                      static_cache=g.compile).size
@@ -196,20 +203,22 @@ class GenerateSource:
                     stop.armed = False
         detail = f"batch size {batch_size}" + (" (auto)" if g.batch_size is None else "") + \
             (", compiled" if g.compile else "")
-        return done, detail, time.perf_counter() - start
+        return done, detail, time.perf_counter() - start, phases
 
-    def rag_prompts(self, items: list[tuple[str, str]], todo: list[tuple[str, str]]) -> dict[str, str]:
+    def rag_prompts(self, items: list[tuple[str, str]], todo: list[tuple[str, str]]
+                    ) -> tuple[dict[str, str], tuple[tuple[str, float], ...]]:
         """ID -> prompt of every image to generate: the RAG template with the captions of its nearest training
         images. The vectors of the process's images are made first (those --embeddings holds of unchanged images
         are reused); the index's 'llava' encoder is the tower of the model just loaded, so the checkpoint is read
-        once."""
+        once. Also returns the embedding as a timed step, when it embedded any image."""
         from .prompts import rag_prompt
 
         g = self.generation
-        emb = g.retrieval.vectors(items, llava_tower(g.retrieval.options, self.loaded)).embeddings
-        captions = g.retrieval.captions(emb, [i for i, _ in todo])
+        made = g.retrieval.vectors(items, llava_tower(g.retrieval.options, self.loaded))
+        captions = g.retrieval.captions(made.embeddings, [i for i, _ in todo])
         # An image without a vector could not be read: it fails to load in the loader too, whatever its prompt.
-        return {i: rag_prompt(g.prompt, captions.get(i, [])) for i, _ in todo}
+        prompts = {i: rag_prompt(g.prompt, captions.get(i, [])) for i, _ in todo}
+        return prompts, embedding_phase(made.embedded, made.seconds)
 
     def load_reranker(self, device: str):
         from .rerank import load_reranker
@@ -269,7 +278,7 @@ def merge_shards(cfg: RunConfig, generation: Generation, selection: Selection) -
                                   os.path.abspath(cfg.image_dir), dict(selection.items))
     log(f"merged the shards: {len(selection.ids)} images")
     folder = default_journal_path(cfg.output_csv, cfg.checkpoint_dir).parent
-    return RunResult(selection.ids, records, ("shard journals in", folder))
+    return RunResult(selection.ids, records, (("shard journals in", folder),))
 
 
 def llava_tower(options, loaded) -> object | None:
@@ -327,14 +336,24 @@ def cpu_split(device_type: str, num_workers: int | None) -> Iterator[int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def embedded_result(ids: list[str], emb, where: Path, verb: str, seconds: float = 0.0, made=None) -> RunResult:
-    """A run result from embeddings: a record per image (failed images with their error). `made`: what
-    ensure_embeddings did this time (embeddings.Embedded), for the summary's counts and rate."""
+def embedded_result(ids: list[str], emb, where: str | Path, verb: str, seconds: float = 0.0, made=None
+                    ) -> RunResult:
+    """A run result from embeddings: a record per image (failed images with their error). `where`: the file (or
+    files) they are kept in; `made`: what ensure_embeddings did this time (embeddings.Embedded), for the
+    summary's counts and rate."""
     records = {i: Record(i) for i in emb.ids}
     records.update({i: Record(i, "", error) for i, error in emb.failed.items()})
     done, working = (made.embedded, made.seconds) if made is not None else (0, 0.0)
-    return RunResult(ids, records, ("embeddings", where), seconds, done, working_seconds=working, embeddings=emb,
+    return RunResult(ids, records, (("embeddings", where),), seconds, done, working_seconds=working, embeddings=emb,
                      verb=verb)
+
+
+def embedding_phase(count: int, seconds: float) -> tuple[tuple[str, float], ...]:
+    """Embedding `count` images as a timed step of a run whose work is something else (rag, fused), for the
+    summary; nothing when every vector was reused."""
+    if not count:
+        return ()
+    return ((f"embedding {count} image{'s' if count != 1 else ''}", seconds),)
 
 
 class EmbedSource:
@@ -398,7 +417,10 @@ class GenerateThenEmbed:
             # alone. The generating model's tower serves the index's 'llava' encoder; others are loaded.
             tower = llava_tower(self.embed.options, self.generate.loaded) if cfg.shard is None else None
             embedded = self.embed.produce(cfg, selection, tower, locked=True)
-        return replace(result, embeddings=embedded.embeddings)
+        # the embedding is a step of its own: the rate stays the generation's
+        return replace(result, embeddings=embedded.embeddings, kept=result.kept + embedded.kept,
+                       seconds=result.seconds + embedded.seconds,
+                       phases=result.phases + embedding_phase(embedded.done_now, embedded.working_seconds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,7 +475,8 @@ class AnswersFileSource:
 
             emb = load_embeddings(self.embeddings)
             check_has_ids(emb, selection.ids, self.embeddings, f"IDs of {self.path}", "the embeddings of another run?")
-        return RunResult(selection.ids, records, None, embeddings=emb, verb="read")
+        kept = (("embeddings", self.embeddings),) if self.embeddings else ()
+        return RunResult(selection.ids, records, kept, embeddings=emb, verb="read")
 
 
 class EmbeddingsFileSource:
@@ -483,7 +506,7 @@ class EmbeddingsFileSource:
         return ids_of(self.emb, self.extra_ids)
 
     def produce(self, cfg: RunConfig, selection: Selection) -> RunResult:
-        return embedded_result(selection.ids, self.emb, Path(self.paths[0]), "read")
+        return embedded_result(selection.ids, self.emb, ", ".join(self.paths), "read")
 
 
 def ids_of(emb, extra: list[str] = ()) -> list[str]:
@@ -529,11 +552,11 @@ class NearestCaptionSource:
         from .retrieval import consensus
 
         start = time.perf_counter()
-        emb, working = self.emb, 0.0
+        emb, embedded, working = self.emb, 0, 0.0
         if self.reads_images:
             with self.retrieval.prepared(selection.items):
                 made = self.retrieval.vectors(selection.items)
-            emb, working = made.embeddings, made.seconds
+            emb, embedded, working = made.embeddings, made.embedded, made.seconds
         searching = time.perf_counter()
         neighbours = self.retrieval.captions(emb, selection.ids)
         records = {}
@@ -545,7 +568,8 @@ class NearestCaptionSource:
         now = time.perf_counter()
         how = "nearest caption" if self.retrieval.neighbours == 1 else \
             f"consensus of the {self.retrieval.neighbours} nearest captions"
-        # the work: embedding and the search; reading files and loading an encoder are the rest
-        return RunResult(selection.ids, records, ("embeddings", self.retrieval.embeddings), now - start,
-                         len(neighbours), detail=how, working_seconds=working + now - searching, embeddings=emb,
-                         verb="retrieved")
+        # the rate is the embedding's (none when every vector was there); the search is a step of its own,
+        # reading files and loading an encoder are the rest
+        return RunResult(selection.ids, records, (("embeddings", self.retrieval.embeddings),), now - start,
+                         embedded, detail=how, working_seconds=working, phases=(("searching", now - searching),),
+                         embeddings=emb, verb="retrieved", doing="embedding")
