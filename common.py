@@ -26,7 +26,8 @@ from jjvmed.shards import shard_from
 from jjvmed.sources import Generation
 from jjvmed.submission import ID_LIST_HEADER_RULE
 
-__all__ = ["Parser", "RunConfig", "run", "add_common_arguments", "config_from_args", "generation_from_args"]
+__all__ = ["Parser", "RunConfig", "run", "add_common_arguments", "config_from_args", "generation_from_args",
+           "refuse_generation_options"]
 
 # ---------------------------------------------------------------------------------------------
 # Command line: options shared by both scripts, grouped by purpose.
@@ -135,6 +136,15 @@ def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, 
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1}
     if not text:
         return kwargs
+    kwargs = {**kwargs, **user_generation_kwargs(text)}
+    check_generation_settings(kwargs, "--generation_kwargs")
+    return kwargs
+
+
+def user_generation_kwargs(text: str | None) -> dict[str, Any]:
+    """The settings --generation_kwargs gives itself (no defaults), their names checked."""
+    if not text:
+        return {}
     try:
         user = json.loads(text)
     except json.JSONDecodeError as e:
@@ -147,9 +157,7 @@ def parse_generation_kwargs(text: str | None, max_new_tokens: int) -> dict[str, 
     unknown = sorted(k for k in user if k not in known)
     if unknown:
         raise UserError(f"--generation_kwargs has unknown generate() settings: {', '.join(unknown)}")
-    kwargs = {**kwargs, **user}
-    check_generation_settings(kwargs, "--generation_kwargs")
-    return kwargs
+    return user
 
 
 def check_generation_settings(kwargs: dict[str, Any], what: str) -> None:
@@ -177,6 +185,22 @@ def check_generation_settings(kwargs: dict[str, Any], what: str) -> None:
         raise UserError(f"{what}: {'; '.join(problems) or first_line(e)}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
+
+
+# What only text generation uses. A run that generates nothing (knn and probe concepts, knn captions,
+# --from_natural_csv) refuses them when given, by refuse_generation_options: one rule, one message.
+GENERATION_ONLY = ("adapter_repo", "lora_subfolder", "merge_adapters", "merged_cache_dir", "load_in_4bit",
+                   "prompt_template", "language", "prompt", "compile", "max_new_tokens", "generation_kwargs", "seed",
+                   "checkpoint_dir", "checkpoint_interval", "force_resume")
+
+
+def refuse_generation_options(parser: Parser, names: tuple[str, ...], run: str) -> None:
+    """One line naming every option of `names` given on the command line (even with its default value), for a
+    `run` ("--method knn") that generates no text."""
+    given = [f"--{name}" for name in parser.given() if name in names]
+    if given:
+        raise UserError(f"{', '.join(given)}: only for generated text; {run} generates none: drop "
+                        f"{'it' if len(given) == 1 else 'them'}")
 
 
 def check_positive(**values: int | None) -> None:

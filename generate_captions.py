@@ -32,13 +32,9 @@ from jjvmed.writers import CaptionWriter
 
 METHODS = ("generate", "knn", "rag")
 RETRIEVAL_FLAGS = ("concept_index", "neighbours", "embeddings")
-# What only text generation has: refused with --method knn, which generates nothing and keeps no journal
-# (--overwrite stays: it embeds every image again).
-GENERATION_ONLY = ("candidates", "rerank_model", "adapter_repo", "lora_subfolder", "merge_adapters",
-                   "merged_cache_dir", "load_in_4bit", "prompt_template", "language", "prompt", "compile",
-                   "max_new_tokens", "generation_kwargs", "seed", "num_shards", "shard_index", "merge_shards",
-                   "checkpoint_dir", "checkpoint_interval", "force_resume")
-
+# Besides common.GENERATION_ONLY, what only generated captions have: refused with --method knn, which
+# generates no text and keeps no journal (--overwrite stays: it embeds every image again).
+KNN_REFUSES = (*common.GENERATION_ONLY, "candidates", "rerank_model", "num_shards", "shard_index", "merge_shards")
 
 def build_parser() -> common.Parser:
     parser = common.Parser(
@@ -78,7 +74,7 @@ def build_parser() -> common.Parser:
     return parser
 
 
-def check_method_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def check_method_options(args: argparse.Namespace, parser: common.Parser) -> None:
     """Options that do not go with --method, and numbers out of range: one line, before anything loads."""
     common.check_positive(candidates=args.candidates, neighbours=args.neighbours)
     if args.method == "generate":
@@ -88,12 +84,10 @@ def check_method_options(args: argparse.Namespace, parser: argparse.ArgumentPars
     elif not args.concept_index:
         raise UserError(f"--method {args.method} needs --concept_index DIR (concept_index.py fit --train_captions)")
     if args.method == "knn":
-        given = [f"--{flag}" for flag in GENERATION_ONLY if getattr(args, flag) != parser.get_default(flag)]
+        common.refuse_generation_options(parser, KNN_REFUSES, "--method knn")
         if args.resume_from_checkpoint not in (None, "auto"):
-            given.append("--resume_from_checkpoint PATH")
-        if given:
-            raise UserError(f"{', '.join(given)}: only for generated captions; --method knn generates no text and "
-                            "keeps no journal (its embeddings are reused by themselves)")
+            raise UserError("--resume_from_checkpoint PATH: --method knn keeps no journal (its embeddings are reused "
+                            "by themselves); give auto or nothing")
         if not args.image_dir and not args.embeddings:
             raise UserError("--method knn needs --image_dir (to embed the images) or --embeddings (vectors from "
                             "concept_index.py embed)")
@@ -130,13 +124,19 @@ def load_retrieval(args: argparse.Namespace, cfg: common.RunConfig):
                      read_only=sharded or not args.image_dir)
 
 
-def with_candidates(gen_kwargs: dict, candidates: int) -> dict:
-    """generate() settings for N candidates per image: the N best beams of N beams, or N samples; settings that
-    generate() would refuse are one line now, before the model loads."""
+def with_candidates(gen_kwargs: dict, candidates: int, asked: dict) -> dict:
+    """generate() settings for N candidates per image: the N best beams of a beam search of N beams (or of the
+    num_beams asked for, if more), or N samples; settings that generate() would refuse, and a num_beams asked
+    for that is too small for N beams, are one line now, before the model loads. `asked`: the settings
+    --generation_kwargs gave itself."""
     if "num_return_sequences" in gen_kwargs:
         raise UserError("--generation_kwargs num_return_sequences: use --candidates N")
     if candidates == 1:
         return gen_kwargs
+    if not gen_kwargs.get("do_sample") and asked.get("num_beams", candidates) < candidates:
+        raise UserError(f"--generation_kwargs num_beams {asked['num_beams']} with --candidates {candidates}: the "
+                        f"{candidates} best beams need a beam search of at least {candidates} beams; give num_beams "
+                        f"{candidates} or more, or leave it out")
     beams = {} if gen_kwargs.get("do_sample") else {"num_beams": max(candidates, gen_kwargs.get("num_beams", 1))}
     kwargs = {**gen_kwargs, **beams, "num_return_sequences": candidates}
     common.check_generation_settings(kwargs, f"--candidates {candidates} with these generate() settings")
@@ -148,7 +148,8 @@ def generation_source(args: argparse.Namespace, retrieval) -> GenerateSource:
     from jjvmed.prompts import resolve_template
 
     generation = common.generation_from_args(args, task="caption")
-    generation = replace(generation, gen_kwargs=with_candidates(generation.gen_kwargs, args.candidates),
+    asked = common.user_generation_kwargs(args.generation_kwargs)
+    generation = replace(generation, gen_kwargs=with_candidates(generation.gen_kwargs, args.candidates, asked),
                          rerank_model=args.rerank_model)
     if retrieval is not None:
         template = resolve_template(args.prompt_template, generation.model.adapter)

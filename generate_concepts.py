@@ -34,6 +34,11 @@ from jjvmed.writers import ConceptWriter, VisionMethod, natural_path, split_natu
 DEFAULT_MAPPING = Path(__file__).resolve().parent / "data" / "cui_names.csv"
 METHODS = ("generate", *VISION_METHODS)
 VISION_FLAGS = ("concept_index", "concept_settings", "embeddings")
+# What --method knn / probe (CUIs from image vectors) and --from_natural_csv (format A read back) do not use,
+# besides common.GENERATION_ONLY: refused when given, as every run that generates no text refuses them.
+VECTORS_REFUSE = (*common.GENERATION_ONLY, "cui_mapping_file")
+NO_MODEL_REFUSES = (*common.GENERATION_ONLY, "base_model_path", "batch_size", "num_workers", "dtype",
+                    "resume_from_checkpoint", "overwrite")
 
 
 def build_parser() -> common.Parser:
@@ -106,8 +111,11 @@ def embed_options(args: argparse.Namespace, vision: VisionMethod):
 
     if args.resume_from_checkpoint not in (None, "auto") and args.method != "fused":
         raise UserError(f"--method {args.method} resumes with --resume_from_checkpoint auto (it writes no journal)")
+    # knn / probe: --batch_size is the embedding's; fused: the generation's
+    batch_size = args.batch_size if args.method != "fused" else None
     return embed_options_for(vision.index, vision.settings, base_model_path=args.base_model_path, device=args.device,
-                             dtype=args.dtype, num_workers=args.num_workers, overwrite=args.overwrite)
+                             dtype=args.dtype, num_workers=args.num_workers, overwrite=args.overwrite,
+                             batch_size=batch_size)
 
 
 def from_natural(args: argparse.Namespace, cfg: common.RunConfig, vision: VisionMethod | None) -> tuple:
@@ -164,7 +172,15 @@ def from_generation(args: argparse.Namespace, vision: VisionMethod | None) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.zip and not args.auto_map_cuis:
+        raise UserError("--zip packs format B, which --no-auto_map_cuis does not write: drop one of them")
+    if args.from_natural_csv:  # no model: --device stays for fused, where the kNN search and the probe run
+        common.refuse_generation_options(parser, NO_MODEL_REFUSES + (("device",) if args.method != "fused" else ()),
+                                         "--from_natural_csv")
+    elif args.method in ("knn", "probe"):
+        common.refuse_generation_options(parser, VECTORS_REFUSE, f"--method {args.method}")
     cfg = common.config_from_args(args, task="concepts")
     if args.method in ("knn", "probe") and not args.from_natural_csv:
         check_one_process(args, cfg)

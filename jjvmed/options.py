@@ -58,6 +58,13 @@ class Parser(argparse.ArgumentParser):
             out.append(arg)
         return out
 
+    def given(self) -> list[str]:
+        """The dests of the options on the last parsed command line, in its order, whatever their values: an
+        option given with its default value is given too (`--max_new_tokens 100` where 100 is the default)."""
+        dests = {option: action.dest for action in self._actions for option in action.option_strings}
+        named = (dests.get(arg.partition("=")[0]) for arg in getattr(self, "seen", []))
+        return list(dict.fromkeys(d for d in named if d))
+
     def parse_args(self, args=None, namespace=None):
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:

@@ -100,6 +100,8 @@ def test_resume_auto_without_journal_starts_fresh(tiny_model, tmp_path, capsys):
         (["--batch_size", "0"], "--batch_size must be at least 1"),
         (["--resume_from_checkpoint", "/no/such/journal.jsonl"], "no such journal"),
         (["--base_model_path", "/no/such/model"], "/no/such/model: no such folder"),
+        (["--candidates", "4", "--generation_kwargs", '{"num_beams": 2}'],
+         "num_beams 2 with --candidates 4: the 4 best beams need a beam search of at least 4 beams"),
     ],
 )
 def test_bad_arguments_exit_nonzero_with_one_line_and_no_traceback(tiny_model, tmp_path, args, message):

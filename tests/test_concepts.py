@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from conftest import REAL_IMAGES, ROCOV2, ROOT, needs_rocov2, read_csv
 
 import generate_concepts
@@ -150,3 +151,28 @@ def test_remapping_with_an_image_folder_keeps_the_rows_of_its_images_in_its_orde
     assert concepts(*args) == 2
     err = capsys.readouterr().err
     assert "has no row for 1 of the 4 images" in err and "img_4" in err and err.count("\n") == 1
+
+
+def test_a_zip_with_no_auto_map_cuis_is_refused_before_the_model_loads(tmp_path, capsys):
+    assert concepts("--image_dir", str(REAL_IMAGES), "--output_csv", str(tmp_path / "c.csv"), "--base_model_path",
+                    str(tmp_path / "no-model"), "--no-auto_map_cuis", "--zip", str(tmp_path / "c.zip")) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --zip packs format B, which --no-auto_map_cuis does not write: drop one of them\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("run, given", [
+    (["--from_natural_csv", "{natural}"], ["--base_model_path", "foo", "--max_new_tokens", "3", "--batch_size", "7"]),
+    (["--method", "knn", "--image_dir", str(REAL_IMAGES)], ["--max_new_tokens", "150", "--adapter_repo", "none"]),
+    (["--method", "probe", "--image_dir", str(REAL_IMAGES)], ["--seed", "1"]),
+])
+def test_runs_that_generate_no_text_refuse_generation_options_given_even_at_their_default(tmp_path, capsys, run,
+                                                                                         given):
+    natural = tmp_path / "natural.csv"
+    natural.write_text("ID,Concepts\nimg_1,Chest\n", encoding="utf-8")
+    argv = [a.format(natural=natural) for a in run] + ["--output_csv", str(tmp_path / "c.csv"), *given]
+    assert concepts(*argv) == 2
+    err = capsys.readouterr().err
+    names = ", ".join(g for g in given if g.startswith("--"))
+    assert err.startswith(f"error: {names}: only for generated text; {run[0]} ") and err.count("\n") == 1
+    assert not (tmp_path / "c.csv").exists()
