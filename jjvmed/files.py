@@ -152,6 +152,12 @@ def same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def resolved_if_local(name: str) -> str:
+    """A model given as a local folder: its resolved path, the same however the folder is spelled (relative,
+    through a link); a hub ID (no such folder here) as given."""
+    return os.path.realpath(name) if os.path.isdir(name) else name
+
+
 def file_identity(path: str | Path) -> list[int]:
     """What a resume compares without reading the file: size, modification time and status-change time (ns).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, log
-from .files import file_digest, file_identity, write_bytes_atomic
+from .files import file_digest, file_identity, resolved_if_local, write_bytes_atomic
 from .records import Record
 
 JOURNAL_VERSION = 3  # 3: records keep the status-change time and the content digest; 2 kept size and mtime only
@@ -153,7 +153,13 @@ def read_journal(path: Path) -> JournalContents | None:
     return JournalContents(header, records, identities, digests, bad, torn)
 
 
+MODEL_FOLDERS = ("base_model_path", "adapter")  # settings that name a model: a hub ID or a local folder
+
+
 def settings_differences(old: dict, new: dict) -> list[str]:
+    """`old`'s settings that `new` changes. A model folder counts as the same however its path was spelled:
+    journals written before the resolved path was recorded may hold it relative (to where they ran)."""
+    old = {k: resolved_if_local(v) if k in MODEL_FOLDERS and isinstance(v, str) else v for k, v in old.items()}
     keys = sorted(set(old) | set(new))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 

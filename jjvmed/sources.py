@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import RESUME_HINT, UserError, log
-from .files import lock_exclusive
-from .journal import default_journal_path, open_journal
+from .files import lock_exclusive, resolved_if_local
+from .journal import MODEL_FOLDERS, default_journal_path, open_journal
 from .model import ModelSpec, load_model, resolve_device_and_dtype
 from .pipeline import RunConfig, RunResult, Selection, worker_died
 from .records import Record
@@ -55,10 +55,13 @@ class Generation:
     def settings(self, dtype: str) -> dict:
         """What decides the generated text; a resume with different settings is refused. The reranker is not
         among them: it chooses among the candidates, and another one scores them again without generating.
+        A local model folder is recorded by its resolved path.
 
         `dtype` is the resolved one, so `--dtype auto` and the dtype it picks count as the same.
         """
         model = {k: v for k, v in asdict(self.model).items() if k not in ("device", "merged_cache_dir", "dtype")}
+        # a local model folder by its resolved path: the same folder spelled otherwise resumes
+        model.update({k: resolved_if_local(model[k]) for k in MODEL_FOLDERS if model[k]})
         settings = {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
         if self.retrieval is not None:
             settings["retrieval"] = self.retrieval.settings()

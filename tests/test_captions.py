@@ -191,3 +191,23 @@ def test_a_run_that_fails_to_start_leaves_no_empty_output_folder(tmp_path):
     result = run_in_process("generate_captions.py", *tiny_args(tmp_path / "no-model-here", out))
     assert result.returncode == 2 and "no-model-here: no such folder" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_folder_spelled_another_way_resumes_and_so_do_journals_that_recorded_it_relative(tiny_model, tmp_path,
+                                                                                                  monkeypatch, capsys):
+    import json
+
+    out = tmp_path / "captions.csv"
+    assert captions(tiny_model, out, "--limit", "2") == 0
+    monkeypatch.chdir(tiny_model.parent)
+    relative = f"./{tiny_model.name}"
+    assert captions(Path(relative), out, "--limit", "3", "--resume_from_checkpoint", "auto") == 0
+    assert "generated now: 1, done before: 2" in capsys.readouterr().err
+    # a journal of an older release holds the path as it was typed
+    journal = out.with_name("captions.journal.jsonl")
+    header, *records = journal.read_text(encoding="utf-8").splitlines(keepends=True)
+    settings = json.loads(header)
+    settings["settings"]["base_model_path"] = relative
+    journal.write_text(json.dumps(settings) + "\n" + "".join(records), encoding="utf-8")
+    assert captions(tiny_model, out, "--limit", "4", "--resume_from_checkpoint", "auto") == 0
+    assert "generated now: 1, done before: 3" in capsys.readouterr().err
