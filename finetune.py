@@ -425,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     check_options(args)
+    if not args.load_in_4bit:
+        errors.quiet_unused_bitsandbytes()
     truth = read_validation_truth(args)
     mapper, examples, problems, no_image = read_training_data(args.image_dir, args.train_captions,
                                                               args.train_concepts, args.cui_mapping_file,

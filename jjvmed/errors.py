@@ -6,6 +6,7 @@ Every module may import this one; it imports nothing of the project.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sys
@@ -101,3 +102,17 @@ def quiet_library_deprecations():
         warnings.filterwarnings("ignore", r".*(is_gradient_checkpointing|gradient_checkpointing_enable).*",
                                 FutureWarning)
         yield
+
+
+def quiet_unused_bitsandbytes() -> None:
+    """PEFT imports bitsandbytes wherever it is installed, and bitsandbytes logs at import that an optional
+    package of faster CPU kernels is missing: noise on runs that never use bitsandbytes (only --load_in_4bit
+    does). Only that line of that logger is dropped, for the rest of the process."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, KernelsNotice) for f in logger.filters):
+        logger.addFilter(KernelsNotice())
+
+
+class KernelsNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels" not in record.getMessage()

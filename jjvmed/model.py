@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError, first_line, log, quiet_library_deprecations
+from .errors import UserError, first_line, log, quiet_library_deprecations, quiet_unused_bitsandbytes
 
 DEFAULT_BASE_MODEL = "xtuner/llava-llama-3-8b-v1_1-transformers"
 DEFAULT_ADAPTER = "JoVal26/ja-med-clef-model"
@@ -191,6 +191,8 @@ def load_base_model(path: str, device_map, torch_dtype, load_in_4bit: bool):
 
 def load_model(spec: ModelSpec):
     """(model in eval mode, processor, device that inputs go to) for a ModelSpec."""
+    if not spec.load_in_4bit:
+        quiet_unused_bitsandbytes()
     device_map, torch_dtype = resolve_device_and_dtype(spec.device, spec.dtype)
     processor = load_processor(spec.base_model_path)
     adapter_dir = resolve_adapter(spec.adapter, spec.lora_subfolder) if spec.adapter else None

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, make_adapter, read_csv, run_in_process, tiny_args
+from conftest import REAL_IMAGES, make_adapter, read_csv, run_in_process, run_script, tiny_args
 from safetensors.torch import load_file, save_file
 
 from jjvmed import prompts
@@ -174,3 +174,12 @@ def test_adapters_saved_with_name_lists_or_regexes_both_apply(tiny_model, tmp_pa
         before = model(input_ids=ids).logits
         after = apply_adapter(model, adapter)(input_ids=ids).logits
     assert not torch.allclose(before, after)
+
+
+def test_a_run_with_an_adapter_and_no_4bit_prints_nothing_from_bitsandbytes(tiny_model, tiny_adapter, tmp_path):
+    """PEFT imports bitsandbytes, which announces a missing optional kernel package at import: not a word of it
+    on a run that does not use bitsandbytes (a fresh interpreter: the import happens once per process)."""
+    args = [*tiny_args(tiny_model, tmp_path / "c.csv"), "--adapter_repo", str(tiny_adapter), "--limit", "1"]
+    result = run_script("generate_captions.py", *args)
+    assert result.returncode == 0, result.stderr
+    assert "kernels" not in result.stderr and "bitsandbytes" not in result.stderr
