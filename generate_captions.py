@@ -64,8 +64,9 @@ def build_parser() -> common.Parser:
     best = parser.add_argument_group("best of several candidates")
     best.add_argument("--candidates", type=int, default=1, metavar="N",
                       help="captions generated per image: the N best beams of a beam search of N beams "
-                      "(deterministic; with \"do_sample\": true in --generation_kwargs, N samples instead). The "
-                      "journal keeps all of them (default: %(default)s)")
+                      "(deterministic; a larger num_beams in --generation_kwargs widens it, a smaller one is refused; "
+                      "with \"do_sample\": true there, N samples instead). The journal keeps all of them "
+                      "(default: %(default)s)")
     best.add_argument("--rerank_model", default=None, metavar="DIR|ID",
                       help="image-text model that scores each candidate against its image, the best kept: an "
                       "open_clip model (BiomedCLIP) or a Hugging Face CLIP / SigLIP one (MedSigLIP), a folder or hub "

@@ -69,13 +69,20 @@ def options() -> dict[str, dict[str, str]]:
 
 
 def first_clause(text: str) -> str:
-    """The help's first clause: up to the first '; ' or sentence end, defaults left out."""
+    """The help's first clause: up to the first '; ' or sentence end outside parentheses (a cut inside one
+    would leave it unclosed), defaults left out."""
     try:
         text = text % {"default": ""}  # argparse's %(default)s, and %% for a percent sign
     except (KeyError, ValueError, TypeError):
         pass
     text = re.sub(r"\s*\(default:[^)]*\)", "", text).strip()
-    return re.split(r";\s|\.\s+(?=[A-Z(])", text, maxsplit=1)[0].replace("|", "/")
+    depth = 0
+    for n, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0 and re.match(r";\s|\.\s+[A-Z(]", text[n:]):
+            text = text[:n]
+            break
+    return text.replace("|", "/")
 
 
 def table() -> str:
@@ -104,6 +111,12 @@ def test_every_option_has_help_and_every_command_a_description():
         for action in parser._actions:
             if action.option_strings and action.help is None:
                 raise AssertionError(f"{command} {action.option_strings[0]} has no help")
+
+
+def test_the_table_never_cuts_a_help_text_inside_parentheses():
+    for row in table().splitlines()[2:]:
+        what = row.rsplit(" | ", 1)[1]
+        assert what.count("(") == what.count(")"), row
 
 
 def test_the_readme_table_lists_every_option_of_every_script():
