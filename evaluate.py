@@ -305,8 +305,8 @@ def print_summary(title: str, summary: dict, report: Report) -> None:
 
 def validate(args: argparse.Namespace) -> int:
     if args.zip and not (args.gt or args.ids_csv):
-        raise errors.UserError("--zip needs --ids_csv or --gt: without the expected IDs their set and order are not "
-                               "checked")
+        raise errors.UserError("--zip needs --ids_csv or --gt: checked against nothing but its own rows, a file "
+                               "could lack IDs or have them out of order; give --ids_csv with the test set's ID list")
     if args.zip and args.rules != "2026":
         raise errors.UserError("--zip checks with the 2026 rules, the platform's; leave out --rules 2025")
     # Only the header is trusted here: a file without one is still a submission to list the problems of.
@@ -323,7 +323,8 @@ def validate(args: argparse.Namespace) -> int:
     else:
         log_report(report, args.pred)
         if not (args.gt or args.ids_csv):
-            errors.log("  note: no --ids_csv or --gt, so the ID set and order were not checked")
+            errors.log("  note: checked against its own rows only; give --ids_csv to check against the test set's "
+                       "ID list")
     if written:
         errors.log(f"wrote {written} (submission.csv inside): upload this file")
     elif args.zip:
