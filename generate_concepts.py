@@ -146,9 +146,6 @@ def check_one_process(args: argparse.Namespace, cfg: common.RunConfig) -> None:
 
 def from_vision(args: argparse.Namespace, vision: VisionMethod) -> tuple:
     """--method knn|probe: one vision-tower pass over the run's images (no text), format B."""
-    if args.output_csv_natural or not args.auto_map_cuis:
-        raise UserError(f"--method {args.method} writes format B only (no text, so no format A): drop "
-                        "--output_csv_natural / --no-auto_map_cuis")
     if not args.image_dir:
         raise UserError("--image_dir is required")
     return EmbedSource(embeddings_path(args), embed_options(args, vision)), ConceptWriter(args.output_csv,
@@ -180,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         common.refuse_generation_options(parser, NO_MODEL_REFUSES + (("device",) if args.method != "fused" else ()),
                                          "--from_natural_csv")
     elif args.method in ("knn", "probe"):
+        if args.output_csv_natural or not args.auto_map_cuis:
+            raise UserError(f"--method {args.method} writes format B only (no text, so no format A): drop "
+                            "--output_csv_natural / --no-auto_map_cuis")
         common.refuse_generation_options(parser, VECTORS_REFUSE, f"--method {args.method}")
     cfg = common.config_from_args(args, task="concepts")
     if args.method in ("knn", "probe") and not args.from_natural_csv:

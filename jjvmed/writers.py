@@ -130,8 +130,9 @@ class ConceptWriter:
         fused = predict_concepts(vision.index, vision.settings, result.embeddings,
                                  generated if uses_generated(vision.settings) else None, device=vision.device)
         counts = [len(fused.get(i, [])) for i in ids]
-        line = (f"CUIs ({vision.name}: {vision.settings['source']}): {sum(counts) / max(len(counts), 1):.2f} per "
-                f"image, {counts.count(0)} images without any")
+        # which settings: the tune table's row they were chosen from (knn, probe, knn+probe, ...)
+        line = (f"CUIs (--method {vision.name}, the settings of tune's row {vision.settings['source']!r}): "
+                f"{sum(counts) / max(len(counts), 1):.2f} per image, {counts.count(0)} images without any")
         if generated is not None:
             changed = sum(1 for i in ids if fused.get(i, []) != generated.get(i, []))
             line += f", {changed} differ from the generated CUIs"

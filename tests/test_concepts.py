@@ -58,7 +58,7 @@ def test_remapping_a_natural_csv_needs_no_model_and_reports_unmapped_phrases(tmp
         'img_4,"Foramen Ovale, Patent;image"\n', encoding="utf-8")
     out = tmp_path / "cuis.csv"
     assert concepts("--from_natural_csv", str(natural), "--output_csv", str(out),
-                    "--cui_mapping_file", str(ROCOV2), "--base_model_path", "/nonexistent") == 0
+                    "--cui_mapping_file", str(ROCOV2)) == 0
     assert read_csv(out) == [["ID", "CUIs"], ["img_1", "C0040405;C0817096;C0016522"], ["img_2", ""],
                              ["img_3", "C0817096;C0024485"], ["img_4", "C0016522"]]
     assert read_csv(tmp_path / "cuis.unmapped.csv") == [["Phrase", "Count"], ["flux capacitor", "1"]]
@@ -176,3 +176,11 @@ def test_runs_that_generate_no_text_refuse_generation_options_given_even_at_thei
     names = ", ".join(g for g in given if g.startswith("--"))
     assert err.startswith(f"error: {names}: only for generated text; {run[0]} ") and err.count("\n") == 1
     assert not (tmp_path / "c.csv").exists()
+
+
+def test_knn_with_a_format_a_file_is_refused_before_the_index_or_the_model_is_looked_for(tmp_path, capsys):
+    assert concepts("--method", "knn", "--image_dir", str(REAL_IMAGES), "--output_csv", str(tmp_path / "c.csv"),
+                    "--output_csv_natural", str(tmp_path / "n.csv"), "--concept_index", str(tmp_path / "no-index"),
+                    "--concept_settings", str(tmp_path / "no.json"), "--base_model_path", "nobody/no-model") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --method knn writes format B only") and err.count("\n") == 1

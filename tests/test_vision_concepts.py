@@ -339,7 +339,7 @@ def test_per_cui_thresholds_fix_a_cui_that_the_global_threshold_cannot():
 def vision_args(run: Path, tiny_model: Path, out: Path, method: str, *extra: str) -> list[str]:
     return ["--image_dir", str(run / "test"), "--output_csv", str(out), "--method", method, "--concept_index",
             str(run / "index"), "--concept_settings", str(run / "settings.json"), "--base_model_path",
-            str(tiny_model), "--adapter_repo", "none", "--num_workers", "0", *extra]
+            str(tiny_model), *(["--adapter_repo", "none"] if method == "fused" else []), "--num_workers", "0", *extra]
 
 
 def test_knn_and_probe_runs_label_the_images_in_the_ids_csv_order_without_generating_text(run, tiny_model, tmp_path):
@@ -409,12 +409,13 @@ def test_a_fused_run_keeps_the_generated_phrases_and_fuses_again_without_the_mod
     ids = sorted([r[0] for r in read_csv(run / "test_concepts.csv")[1:]] + ["broken"], key=id_sort_key)
     assert natural[0] == ["ID", "Concepts"] and [r[0] for r in natural[1:]] == ids == [r[0] for r in fused[1:]]
     assert (tmp_path / "fused.journal.jsonl").exists()  # the raw text, as for --method generate
+    assert f"embeddings: {tmp_path / 'fused.embeddings.npz'}" in done.stderr  # the summary names both files
     assert f1(run / "test_concepts.csv", out) >= 0.9
 
     # Fused again from what the run kept, with no model at all: the same file.
     refuse = ["--from_natural_csv", str(tmp_path / "fused_natural.csv"), "--method", "fused", "--concept_index",
               str(run / "index"), "--embeddings", str(tmp_path / "fused.embeddings.npz"), "--cui_mapping_file",
-              str(run / "names.csv"), "--base_model_path", "/no/such/model"]
+              str(run / "names.csv")]
     again = run_in_process("generate_concepts.py", *refuse, "--concept_settings", str(run / "settings.json"),
                            "--output_csv", str(tmp_path / "again.csv"))
     assert again.returncode == 0, again.stderr
