@@ -202,6 +202,7 @@ def run_embed(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--limit must be at least 1, got {args.limit}")
     if args.num_workers is not None and args.num_workers < 0:
         raise errors.UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    files.check_writable(args.embeddings, "embeddings file")
     items = list_images(args.image_dir)[: args.limit]
     options = EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
                            args.dtype, args.num_workers, overwrite=args.overwrite,
@@ -228,6 +229,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")
     if not args.train_concepts and not args.train_captions:
         raise errors.UserError("give --train_concepts, --train_captions, or both")
+    check_writable_folder(args.concept_index, "concept index")
     emb = load_ensemble(args.embeddings)
     concepts = read_cui_lists(args.train_concepts) if args.train_concepts else None
     captions = read_id_table(args.train_captions, "Caption") if args.train_captions else None
@@ -245,6 +247,13 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_writable_folder(folder: str, what: str) -> None:
+    """Before any work: `folder` is, or can be made, a writable folder (the outputs' own check, on a file in it)."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise errors.UserError(f"the {what} {folder} is a file; give a folder")
+    files.check_writable(Path(folder) / "index.npz", what)
+
+
 def check_has_concepts(index, folder: str) -> None:
     if not index.cuis:
         raise errors.UserError(f"the index in {folder} has no concepts (fitted with --train_captions alone): fit it "
@@ -257,6 +266,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from jjvmed.tables import read_cui_lists
     from jjvmed.tuning import format_table, tune
 
+    files.check_writable(args.concept_settings, "settings file")
     index = load_index(args.concept_index)
     check_has_concepts(index, args.concept_index)
     valid = load_ensemble(args.embeddings)

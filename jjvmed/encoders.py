@@ -159,6 +159,20 @@ def local_folder(source: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def source_files(spec: str, base_model_path: str | None = None) -> list[list] | None:
+    """The identity (files.file_identity) of every file in the local folder of `spec`'s model ('llava': of
+    `base_model_path`), without loading it: when it differs from the one recorded with stored vectors, the model
+    is loaded to check they are still its own. None for a hub ID (its cache keeps each revision apart)."""
+    from .files import file_identity
+
+    family, source = parse_spec(spec)
+    source = (source or base_model_path or "") if family == "llava" else source
+    folder = local_folder(source.removeprefix("hf-hub:").removeprefix("local-dir:")) if source else None
+    if folder is None:
+        return None
+    return [[p.name, *file_identity(p)] for p in sorted(folder.iterdir()) if p.is_file()]
+
+
 def hub_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
     """The first of `names` in a hub repo: from the local cache when any is there (BiomedCLIP ships only
     open_clip_pytorch_model.bin), else downloaded; offline or unreachable, one line saying so."""
