@@ -289,6 +289,7 @@ def run_tune(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Through the engine's one pipeline: the embeddings files are the source, the concept writer fuses and
     writes format B, and the run checks it with the 2026 rules and zips it."""
+    from jjvmed.embeddings import check_has_ids, load_embeddings
     from jjvmed.fusion import load_settings, uses_generated
     from jjvmed.index import load_index
     from jjvmed.pipeline import RunConfig, run
@@ -303,6 +304,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
+    if generated is not None:
+        # A generated row without a vector would be a row of nothing but generated CUIs (or, for knn and probe,
+        # an empty one): most likely the CUIs of other images than the embeddings'.
+        check_has_ids(load_embeddings(args.embeddings[0], vectors=False), list(generated), args.embeddings[0],
+                      f"images of {args.generated}", "give the embeddings and the generated CUIs of the same images "
+                      "(an image that could not be embedded is listed in its embeddings file)")
     vision = VisionMethod(args.method, index, settings, args.device)
     cfg = RunConfig(task="concepts", output_csv=args.output_csv, ids_csv=args.ids_csv, zip_path=args.zip)
     source = EmbeddingsFileSource(args.embeddings, vision, extra_ids=list(generated or {}))

@@ -317,10 +317,24 @@ def load_hf(source: str):
         from transformers import SiglipVisionModel as cls
     else:
         cls = AutoModel
+    if kind in ("clip", "siglip"):  # a whole image-text model: its vision tower's own config
+        vision = config.vision_config
+        if kind == "clip":
+            vision.projection_dim = config.projection_dim  # the vision config's own says 512 whatever the model has
+        config = vision
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    # A whole CLIP or SigLIP checkpoint holds a text tower this model leaves out, which transformers reports
+    # key by key; what goes wrong otherwise is in the error itself.
+    hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(source)
+        model = cls.from_pretrained(source, config=config)
     except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
-        raise UserError(f"--encoder {spec}: cannot load the model ({first_line(e)})") from None
+        raise UserError(f"--encoder {spec}: cannot load the model "
+                        f"({first_line(e).replace(' For details look at the above report!', '')})") from None
+    finally:
+        hf_logging.set_verbosity(before)
     return model, HFPreprocess(processor), {"name": kind}
 
 

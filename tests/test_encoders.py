@@ -604,3 +604,28 @@ def test_a_bad_embeddings_path_or_file_is_one_line_that_says_what_to_do(specs, i
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
         assert "pickle" not in err
+
+
+def test_a_whole_clip_checkpoint_embeds_with_its_own_vision_tower_and_projection(images, tmp_path, capsys):
+    """A CLIPModel folder (both towers, projection 16 wide) used to fail after a report of every text weight."""
+    import torch
+    from PIL import Image
+    from test_rerank import save_hf_clip as save_whole_clip
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    folder = save_whole_clip(tmp_path / "clip", seed=0)
+    out = tmp_path / "e.npz"
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:{folder}") == 0
+    err = capsys.readouterr().err
+    assert "UNEXPECTED" not in err and "text_model" not in err, err
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(images / "img_1.png").convert("RGB")], return_tensors="pt")
+        expected = model.get_image_features(**pixels)
+    expected = getattr(expected, "pooler_output", expected)
+    expected = torch.nn.functional.normalize(expected, dim=-1)[0].numpy()
+    emb = load_embeddings(out)
+    assert emb.vectors[0].shape[1] == 16
+    assert np.allclose(emb.vectors[0][emb.ids.index("img_1")], expected, atol=1e-5)

@@ -291,6 +291,18 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
     assert "add --generated" in err and len(err.strip().splitlines()) == 1
 
 
+def test_predict_with_generated_cuis_of_images_the_embeddings_lack_is_refused(run, tmp_path, capsys):
+    """Generated CUIs of other images than the embeddings' used to add silent empty rows to the submission."""
+    for method in ("knn", "fused"):
+        out = tmp_path / f"{method}.csv"
+        assert cli("predict", "--concept_index", str(run / "index"), "--concept_settings", str(run / "settings.json"),
+                   "--method", method, "--embeddings", str(run / "test.npz"), "--generated",
+                   str(run / "generated_valid.csv"), "--output_csv", str(out)) == 2
+        err = capsys.readouterr().err
+        assert f"{SPLITS['valid']} images of {run / 'generated_valid.csv'} are not in {run / 'test.npz'}" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, tiny_adapter):
     """The index is built from the base model; the generate run has the adapter loaded (it targets the
     language model and the projector only), and must get the same features from it."""
