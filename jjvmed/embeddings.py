@@ -73,7 +73,8 @@ class Embeddings:
             if same_encoder(made, description):
                 return vectors
         have = "; ".join(f"{encoder_label(e)} ({differences(e, description)})" for e in self.encoders) or "none"
-        raise UserError(f"{what} was made with encoder {encoder_label(description)}, the embeddings with other "
+        # `description` is one encoder the caller needs (of an ensemble index, maybe not all of its encoders)
+        raise UserError(f"{what} needs vectors of encoder {encoder_label(description)}; the embeddings hold other "
                         f"ones ({have}): embed the images with --encoder {description.get('source', '?')}")
 
 

@@ -114,8 +114,12 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_d
             probe = train_probe(vectors, index.label_matrix(), probe_options)
             info = probe.info
             f1s = ", ".join(f"{x:.4f}" for x in info["held_out_f1"])
-            log(f"probe ({encoder_label(encoder)}): {info['passes']} passes of {info['steps'] // info['passes']} steps "
-                f"of {info['batch_size']} in {time.perf_counter() - start:.1f} s"
+            steps = info["steps"] // info["passes"]
+            # A pass is at least probe.MIN_STEPS_PER_PASS steps: over a small set it sees each image several times.
+            seen = steps * info["batch_size"] / info["train_images"]
+            log(f"probe ({encoder_label(encoder)}): {info['passes']} passes of {steps} steps of {info['batch_size']} "
+                f"images (each of the {info['train_images']} training images about {seen:.0f} times a pass) in "
+                f"{time.perf_counter() - start:.1f} s"
                 + (f"; kept pass {info['best_pass']}, held-out F1 per pass: {f1s}" if f1s else ""))
         members.append(Member({k: v for k, v in encoder.items() if k not in ("device",)}, vectors, probe))
     left_out = {f"embedded images without a {name} row": len(train.ids) - sum(1 for i in train.ids if i in rows)
