@@ -210,9 +210,9 @@ def run_embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     made = ensure_embeddings(items, args.embeddings, options)
     seconds = time.perf_counter() - start
+    rate = f" ({made.embedded / made.seconds:.1f} images/s while embedding)" if made.embedded and made.seconds else ""
     errors.log(f"images: {len(items)} (embedded now: {made.embedded}, reused: {made.reused}, failed: "
-               f"{len(made.embeddings.failed)})\ntime: {seconds:.1f} s ({made.embedded / max(made.seconds, 1e-9):.1f} "
-               f"images/s while embedding)\nwrote: {args.embeddings}")
+               f"{len(made.embeddings.failed)})\ntime: {seconds:.1f} s{rate}\nwrote: {args.embeddings}")
     return 0
 
 
