@@ -202,6 +202,7 @@ def run_embed(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--limit must be at least 1, got {args.limit}")
     if args.num_workers is not None and args.num_workers < 0:
         raise errors.UserError(f"--num_workers must be 0 or more, got {args.num_workers}")
+    files.check_writable(args.embeddings, "embeddings file")
     items = list_images(args.image_dir)[: args.limit]
     options = EmbedOptions(args.base_model_path, args.pooling, args.batch_size, args.chunk_size, args.device,
                            args.dtype, args.num_workers, overwrite=args.overwrite,
@@ -209,9 +210,9 @@ def run_embed(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     made = ensure_embeddings(items, args.embeddings, options)
     seconds = time.perf_counter() - start
+    rate = f" ({made.embedded / made.seconds:.1f} images/s while embedding)" if made.embedded and made.seconds else ""
     errors.log(f"images: {len(items)} (embedded now: {made.embedded}, reused: {made.reused}, failed: "
-               f"{len(made.embeddings.failed)})\ntime: {seconds:.1f} s ({made.embedded / max(made.seconds, 1e-9):.1f} "
-               f"images/s while embedding)\nwrote: {args.embeddings}")
+               f"{len(made.embeddings.failed)})\ntime: {seconds:.1f} s{rate}\nwrote: {args.embeddings}")
     return 0
 
 
@@ -228,6 +229,7 @@ def run_fit(args: argparse.Namespace) -> int:
         raise errors.UserError(f"--probe_batch_size must be at least 1, got {args.probe_batch_size}")
     if not args.train_concepts and not args.train_captions:
         raise errors.UserError("give --train_concepts, --train_captions, or both")
+    check_writable_folder(args.concept_index, "concept index")
     emb = load_ensemble(args.embeddings)
     concepts = read_cui_lists(args.train_concepts) if args.train_concepts else None
     captions = read_id_table(args.train_captions, "Caption") if args.train_captions else None
@@ -245,6 +247,13 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_writable_folder(folder: str, what: str) -> None:
+    """Before any work: `folder` is, or can be made, a writable folder (the outputs' own check, on a file in it)."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise errors.UserError(f"the {what} {folder} is a file; give a folder")
+    files.check_writable(Path(folder) / "index.npz", what)
+
+
 def check_has_concepts(index, folder: str) -> None:
     if not index.cuis:
         raise errors.UserError(f"the index in {folder} has no concepts (fitted with --train_captions alone): fit it "
@@ -257,6 +266,7 @@ def run_tune(args: argparse.Namespace) -> int:
     from jjvmed.tables import read_cui_lists
     from jjvmed.tuning import format_table, tune
 
+    files.check_writable(args.concept_settings, "settings file")
     index = load_index(args.concept_index)
     check_has_concepts(index, args.concept_index)
     valid = load_ensemble(args.embeddings)
@@ -279,6 +289,7 @@ def run_tune(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     """Through the engine's one pipeline: the embeddings files are the source, the concept writer fuses and
     writes format B, and the run checks it with the 2026 rules and zips it."""
+    from jjvmed.embeddings import check_has_ids, load_embeddings
     from jjvmed.fusion import load_settings, uses_generated
     from jjvmed.index import load_index
     from jjvmed.pipeline import RunConfig, run
@@ -293,6 +304,12 @@ def run_predict(args: argparse.Namespace) -> int:
     if uses_generated(settings) and generated is None:
         raise errors.UserError(f"the {args.method} settings fuse the generated concepts: add --generated "
                                "(ID,CUIs from generate_concepts.py on the same images)")
+    if generated is not None:
+        # A generated row without a vector would be a row of nothing but generated CUIs (or, for knn and probe,
+        # an empty one): most likely the CUIs of other images than the embeddings'.
+        check_has_ids(load_embeddings(args.embeddings[0], vectors=False), list(generated), args.embeddings[0],
+                      f"images of {args.generated}", "give the embeddings and the generated CUIs of the same images "
+                      "(an image that could not be embedded is listed in its embeddings file)")
     vision = VisionMethod(args.method, index, settings, args.device)
     cfg = RunConfig(task="concepts", output_csv=args.output_csv, ids_csv=args.ids_csv, zip_path=args.zip)
     source = EmbeddingsFileSource(args.embeddings, vision, extra_ids=list(generated or {}))

@@ -49,7 +49,11 @@ def journal_contenders(path: str | Path) -> list[Contender]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} does not exist (a generate_captions.py journal, <output stem>.journal.jsonl)")
-    contents = read_journal(path)
+    try:
+        contents = read_journal(path)
+    except UserError:  # its own advice ("move it away") is for a journal at a run's output path, not an input
+        raise UserError(f"--journals {path} is not a generate_captions.py journal: give the run's "
+                        "<output stem>.journal.jsonl, not its CSV") from None
     if contents is None or not contents.records:
         raise UserError(f"{path} holds no records")
     settings = contents.header.get("settings") if isinstance(contents.header.get("settings"), dict) else {}

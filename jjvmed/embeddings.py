@@ -43,9 +43,10 @@ from .encoders import (
     pooled_features,
     resolve_pooling,
     same_encoder,
+    source_files,
 )
 from .errors import UserError, log
-from .images import ImageDataset, ignore_stop_signals
+from .images import ImageDataset, id_sort_key, ignore_stop_signals
 from .model import DEFAULT_BASE_MODEL
 
 EMBEDDINGS_FORMAT = "jj-vmed-embeddings/3"
@@ -72,7 +73,8 @@ class Embeddings:
             if same_encoder(made, description):
                 return vectors
         have = "; ".join(f"{encoder_label(e)} ({differences(e, description)})" for e in self.encoders) or "none"
-        raise UserError(f"{what} was made with encoder {encoder_label(description)}, the embeddings with other "
+        # `description` is one encoder the caller needs (of an ensemble index, maybe not all of its encoders)
+        raise UserError(f"{what} needs vectors of encoder {encoder_label(description)}; the embeddings hold other "
                         f"ones ({have}): embed the images with --encoder {description.get('source', '?')}")
 
 
@@ -93,8 +95,12 @@ def load_embeddings(path: str | Path, vectors: bool = True) -> Embeddings:
     """The file at `path`; with `vectors=False` everything but the vectors (an .npz is read array by array,
     so the IDs, identities and encoders of a large file come at once)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--embeddings {path} is a folder; give the .npz file concept_index.py embed writes")
     if not path.is_file():
         raise UserError(f"embeddings file {path} does not exist (make it with: concept_index.py embed)")
+    if not zipfile.is_zipfile(path):  # numpy's own error would speak of pickles and allow_pickle
+        raise UserError(f"{path} is not an embeddings file written by concept_index.py embed (not an .npz file)")
     try:
         with np.load(path, allow_pickle=False) as data:
             kind = str(data["format"])
@@ -130,19 +136,24 @@ def load_embeddings(path: str | Path, vectors: bool = True) -> Embeddings:
 
 def combine(parts: list[Embeddings], names: list[str]) -> Embeddings:
     """Several files of the same images (one per encoder) as one ensemble; refused, before any work, when
-    their images differ or an encoder comes twice."""
+    their images differ or an encoder comes twice. Rows are matched by ID: a file's row order is that of the
+    run that wrote it last (an ID list's, a --limit's), which says nothing about its images."""
     first = parts[0]
     for emb, name in zip(parts[1:], names[1:], strict=True):
-        if emb.ids != first.ids or set(emb.failed) != set(first.failed):
-            only = sorted(set(emb.ids) ^ set(first.ids))
+        if set(emb.ids) != set(first.ids) or set(emb.failed) != set(first.failed):
+            only = sorted(set(emb.ids) ^ set(first.ids)) or sorted(set(emb.failed) ^ set(first.failed))
             raise UserError(f"{names[0]} and {name} hold different images ({len(first.ids)} vs {len(emb.ids)} "
-                            + (f"embedded, e.g. {only[0]}" if only else "embedded, in another order")
-                            + "): embed the same images with each encoder")
+                            f"embedded, e.g. {only[0]}): embed the same images with each encoder")
     encoders = [e for emb in parts for e in emb.encoders]
     for m, e in enumerate(encoders):
         if any(same_encoder(e, other) for other in encoders[:m]):
             raise UserError(f"encoder {encoder_label(e)} is given twice; an ensemble takes each encoder once")
-    return Embeddings(first.ids, [v for emb in parts for v in emb.vectors], encoders, first.failed, first.meta)
+    vectors = []
+    for emb in parts:
+        row = {i: n for n, i in enumerate(emb.ids)}
+        order = [row[i] for i in first.ids]
+        vectors += [v if emb.ids == first.ids else v[order] for v in emb.vectors]
+    return Embeddings(first.ids, vectors, encoders, first.failed, first.meta)
 
 
 def load_ensemble(paths: list[str]) -> Embeddings:
@@ -230,9 +241,10 @@ class Plan:
     """What a run finds at its embeddings path, per encoder of its options (read without the vectors)."""
     identities: dict[str, list[int]]  # the run's images' files, now
     reuse: list[dict[str, Place]]  # per encoder: run image -> its vector made from the file as it is now
-    others: list[dict[str, Place]]  # per encoder: vectors of images outside the run (kept in the file)
+    others: list[dict[str, Place]]  # per encoder: vectors of images outside the run (kept)
     changed: set[str]  # run images with a vector made from another file (or one not recorded), and none kept
     lost: str  # the vectors at the path this run would not keep, described ("" if none)
+    other_failed: dict[str, str] = field(default_factory=dict)  # images outside the run that could not be read
 
     def missing(self, ids: list[str]) -> list[str]:
         """IDs without a kept vector of every encoder: what the run embeds."""
@@ -255,9 +267,15 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
     reuse: list[dict[str, Place]] = [{} for _ in keys]
     others: list[dict[str, Place]] = [{} for _ in keys]
     changed: set[str] = set()
+    other_failed: dict[str, str] = {}
     foreign: list[str] = []
     for source in [] if options.overwrite else stored_files(path):
-        stored = load_embeddings(source, vectors=False)
+        try:
+            stored = load_embeddings(source, vectors=False)
+        except UserError as e:
+            raise UserError(f"{e}: add --overwrite to embed this run's images anew at {path}, or give this run "
+                            "another --embeddings") from None
+        other_failed.update({i: error for i, error in stored.failed.items() if i not in identities})
         made = stored.meta.get("made_with") or [None] * len(stored.encoders)
         for j, key in enumerate(made):
             if key_text(key) not in keys:
@@ -272,24 +290,20 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
                     reuse[m][i] = (source, j, row)
                 else:
                     changed.add(i)
-    incomplete = sorted({i for found in others for i in found if any(i not in o for o in others)})
-    lost = []
+    lost = ""
     if foreign:
-        lost.append(f"{' and '.join(dict.fromkeys(foreign))} (this run embeds with "
-                    f"{'; '.join(settings_text(k) for k in options.made_with())})")
-    if incomplete:
-        lost.append(f"vectors of {len(incomplete)} images outside this run that lack one of its encoders (first: "
-                    f"{', '.join(incomplete[:3])})")
+        lost = (f"{' and '.join(dict.fromkeys(foreign))} (this run embeds with "
+                f"{'; '.join(settings_text(k) for k in options.made_with())})")
     kept_everywhere = set.intersection(*(set(r) for r in reuse)) if reuse else set()
-    return Plan(identities, reuse, others, changed - kept_everywhere, " and ".join(lost))
+    return Plan(identities, reuse, others, changed - kept_everywhere, lost, other_failed)
 
 
 @dataclass(frozen=True)
 class Embedded:
     """What ensure_embeddings made, and how."""
     embeddings: Embeddings  # the run's images, in its order (those that could not be read in `failed`)
-    reused: int  # images whose vectors were kept
-    embedded: int  # images embedded now (failures included)
+    reused: int  # images whose vectors were all kept
+    embedded: int  # images embedded now by one encoder or more (failures left out: see embeddings.failed)
     changed: int  # of those, images whose file changed since their vector was made
     seconds: float  # spent embedding (loading the encoders left out)
 
@@ -299,9 +313,10 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
     """The vectors of (ID, path) images by every encoder of `options`, kept at `path`: what is stored there and
     still right is reused (plan_embeddings), the rest is embedded in chunks of `chunk_size` saved under
     `<path>.parts/` as they complete (a killed run redoes at most one), then the file is written whole with the
-    vectors it held of other images, failures listed in `<path stem>.errors.csv`. A lock on `path` is held
-    throughout; `locked`: the caller holds it already (a run that takes it before loading its model).
-    `encoder`: LLaVA's tower already loaded (a generate run's), used for the 'llava' encoder.
+    vectors and failures it held of other images, this run's failures listed in `<path stem>.errors.csv`. Vectors
+    of other images that lack one of this run's encoders (a run cut short, a --limit trial) stay in `<path>.parts/`
+    for a later run. A lock on `path` is held throughout; `locked`: the caller holds it already (a run that takes
+    it before loading its model). `encoder`: LLaVA's tower already loaded (a generate run's), for 'llava'.
     """
     check_embed_options(options)
     path = Path(path)
@@ -313,14 +328,18 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
             path.unlink(missing_ok=True)
             shutil.rmtree(parts, ignore_errors=True)
         keys = options.made_with()
-        vectors, others, described, others_identity = read_places(plan, path, len(keys))
+        vectors, others, described, others_identity, recorded = read_places(plan, path, len(keys))
         choices = options.choices()
+        model_files = [source_files(spec, options.base_model_path) for spec, _ in choices]
         failed: dict[str, str] = {}
-        embedded: set[str] = set()
+        embedded_by: list[set[str]] = [set() for _ in choices]  # per encoder: the run's images it embedded now
         seconds = 0.0
         for m, (spec, pooling) in enumerate(choices):
             todo = [(i, p) for i, p in items if i not in vectors[m] and i not in failed]
-            if not todo:
+            # New files in the model's folder since its vectors were made: load it once to see whether it is
+            # another model (a run that only reuses would never notice, and an index fitted anew refuses them).
+            verify = described[m] is not None and model_files[m] is not None and recorded[m] != model_files[m]
+            if not todo and not verify:
                 continue
             name = f"encoder {m + 1}/{len(choices)} ({spec}): " if len(choices) > 1 else ""
             reuse = encoder is not None and spec == "llava" and encoder.pooling == pooling
@@ -334,55 +353,99 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
                 vectors[m], others[m] = {}, {}
                 todo = [(i, p) for i, p in items if i not in failed]
             described[m] = made
-            manifest = {"made_with": keys, "images": len(items)}
-            new, new_failed, took = embed_chunks(loaded, todo, parts, keys[m], plan.identities, manifest, options,
-                                                 name)
-            vectors[m].update(new)
-            failed.update(new_failed)
-            embedded.update(i for i, _ in todo)
-            seconds += took
+            if todo:
+                manifest = {"made_with": keys, "images": len(items)}
+                chunk_meta = {"made_with": [keys[m]], "model_files": [model_files[m]]}
+                new, new_failed, took = embed_chunks(loaded, todo, parts, chunk_meta, plan.identities, manifest,
+                                                     options, name)
+                vectors[m].update(new)
+                failed.update(new_failed)
+                embedded_by[m].update(new)
+                seconds += took
             if not reuse:
                 del loaded
                 free_memory()
         ids = [i for i, _ in items if i not in failed and all(i in v for v in vectors)]
-        kept = [i for i in others[0] if all(i in o for o in others)] if others else []
-        rows = ids + kept
-        matrices = [np.stack([vectors[m][i] if i in vectors[m] else others[m][i] for i in rows]) if rows else
+        complete = [i for i in others[0] if all(i in o for o in others)] if others else []
+        incomplete = sorted({i for o in others for i in o} - set(complete), key=id_sort_key)
+        # Natural ID order: the file's rows do not depend on which selection (ID list, --limit) wrote it last.
+        rows = sorted(ids + complete, key=id_sort_key)
+        run_vectors = [{**others[m], **vectors[m]} for m in range(len(keys))]
+        matrices = [np.stack([run_vectors[m][i] for i in rows]) if rows else
                     np.zeros((0, (described[m] or {}).get("dim", 0)), np.float32) for m in range(len(keys))]
-        identities = {**{i: others_identity[i] for i in kept}, **{i: plan.identities[i] for i in ids}}
-        meta = {"made_with": keys}
+        identities = {**{i: others_identity[i] for i in complete}, **{i: plan.identities[i] for i in ids}}
+        meta = {"made_with": keys, "model_files": model_files}
         descriptions = [d or {} for d in described]
-        save_embeddings(path, Embeddings(rows, matrices, descriptions, failed, meta, identities))
+        stored_failed = {**{i: e for i, e in plan.other_failed.items() if i not in identities}, **failed}
+        save_embeddings(path, Embeddings(rows, matrices, descriptions, stored_failed, meta, identities))
         errors_csv = path.with_name(f"{path.stem}.errors.csv")
         if failed:
             files.write_csv_atomic(errors_csv, ["ID", "Error"], ([i, e] for i, e in failed.items()))
             log(f"{len(failed)} images could not be embedded (listed in {errors_csv})")
         else:
             errors_csv.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
+        keep_incomplete(parts, incomplete, others, descriptions, meta, others_identity)
+    embedded = set().union(*embedded_by) - set(failed)
+    reused = len(items) - len(embedded) - len(failed)
     changed = len(plan.changed & embedded)
-    log(f"{path}: {len(items) - len(embedded)} images reused, {len(embedded)} embedded"
-        + (f" ({changed} changed since)" if changed else "") + (f"; kept {len(kept)} other images" if kept else ""))
-    mine = Embeddings(ids, [v[:len(ids)] for v in matrices], descriptions, failed, meta,
+    per_encoder = ""
+    if len(choices) > 1:
+        done = set(ids)
+        per_encoder = "; by encoder: " + ", ".join(f"{spec} {len(done - embedded_by[m])} reused, "
+                                                   f"{len(done & embedded_by[m])} embedded"
+                                                   for m, (spec, _) in enumerate(choices))
+    log(f"{path}: {reused} images reused, {len(embedded)} embedded" + (f", {len(failed)} failed" if failed else "")
+        + (f" ({changed} changed since)" if changed else "") + per_encoder
+        + (f"; kept {len(complete)} other images" if complete else ""))
+    if incomplete:
+        log(f"{len(incomplete)} other images lack one of this run's encoders: their vectors are kept in {parts}/ "
+            f"for a run that embeds them with every encoder (first: {', '.join(incomplete[:3])})")
+    position = {i: n for n, i in enumerate(rows)}
+    mine = Embeddings(ids, [v[[position[i] for i in ids]] for v in matrices], descriptions, failed, meta,
                       {i: plan.identities[i] for i in ids})
-    return Embedded(mine, len(items) - len(embedded), len(embedded), changed, seconds)
+    return Embedded(mine, reused, len(embedded), changed, seconds)
 
 
-def read_places(plan: Plan, path: Path, encoders: int) -> tuple[list[dict], list[dict], list[dict | None], dict]:
+def keep_incomplete(parts: Path, incomplete: list[str], others: list[dict], descriptions: list[dict], meta: dict,
+                    identities: dict[str, list[int]]) -> None:
+    """Replace the chunks under `parts` (now in the file) by one chunk per encoder holding the vectors of the images
+    outside the run that the file cannot take (they lack one of its encoders), or remove `parts` when there are none.
+    The new chunks are written before the old ones are removed, so a kill in between loses nothing."""
+    if not incomplete:
+        shutil.rmtree(parts, ignore_errors=True)
+        return
+    old = sorted(parts.glob("*.npz"))
+    first = next_chunk(parts)
+    for m, found in enumerate(others):
+        have = [i for i in incomplete if i in found]
+        if have:
+            chunk_meta = {"made_with": [meta["made_with"][m]], "model_files": [meta["model_files"][m]]}
+            save_embeddings(parts / f"chunk-{first + m:06d}.npz",
+                            Embeddings(have, [np.stack([found[i] for i in have])], [descriptions[m]], {}, chunk_meta,
+                                       {i: identities[i] for i in have}))
+    for chunk in old:
+        chunk.unlink(missing_ok=True)
+
+
+def read_places(plan: Plan, path: Path, encoders: int
+                ) -> tuple[list[dict], list[dict], list[dict | None], dict, list[list | None]]:
     """The vectors the plan keeps, read once per file: per encoder the run's images' and the other images',
-    each encoder's description, and the other images' recorded identities. Of vectors with the same settings
-    made by different models (new weights in the same folder, the run that noticed it cut short), those of the
-    newest file are kept, the others embedded again."""
+    each encoder's description and the identity of its model's files when it was made (None if not recorded),
+    and the other images' recorded identities. Of vectors with the same settings made by different models (new
+    weights in the same folder, the run that noticed it cut short), those of the newest file are kept, the
+    others embedded again."""
     sources = {place[0] for found in (*plan.reuse, *plan.others) for place in found.values()}
     stored = {source: load_embeddings(source) for source in sources}
     order = {source: n for n, source in enumerate(stored_files(path))}
     described: list[dict | None] = [None] * encoders
+    model_files: list[list | None] = [None] * encoders
     identities: dict[str, list[int]] = {}
     for m in range(encoders):
         places = [*plan.reuse[m].values(), *plan.others[m].values()]
         if places:
             source, j, _ = max(places, key=lambda place: order[place[0]])
             described[m] = stored[source].encoders[j]
+            model_files[m] = (stored[source].meta.get("model_files") or [None] * (j + 1))[j]
 
     def read(found: dict[str, Place], m: int) -> dict:
         return {i: stored[source].vectors[j][row] for i, (source, j, row) in found.items()
@@ -393,7 +456,7 @@ def read_places(plan: Plan, path: Path, encoders: int) -> tuple[list[dict], list
     for found in plan.others:
         for i, (source, _, _) in found.items():
             identities[i] = stored[source].identities.get(i, NO_IDENTITY)
-    return vectors, others, described, identities
+    return vectors, others, described, identities, model_files
 
 
 def embed_items(encoder: Encoder, items: list[tuple[str, str]], batch_size: int, num_workers: int) -> Embeddings:
@@ -419,7 +482,7 @@ def embed_items(encoder: Encoder, items: list[tuple[str, str]], batch_size: int,
     return Embeddings(kept, [matrix], [encoder.describe()], {i: failed[i] for i, _ in items if i in failed})
 
 
-def embed_chunks(encoder: Encoder, todo: list[tuple[str, str]], parts: Path, key: dict,
+def embed_chunks(encoder: Encoder, todo: list[tuple[str, str]], parts: Path, chunk_meta: dict,
                  identities: dict[str, list[int]], manifest: dict, options: EmbedOptions, name: str
                  ) -> tuple[dict[str, np.ndarray], dict[str, str], float]:
     """Embed `todo` in chunks, each saved under `parts` as it completes with its images' file identities (taken
@@ -442,13 +505,13 @@ def embed_chunks(encoder: Encoder, todo: list[tuple[str, str]], parts: Path, key
         if not (parts / "manifest.json").exists():  # what the chunks are of, written with the first of them
             files.write_text_atomic(parts / "manifest.json", json.dumps(manifest, indent=1))
         save_embeddings(parts / f"chunk-{first + n:06d}.npz",
-                        Embeddings(part.ids, part.vectors, part.encoders, part.failed, {"made_with": [key]},
+                        Embeddings(part.ids, part.vectors, part.encoders, part.failed, chunk_meta,
                                    {i: identities[i] for i in part.ids}))
         vectors.update(zip(part.ids, part.vectors[0], strict=True))
         failed.update(part.failed)
         count += len(chunk)
         seconds = time.perf_counter() - start
-        log(f"{name}chunk {n + 1}/{len(chunks)}: {count} images in {seconds:.0f} s "
+        log(f"{name}chunk {n + 1}/{len(chunks)}: {count} images in {seconds:.1f} s "
             f"({count / max(seconds, 1e-9):.1f} images/s)")
     return vectors, failed, time.perf_counter() - start
 

@@ -159,6 +159,20 @@ def local_folder(source: str) -> Path | None:
     return path if path.is_dir() else None
 
 
+def source_files(spec: str, base_model_path: str | None = None) -> list[list] | None:
+    """The identity (files.file_identity) of every file in the local folder of `spec`'s model ('llava': of
+    `base_model_path`), without loading it: when it differs from the one recorded with stored vectors, the model
+    is loaded to check they are still its own. None for a hub ID (its cache keeps each revision apart)."""
+    from .files import file_identity
+
+    family, source = parse_spec(spec)
+    source = (source or base_model_path or "") if family == "llava" else source
+    folder = local_folder(source.removeprefix("hf-hub:").removeprefix("local-dir:")) if source else None
+    if folder is None:
+        return None
+    return [[p.name, *file_identity(p)] for p in sorted(folder.iterdir()) if p.is_file()]
+
+
 def hub_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
     """The first of `names` in a hub repo: from the local cache when any is there (BiomedCLIP ships only
     open_clip_pytorch_model.bin), else downloaded; offline or unreachable, one line saying so."""
@@ -303,10 +317,24 @@ def load_hf(source: str):
         from transformers import SiglipVisionModel as cls
     else:
         cls = AutoModel
+    if kind in ("clip", "siglip"):  # a whole image-text model: its vision tower's own config
+        vision = config.vision_config
+        if kind == "clip":
+            vision.projection_dim = config.projection_dim  # the vision config's own says 512 whatever the model has
+        config = vision
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    # A whole CLIP or SigLIP checkpoint holds a text tower this model leaves out, which transformers reports
+    # key by key; what goes wrong otherwise is in the error itself.
+    hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(source)
+        model = cls.from_pretrained(source, config=config)
     except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
-        raise UserError(f"--encoder {spec}: cannot load the model ({first_line(e)})") from None
+        raise UserError(f"--encoder {spec}: cannot load the model "
+                        f"({first_line(e).replace(' For details look at the above report!', '')})") from None
+    finally:
+        hf_logging.set_verbosity(before)
     return model, HFPreprocess(processor), {"name": kind}
 
 

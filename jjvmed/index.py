@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from .encoders import check_recorded, encoder_label
 from .errors import UserError, first_line, log
 from .model import resolve_device  # noqa: F401 - generate_captions.py imports it from here
 from .probe import Probe, ProbeOptions, train_probe
-from .submission import concept_pairs, read_rows
+from .submission import concept_pairs, is_header, read_rows
 
 INDEX_FORMAT = "jj-vmed-concept-index/2"
 OLD_INDEX_FORMAT = "jj-vmed-concept-index/1"  # one LLaVA encoder, read as such
@@ -34,9 +35,17 @@ PROBE_FILES = ("probe.safetensors", "probe.json")  # the probes' weights and wha
 
 def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
     """ID -> concepts exactly as the official reader builds them (for ground truth)."""
-    pairs = concept_pairs(read_rows(path))
+    rows = read_rows(path)
+    header = next((fields for _, fields in rows if fields), [])
+    if is_header(header) and [h.strip().casefold() for h in header] != ["id", "cuis"]:
+        raise UserError(f"{path} needs the header ID,CUIs (a concepts file); its first row is: {','.join(header)}")
+    pairs = concept_pairs(rows)
     if not pairs:
         raise UserError(f"{path} has no ID,CUIs rows")
+    items = [c for cuis in pairs.values() for c in cuis if c]
+    if items and not any(re.fullmatch(r"[Cc]\d+", c) for c in items):
+        raise UserError(f"{path} holds no CUIs (C followed by digits) in its second column, e.g. {items[0][:40]!r}: "
+                        "give the ID,CUIs file")
     return pairs
 
 
@@ -105,8 +114,12 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_d
             probe = train_probe(vectors, index.label_matrix(), probe_options)
             info = probe.info
             f1s = ", ".join(f"{x:.4f}" for x in info["held_out_f1"])
-            log(f"probe ({encoder_label(encoder)}): {info['passes']} passes of {info['steps'] // info['passes']} steps "
-                f"of {info['batch_size']} in {time.perf_counter() - start:.1f} s"
+            steps = info["steps"] // info["passes"]
+            # A pass is at least probe.MIN_STEPS_PER_PASS steps: over a small set it sees each image several times.
+            seen = steps * info["batch_size"] / info["train_images"]
+            log(f"probe ({encoder_label(encoder)}): {info['passes']} passes of {steps} steps of {info['batch_size']} "
+                f"images (each of the {info['train_images']} training images about {seen:.0f} times a pass) in "
+                f"{time.perf_counter() - start:.1f} s"
                 + (f"; kept pass {info['best_pass']}, held-out F1 per pass: {f1s}" if f1s else ""))
         members.append(Member({k: v for k, v in encoder.items() if k not in ("device",)}, vectors, probe))
     left_out = {f"embedded images without a {name} row": len(train.ids) - sum(1 for i in train.ids if i in rows)

@@ -151,7 +151,8 @@ def train_probe(vectors: np.ndarray, labels, options: ProbeOptions) -> Probe:
         tensors |= {"w2": layers[1].weight, "b2": layers[1].bias}
     best_pass = int(np.argmax(scores)) + 1 if scores else len(losses)
     info = {"hidden": options.hidden, "passes": len(losses), "best_pass": best_pass,
-            "steps": len(losses) * steps_per_pass, "batch_size": batch, "learning_rate": options.learning_rate,
+            "steps": len(losses) * steps_per_pass, "train_images": len(train_rows), "batch_size": batch,
+            "learning_rate": options.learning_rate,
             "weight_decay": options.weight_decay, "patience": options.patience, "held_out_images": held,
             "losses": [round(x, 6) for x in losses], "held_out_f1": [round(x, 4) for x in scores],
             "final_loss": losses[-1] if losses else float("nan"), "dim": dim}

@@ -12,6 +12,7 @@ its weights), so another reranker scores the same candidates again without gener
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,11 @@ from .records import Record
 
 FAMILIES = ("open_clip", "hf")
 HF_KINDS = ("clip", "siglip", "siglip2")
+# The files a Hugging Face tokenizer is built from (a fast tokenizer's, BPE's, WordPiece's, SentencePiece's).
+# Without any, AutoTokenizer still builds one, with an empty vocabulary: every caption is the same unknown
+# tokens, every candidate scores the same, and the first always wins.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "spiece.model", "tokenizer.model",
+                   "sentencepiece.bpe.model")
 BATCH = 32  # images per reranker pass: each brings its N candidates, so up to 32 x N texts at once
 
 
@@ -83,6 +89,9 @@ def check_source(source: str) -> None:
         if kind not in HF_KINDS:
             raise UserError(f"--rerank_model {source} is a {kind or 'unknown'} model; best of N needs an image-text "
                             f"model with both towers ({', '.join(HF_KINDS)}, or open_clip)")
+        if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"--rerank_model {source}: {folder} has no tokenizer files (one of "
+                            f"{', '.join(TOKENIZER_FILES)}); save the tokenizer with the model")
 
 
 def load_reranker(source: str, device: str = "auto", dtype: str = "auto") -> Reranker:
@@ -92,8 +101,9 @@ def load_reranker(source: str, device: str = "auto", dtype: str = "auto") -> Rer
     from .model import resolve_device_and_dtype
 
     family, where = parse_source(source)
-    model, preprocess, tokenize, name = (load_open_clip if family == "open_clip" else load_hf)(where, source)
-    key = f"{family}:{name}@{weights_fingerprint(model)}"  # weights as stored, before any move or cast
+    model, preprocess, tokenize, name, tokens = (load_open_clip if family == "open_clip" else load_hf)(where, source)
+    # The weights as stored (before any move or cast), and the tokenizer's vocabulary: either changes the scores.
+    key = f"{family}:{name}@{weights_fingerprint(model)}" + (f"+{tokens}" if tokens else "")
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
     target = torch.device(device_map.get("") if isinstance(device_map, dict)
                           else f"cuda:{torch.cuda.current_device()}")
@@ -157,7 +167,9 @@ def load_hf(where: str, source: str):
     def tokenize(texts: list[str]) -> dict:
         return dict(tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors="pt"))
 
-    return model, HFPreprocess(processor), tokenize, f"{config.model_type}:{Path(where).name or where}"
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    tokens = hashlib.sha256(vocabulary).hexdigest()[:8]
+    return model, HFPreprocess(processor), tokenize, f"{config.model_type}:{Path(where).name or where}", tokens
 
 
 def load_open_clip(where: str, source: str):
@@ -186,7 +198,8 @@ def load_open_clip(where: str, source: str):
     def tokenize(texts: list[str]) -> dict:
         return {"input_ids": tokenizer(texts)}
 
-    return model, preprocess, tokenize, f"open_clip:{Path(where).name or where}"
+    # its tokenizer comes with the model's config (the text tower's name), which the weights' fingerprint covers
+    return model, preprocess, tokenize, Path(where).name or where, ""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,3 +28,11 @@ def test_a_journal_of_a_plain_run_is_one_contender_with_its_captions(tmp_path):
                         + record_line(Record("img_1", "Caption: a chest X-ray."), [1, 2, 3]))
     (contender,) = journal_contenders(journal)
     assert contender.options == "--method generate" and contender.captions == {"img_1": "a chest X-ray."}
+
+
+def test_a_captions_csv_given_as_a_journal_is_one_line_naming_the_journal_to_give(tmp_path):
+    captions = tmp_path / "valid_rag.csv"
+    captions.write_text("ID,Caption\nimg_1,a chest X-ray\n")
+    with pytest.raises(UserError, match="give the run's <output stem>.journal.jsonl") as caught:
+        journal_contenders(captions)
+    assert "move it away" not in str(caught.value)

@@ -467,3 +467,165 @@ def test_the_llava_processor_takes_the_pil_image_backend_wherever_it_runs(tiny_m
     pil = AutoImageProcessor.from_pretrained(str(tiny_model), backend="pil")
     assert np.array_equal(HFPreprocess(processor.image_processor)([blank_image()]).numpy(),
                           HFPreprocess(pil)([blank_image()]).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# The embeddings file: what it keeps, what it counts, what it says
+# ---------------------------------------------------------------------------------------------
+
+
+def images_with_a_bad_one(images: Path, folder: Path) -> Path:
+    import shutil
+
+    shutil.copytree(images, folder)
+    (folder / "img_0_bad.png").write_bytes(b"not a png")  # first in natural order
+    return folder
+
+
+def test_a_trial_on_a_few_images_keeps_the_failures_of_the_others_in_the_file(specs, images, tmp_path, capsys):
+    """The file lists every image it was given, embedded or not: a run that reads it later (knn, predict) writes
+    a row for the unreadable one too."""
+    folder = images_with_a_bad_one(images, tmp_path / "images")
+    out = tmp_path / "emb.npz"
+    flags = ["--image_dir", str(folder), "--embeddings", str(out), "--encoder", specs["hf-clip"], "--num_workers", "0"]
+    assert cli("embed", *flags) == 0
+    assert "img_0_bad" in load_embeddings(out).failed
+    items = sorted(p.stem for p in folder.iterdir())
+    few = tmp_path / "few"
+    few.mkdir()
+    for name in ("img_2.png", "img_3.png"):
+        (few / name).write_bytes((folder / name).read_bytes())
+    assert cli("embed", *flags[2:], "--image_dir", str(few)) == 0
+    emb = load_embeddings(out)
+    assert sorted([*emb.ids, *emb.failed]) == items and "img_0_bad" in emb.failed
+
+
+def test_embed_counts_an_unreadable_image_as_failed_not_as_embedded(specs, images, tmp_path, capsys):
+    folder = images_with_a_bad_one(images, tmp_path / "images")
+    assert cli("embed", "--image_dir", str(folder), "--embeddings", str(tmp_path / "e.npz"), "--encoder",
+               specs["hf-clip"], "--num_workers", "0") == 0
+    err = capsys.readouterr().err
+    assert "0 images reused, 7 embedded, 1 failed" in err, err
+    assert "images: 8 (embedded now: 7, reused: 0, failed: 1)" in err, err
+
+
+def test_an_ensemble_run_counts_per_encoder_what_it_reused_and_what_it_embedded(specs, images, tmp_path, capsys):
+    """A file of one encoder's vectors, then a run with a second encoder too: the first one's are all kept."""
+    out = tmp_path / "e.npz"
+    clip, dino = specs["hf-clip"], specs["hf-dinov2"]
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", clip) == 0
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", clip, "--encoder",
+               dino) == 0
+    err = capsys.readouterr().err
+    assert f"0 images reused, 7 embedded; by encoder: {clip} 7 reused, 0 embedded, {dino} 0 reused, 7 embedded" \
+        in err, err
+    assert [e["source"] for e in load_embeddings(out).encoders] == [clip, dino]
+
+
+def test_a_limit_trial_on_an_unfinished_ensemble_keeps_the_other_vectors_for_the_full_run(specs, images, tmp_path,
+                                                                                          capsys):
+    """A two-encoder embed stopped during its second encoder, then a trial with --limit: the first encoder's
+    vectors of the images outside the trial are not thrown away (nor is --overwrite asked for); the full run
+    after it embeds only what is missing."""
+    clip, dino = specs["hf-clip"], specs["hf-dinov2"]
+    flags = ["--image_dir", str(images), "--encoder", clip, "--encoder", dino]
+    full = tmp_path / "full.npz"
+    assert cli("embed", "--embeddings", str(full), *flags) == 0
+    from jjvmed.embeddings import EmbedOptions
+
+    keys = EmbedOptions(encoders=(clip, dino)).made_with()
+    done = load_embeddings(full)
+    out = tmp_path / "cut.npz"
+    parts = tmp_path / "cut.npz.parts"
+    parts.mkdir()
+    save_embeddings(parts / "chunk-000000.npz", Embeddings(done.ids, [done.vectors[0]], [done.encoders[0]],
+                                                           meta={"made_with": [keys[0]]}, identities=done.identities))
+    capsys.readouterr()
+    assert cli("embed", "--embeddings", str(out), *flags, "--limit", "2") == 0
+    err = capsys.readouterr().err
+    assert "--overwrite" not in err and "5 other images lack one of this run's encoders" in err, err
+    assert load_embeddings(out).ids == done.ids[:2]
+    assert cli("embed", "--embeddings", str(out), *flags) == 0
+    err = capsys.readouterr().err
+    assert f"{clip} 7 reused, 0 embedded, {dino} 2 reused, 5 embedded" in err, err
+    got = load_embeddings(out)
+    assert got.ids == done.ids and not parts.exists()
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(got.vectors, done.vectors, strict=True))
+
+
+def test_new_weights_in_an_encoder_folder_are_noticed_though_every_image_is_unchanged(images, tmp_path, capsys):
+    """The vectors of a model folder whose files were replaced are not reused as they were: the model is
+    loaded once to compare, and every image embedded again with the new weights."""
+    folder = save_hf_clip(tmp_path / "clip")
+    spec = f"hf:{folder}"
+    out, fresh = tmp_path / "e.npz", tmp_path / "fresh.npz"
+    flags = ["--image_dir", str(images), "--encoder", spec, "--num_workers", "0"]
+    assert cli("embed", "--embeddings", str(out), *flags) == 0
+    before = load_embeddings(out)
+    save_hf_clip(folder)  # other random weights, the same folder
+    capsys.readouterr()
+    assert cli("embed", "--embeddings", str(out), *flags) == 0
+    err = capsys.readouterr().err
+    assert "embedding every image again" in err and "0 images reused, 7 embedded" in err, err
+    assert cli("embed", "--embeddings", str(fresh), *flags) == 0
+    again, new = load_embeddings(out), load_embeddings(fresh)
+    assert again.encoders[0]["weights"] == new.encoders[0]["weights"] != before.encoders[0]["weights"]
+    assert np.allclose(again.vectors[0], new.vectors[0], atol=1e-6)
+
+
+def test_files_of_the_same_images_in_another_row_order_make_one_ensemble(specs, images, tmp_path):
+    """A run over an ID list writes its rows in the list's order; the files still hold the same images."""
+    from jjvmed.embeddings import load_ensemble
+
+    a, b, shuffled = tmp_path / "a.npz", tmp_path / "b.npz", tmp_path / "b_shuffled.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(a), "--encoder", specs["hf-clip"]) == 0
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(b), "--encoder", specs["hf-dinov2"]) == 0
+    emb = load_embeddings(b)
+    order = list(reversed(range(len(emb.ids))))
+    save_embeddings(shuffled, Embeddings([emb.ids[n] for n in order], [emb.vectors[0][order]], emb.encoders,
+                                         meta=emb.meta, identities=emb.identities))
+    expected, got = load_ensemble([str(a), str(b)]), load_ensemble([str(a), str(shuffled)])
+    assert got.ids == expected.ids
+    assert all(np.array_equal(x, y) for x, y in zip(got.vectors, expected.vectors, strict=True))
+
+
+def test_a_bad_embeddings_path_or_file_is_one_line_that_says_what_to_do(specs, images, tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "notes.npz").write_text("ID,Caption\na,b\n")
+    cut = tmp_path / "cut.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(cut), "--encoder", specs["hf-clip"]) == 0
+    cut.write_bytes(cut.read_bytes()[:3000])
+    capsys.readouterr()
+    cases = {str(tmp_path / "folder"): "is a folder", str(tmp_path / "notes.npz"): "not an .npz file",
+             str(cut): "add --overwrite", str(tmp_path / "notes.npz" / "x.npz"): "is not a folder"}
+    for path, expected in cases.items():
+        assert cli("embed", "--image_dir", str(images), "--embeddings", path, "--encoder", specs["hf-clip"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert "pickle" not in err
+
+
+def test_a_whole_clip_checkpoint_embeds_with_its_own_vision_tower_and_projection(images, tmp_path, capsys):
+    """A CLIPModel folder (both towers, projection 16 wide) used to fail after a report of every text weight."""
+    import torch
+    from PIL import Image
+    from test_rerank import save_hf_clip as save_whole_clip
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    folder = save_whole_clip(tmp_path / "clip", seed=0)
+    out = tmp_path / "e.npz"
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:{folder}") == 0
+    err = capsys.readouterr().err
+    assert "UNEXPECTED" not in err and "text_model" not in err, err
+    model = CLIPModel.from_pretrained(folder).eval()
+    processor = CLIPImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(images / "img_1.png").convert("RGB")], return_tensors="pt")
+        expected = model.get_image_features(**pixels)
+    expected = getattr(expected, "pooler_output", expected)
+    expected = torch.nn.functional.normalize(expected, dim=-1)[0].numpy()
+    emb = load_embeddings(out)
+    assert emb.vectors[0].shape[1] == 16
+    assert np.allclose(emb.vectors[0][emb.ids.index("img_1")], expected, atol=1e-5)

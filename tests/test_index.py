@@ -100,3 +100,33 @@ def test_an_index_fitted_with_captions_keeps_them_whole(data, tmp_path):
                "--concept_index", str(tmp_path / "index")) == 0
     index = load_index(tmp_path / "index")
     assert index.captions == [f"chest x-ray, case {n}" for n in range(len(IDS))]
+
+
+def test_tuning_against_a_captions_file_is_refused_before_any_work(data, tmp_path, capsys):
+    """A captions file given as the validation concepts used to tune to F1 0 and write settings."""
+    headerless = tmp_path / "captions_no_header.csv"
+    headerless.write_text("".join(f'{i},"chest x-ray, case {n}"\n' for n, i in enumerate(IDS)))
+    for captions, expected in ((data / "captions.csv", "needs the header ID,CUIs"), (headerless, "holds no CUIs")):
+        assert cli("tune", "--concept_index", str(data / "index"), "--embeddings", str(data / "emb.npz"),
+                   "--valid_concepts", str(captions), "--concept_settings", str(tmp_path / "s.json")) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "s.json").exists()
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_any_work(data, tmp_path, capsys):
+    a_file = data / "captions.csv"
+    commands = [["fit", "--embeddings", str(data / "emb.npz"), "--train_concepts", str(data / "concepts.csv"),
+                 "--concept_index", str(a_file)],
+                ["fit", "--embeddings", str(data / "emb.npz"), "--train_concepts", str(data / "concepts.csv"),
+                 "--concept_index", str(a_file / "index")],
+                ["tune", "--concept_index", str(data / "index"), "--embeddings", str(data / "emb.npz"),
+                 "--valid_concepts", str(data / "concepts.csv"), "--concept_settings", str(a_file / "s.json")],
+                ["tune", "--concept_index", str(data / "index"), "--embeddings", str(data / "emb.npz"),
+                 "--valid_concepts", str(data / "concepts.csv"), "--concept_settings", str(tmp_path)]]
+    for command in commands:
+        assert cli(*command) == 2, command
+        err = capsys.readouterr().err
+        assert str(a_file) in err or str(tmp_path) in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert a_file.read_text().startswith("ID,Caption")

@@ -176,6 +176,17 @@ def test_a_reranker_that_is_no_image_text_model_is_refused_before_anything_gener
     assert result.stderr.count("\n") == 1 and not out.with_name("c.journal.jsonl").exists()
 
 
+def test_a_reranker_folder_without_its_tokenizer_is_refused_before_anything_generates(tiny_model, tmp_path):
+    """Without tokenizer files every caption became the same unknown tokens: equal scores, the first kept."""
+    folder = save_hf_clip(tmp_path / "clip", seed=0)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    out = tmp_path / "c.csv"
+    result = best_of_n(tiny_model, out, "--candidates", "2", "--rerank_model", str(folder))
+    assert result.returncode == 2 and "has no tokenizer files" in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and not out.with_name("c.journal.jsonl").exists()
+
+
 def test_candidates_without_a_reranker_keep_the_best_beam(tiny_model, tmp_path):
     best = tmp_path / "best" / "captions.csv"
     beams = tmp_path / "beams" / "captions.csv"
@@ -198,6 +209,7 @@ def test_an_open_clip_reranker_picks_by_its_own_towers(tiny_model, tmp_path):
     out = tmp_path / "captions.csv"
     result = best_of_n(tiny_model, out, "--candidates", "3", "--rerank_model", f"open_clip:{reranker}")
     assert result.returncode == 0, result.stderr
+    assert "by open_clip:oc@" in result.stderr, result.stderr  # the family named once
     open_clip = import_optional("open_clip")
     with torchvision_placeholders():
         model = open_clip.create_model(f"local-dir:{reranker}").eval()

@@ -162,6 +162,18 @@ def test_tuning_reports_each_method_and_settings_that_predict(run, capsys):
     assert next(r for r in settings["table"] if r["method"] == "generated")["f1_secondary"] < 0.2
 
 
+def test_the_tune_table_shows_both_f1s_of_every_row_under_their_headers(run):
+    from jjvmed.tuning import format_table
+
+    table = json.loads((run / "settings.json").read_text())["table"]
+    assert all("f1_heldout" in row for row in table)  # the sources (knn, probe, ...) too
+    header, *lines = format_table(table).splitlines()
+    for row, line in zip(table, lines, strict=True):
+        for title, key in (("F1 ", "f1"), ("held-out", "f1_heldout"), ("F1 sec.", "f1_secondary")):
+            start = header.index(title)
+            assert line[start:start + 6] == f"{row[key]:.4f}", (header, line)
+
+
 def test_tuning_never_picks_settings_worse_than_a_single_method(run):
     """Here the generated concepts are right for half the images and the index has no probe: fused
     must still score at least the best of kNN and generated on the tuning split, as scores.py scores it."""
@@ -289,6 +301,18 @@ def test_user_errors_are_one_line(run, tmp_path, capsys):
                str(run / "test.npz"), "--output_csv", str(tmp_path / "p.csv")) == 2
     err = capsys.readouterr().err
     assert "add --generated" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_with_generated_cuis_of_images_the_embeddings_lack_is_refused(run, tmp_path, capsys):
+    """Generated CUIs of other images than the embeddings' used to add silent empty rows to the submission."""
+    for method in ("knn", "fused"):
+        out = tmp_path / f"{method}.csv"
+        assert cli("predict", "--concept_index", str(run / "index"), "--concept_settings", str(run / "settings.json"),
+                   "--method", method, "--embeddings", str(run / "test.npz"), "--generated",
+                   str(run / "generated_valid.csv"), "--output_csv", str(out)) == 2
+        err = capsys.readouterr().err
+        assert f"{SPLITS['valid']} images of {run / 'generated_valid.csv'} are not in {run / 'test.npz'}" in err, err
+        assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_the_lora_adapter_leaves_the_image_features_unchanged(run, tiny_model, tiny_adapter):
