@@ -111,7 +111,12 @@ def lock_exclusive(path: str | Path, remedy: str = "give this run another --outp
             break
         os.close(fd)
 
+    owner = os.getpid()
+
     def release() -> None:
+        # a forked child (an image-decoding worker) inherits UNDO_AT_EXIT but not the lock: it removes nothing
+        if os.getpid() != owner:
+            return
         lock_path.unlink(missing_ok=True)  # while still holding it: whoever opens it next gets a new file
         remove_empty(made)
 
@@ -150,12 +155,6 @@ def same_file(fd: int, path: Path) -> bool:
         return os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:
         return False
-
-
-def resolved_if_local(name: str) -> str:
-    """A model given as a local folder: its resolved path, the same however the folder is spelled (relative,
-    through a link); a hub ID (no such folder here) as given."""
-    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def file_identity(path: str | Path) -> list[int]:

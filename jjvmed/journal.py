@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, log
-from .files import file_digest, file_identity, resolved_if_local, write_bytes_atomic
+from .files import file_digest, file_identity, write_bytes_atomic
 from .records import Record
 
 JOURNAL_VERSION = 3  # 3: records keep the status-change time and the content digest; 2 kept size and mtime only
@@ -157,11 +157,18 @@ MODEL_FOLDERS = ("base_model_path", "adapter")  # settings that name a model: a 
 
 
 def settings_differences(old: dict, new: dict) -> list[str]:
-    """`old`'s settings that `new` changes. A model folder counts as the same however its path was spelled:
-    journals written before the resolved path was recorded may hold it relative (to where they ran)."""
-    old = {k: resolved_if_local(v) if k in MODEL_FOLDERS and isinstance(v, str) else v for k, v in old.items()}
+    """`old`'s settings that `new` changes. A model is the same if it is named the same, or, where both names
+    are local folders here, if they resolve to one folder (spelled relative, absolute or through a link). Names
+    are recorded as given: a merge on a machine without the model, or shards on nodes with their own copy at
+    the same path, compare them as written."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if old.get(k) != new.get(k) and not (k in MODEL_FOLDERS and same_local_folder(old.get(k), new.get(k)))]
+
+
+def same_local_folder(a: object, b: object) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and \
+        os.path.realpath(a) == os.path.realpath(b)
 
 
 JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",

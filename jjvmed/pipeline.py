@@ -245,7 +245,8 @@ def finish(cfg: RunConfig, selection: Selection, result: RunResult, outputs: lis
         counts = (f" (generated now: {result.done_now}, done before: {max(before, 0)}"
                   + (f", not done yet: {result.missing}" if result.missing else "") + ")")
     elif result.verb == "embedded":  # the vectors of unchanged images are kept from an earlier run
-        counts = f" (embedded now: {result.done_now}, reused: {max(before, 0)})"
+        # images that could not be read are neither: they have the failures line
+        counts = f" (embedded now: {result.done_now}, reused: {max(before - len(failures), 0)})"
     else:
         counts = f" ({result.verb}: {len(result.ids) - result.missing - len(failures)})"
     lines = [f"images: {len(result.ids)}{counts}",

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import RESUME_HINT, UserError, log
-from .files import lock_exclusive, resolved_if_local
-from .journal import MODEL_FOLDERS, default_journal_path, open_journal
+from .files import lock_exclusive
+from .journal import default_journal_path, open_journal
 from .model import ModelSpec, load_model, resolve_device_and_dtype
 from .pipeline import RunConfig, RunResult, Selection, worker_died
 from .records import Record
@@ -55,13 +55,12 @@ class Generation:
     def settings(self, dtype: str) -> dict:
         """What decides the generated text; a resume with different settings is refused. The reranker is not
         among them: it chooses among the candidates, and another one scores them again without generating.
-        A local model folder is recorded by its resolved path.
+        A model is recorded as given; a resume compares local folders by where they resolve
+        (journal.settings_differences).
 
         `dtype` is the resolved one, so `--dtype auto` and the dtype it picks count as the same.
         """
         model = {k: v for k, v in asdict(self.model).items() if k not in ("device", "merged_cache_dir", "dtype")}
-        # a local model folder by its resolved path: the same folder spelled otherwise resumes
-        model.update({k: resolved_if_local(model[k]) for k in MODEL_FOLDERS if model[k]})
         settings = {"task": self.task, **model, "dtype": dtype, "prompt": self.prompt, "generation": self.gen_kwargs}
         if self.retrieval is not None:
             settings["retrieval"] = self.retrieval.settings()
@@ -152,7 +151,7 @@ class GenerateSource:
                 if self.generation.rerank_model and stop.signum is None:
                     rerank_detail, rerank_seconds = self.rerank(items, spec, journal, stop)
                     detail = ", ".join(d for d in (detail, rerank_detail) if d)
-                    phases += (("reranking", rerank_seconds),)
+                    phases += (("reranking", rerank_seconds),) if rerank_seconds else ()
             finally:
                 journal.close()
             # A stopped run writes no CSV: nothing to choose, and no reranker to load on the way out.
@@ -232,7 +231,7 @@ class GenerateSource:
 
     def rerank(self, items: list[tuple[str, str]], spec: ModelSpec, journal, stop: StopSignals) -> tuple[str, float]:
         """Score, with the reranker, the candidates of every image whose record lacks its scores, appending the
-        scored records to the journal; returns how (for the summary) and the seconds it took."""
+        scored records to the journal; returns how (for the summary) and the seconds it took (0 if none needed it)."""
         from tqdm import tqdm
 
         from .rerank import rerank_batches
@@ -253,7 +252,8 @@ class GenerateSource:
                             break
                 finally:
                     stop.armed = False
-        return f"best of {self.candidates()} by {reranker.key} (scored now: {len(todo)})", time.perf_counter() - start
+        seconds = time.perf_counter() - start if todo else 0.0  # nothing scored: no reranking step to time
+        return f"best of {self.candidates()} by {reranker.key} (scored now: {len(todo)})", seconds
 
     def candidates(self) -> int:
         return int(self.generation.gen_kwargs.get("num_return_sequences", 1))

@@ -193,6 +193,18 @@ def test_a_run_that_fails_to_start_leaves_no_empty_output_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_shards_that_named_the_model_relative_merge_where_that_folder_is_absent(tiny_model, tmp_path, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "results" / "captions.csv"
+    monkeypatch.chdir(tiny_model.parent)
+    for index in ("0", "1"):
+        assert captions(Path(tiny_model.name), out, "--num_shards", "2", "--shard_index", index) == 0
+    monkeypatch.chdir(tmp_path)  # the machine that merges holds no model
+    assert not Path(tiny_model.name).exists()
+    assert captions(Path(tiny_model.name), out, "--merge_shards") == 0, capsys.readouterr().err
+    assert len(read_csv(out)) == 1 + len(list(REAL_IMAGES.glob("*.png")))
+
+
 def test_a_model_folder_spelled_another_way_resumes_and_so_do_journals_that_recorded_it_relative(tiny_model, tmp_path,
                                                                                                   monkeypatch, capsys):
     import json

@@ -116,6 +116,25 @@ def test_a_released_lock_leaves_no_side_file_and_can_be_taken_again(tmp_path):
         pass
 
 
+def test_a_forked_worker_stopped_at_once_leaves_the_parents_lock_in_place(tmp_path):
+    from jjvmed.errors import UNDO_AT_EXIT
+
+    path = tmp_path / "captions.csv"
+    with lock_exclusive(path):
+        child = os.fork()
+        if child == 0:  # what an image-decoding worker does on a signal before it ignores them
+            for undo in list(UNDO_AT_EXIT.values()):
+                undo()
+            os._exit(0)
+        os.waitpid(child, 0)
+        assert (tmp_path / ".captions.csv.lock").exists()
+        second = subprocess.run([sys.executable, "-c", "import sys; from jjvmed.files import lock_exclusive\n"
+                                 "try:\n    with lock_exclusive(sys.argv[1]): print('took it')\n"
+                                 "except Exception as e: print(e)", str(path)],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert "another run" in second.stdout, second.stdout + second.stderr
+
+
 def test_the_lock_dies_with_a_killed_holder(tmp_path):
     path = tmp_path / "captions.csv"
     holder = hold_lock(path)

@@ -393,6 +393,10 @@ def test_a_knn_run_again_reuses_the_vectors_of_unchanged_images_and_embeds_a_cha
     args = [*vision_args(run, tiny_model, out, "knn"), "--image_dir", str(images)]
     first = run_in_process("generate_concepts.py", *args)
     assert first.returncode == 0, first.stderr
+    # the unreadable image is a failure, neither embedded nor reused
+    assert re.search(r"images: (\d+) \(embedded now: (\d+), reused: 0\)\nfailures: 1", first.stderr), first.stderr
+    total, embedded = map(int, re.search(r"images: (\d+) \(embedded now: (\d+)", first.stderr).groups())
+    assert embedded == total - 1, first.stderr
     rate = re.search(r"([\d.]+) images/s while embedding", first.stderr)
     assert rate and float(rate.group(1)) > 0, first.stderr
     rows = dict(map(tuple, read_csv(out)[1:]))
