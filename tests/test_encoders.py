@@ -629,3 +629,22 @@ def test_a_whole_clip_checkpoint_embeds_with_its_own_vision_tower_and_projection
     emb = load_embeddings(out)
     assert emb.vectors[0].shape[1] == 16
     assert np.allclose(emb.vectors[0][emb.ids.index("img_1")], expected, atol=1e-5)
+
+
+def test_a_checkpoint_missing_weights_of_the_vision_model_is_refused_in_one_line(images, tmp_path, capsys):
+    """A model.safetensors without one of DINOv2's layers used to load silently, that layer left random."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_hf_dinov2(tmp_path / "dino")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layer.1." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    out = tmp_path / "e.npz"
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:{folder}") == 2
+    err = capsys.readouterr().err
+    missing = sum("layer.1." in k for k in weights)
+    assert f"{missing} weights of the model are missing from its checkpoint" in err and "encoder.layer.1." in err, err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error:" in line] == \
+        [err.splitlines()[-1]], err  # one line (transformers' progress bar aside)
+    assert not out.exists()
