@@ -13,7 +13,8 @@ vector was made; per encoder: what decides its vectors as the options say (`made
 spec, the pooling, the dtype, and for LLaVA's tower the base model). Embedding is cheap next to
 generating, so a changed identity simply means embed again (no reading of the bytes to compare). The
 file keeps the vectors of images outside the run too; only vectors of other encoder settings would be
-lost, and that is refused unless --overwrite.
+lost, and that is refused unless --overwrite. A run with more encoders than a finished file, on fewer of
+its images, is refused too: the file could not keep those images, lacking the new encoder's vectors.
 """
 
 from __future__ import annotations
@@ -245,13 +246,18 @@ class Plan:
     changed: set[str]  # run images with a vector made from another file (or one not recorded), and none kept
     lost: str  # the vectors at the path this run would not keep, described ("" if none)
     other_failed: dict[str, str] = field(default_factory=dict)  # images outside the run that could not be read
+    stranded: str = ""  # images of the finished file outside the run that lack one of its encoders ("" if none)
 
     def missing(self, ids: list[str]) -> list[str]:
         """IDs without a kept vector of every encoder: what the run embeds."""
         return [i for i in ids if any(i not in found for found in self.reuse)]
 
     def check(self, path: Path) -> None:
-        """Vectors are never dropped without --overwrite (they would be, of other encoder settings)."""
+        """Vectors are never dropped without --overwrite (they would be, of other encoder settings), and a finished
+        file is never cut to a trial's images (its other images' vectors would leave it for `<path>.parts/`)."""
+        if self.stranded:
+            raise UserError(f"{path} holds {self.stranded}, which this run would move out of the file: give this run "
+                            "another --embeddings (a trial on a few images), or run it on all the file's images")
         if self.lost:
             raise UserError(f"{path} holds {self.lost}, which this run would not keep: add --overwrite to embed this "
                             "run's images into it anew, or give this run its own --embeddings")
@@ -269,6 +275,7 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
     changed: set[str] = set()
     other_failed: dict[str, str] = {}
     foreign: list[str] = []
+    in_file: set[str] = set()  # images outside the run in the file itself (not in the chunks of a run cut short)
     for source in [] if options.overwrite else stored_files(path):
         try:
             stored = load_embeddings(source, vectors=False)
@@ -286,6 +293,8 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
             for row, i in enumerate(stored.ids):
                 if i not in identities:
                     others[m][i] = (source, j, row)
+                    if source == path:
+                        in_file.add(i)
                 elif identities[i] and stored.identities.get(i) == identities[i]:
                     reuse[m][i] = (source, j, row)
                 else:
@@ -294,8 +303,16 @@ def plan_embeddings(items: list[tuple[str, str]], path: str | Path, options: Emb
     if foreign:
         lost = (f"{' and '.join(dict.fromkeys(foreign))} (this run embeds with "
                 f"{'; '.join(settings_text(k) for k in options.made_with())})")
+    # Vectors of images outside the run that lack one of its encoders wait in <path>.parts/ for a run with every
+    # encoder. That is right for a run cut short (they were there already), not for a finished file: an ensemble
+    # trial with --limit would empty it into the chunks.
+    stranded = sorted(in_file - set.intersection(*(set(o) for o in others)), key=id_sort_key) if others else []
+    lacking = [spec for (spec, _), found in zip(options.choices(), others, strict=True)
+               if any(i not in found for i in stranded)]
+    text = (f"vectors of {len(stranded)} other images without this run's encoder {', '.join(lacking)} (first: "
+            f"{', '.join(stranded[:3])})") if stranded else ""
     kept_everywhere = set.intersection(*(set(r) for r in reuse)) if reuse else set()
-    return Plan(identities, reuse, others, changed - kept_everywhere, lost, other_failed)
+    return Plan(identities, reuse, others, changed - kept_everywhere, lost, other_failed, text)
 
 
 @dataclass(frozen=True)
@@ -314,9 +331,10 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
     still right is reused (plan_embeddings), the rest is embedded in chunks of `chunk_size` saved under
     `<path>.parts/` as they complete (a killed run redoes at most one), then the file is written whole with the
     vectors and failures it held of other images, this run's failures listed in `<path stem>.errors.csv`. Vectors
-    of other images that lack one of this run's encoders (a run cut short, a --limit trial) stay in `<path>.parts/`
-    for a later run. A lock on `path` is held throughout; `locked`: the caller holds it already (a run that takes
-    it before loading its model). `encoder`: LLaVA's tower already loaded (a generate run's), for 'llava'.
+    of other images that lack one of this run's encoders (a two-encoder run cut short, then a --limit trial) stay in
+    `<path>.parts/` for a later run; those of the finished file are refused instead (Plan.check). A lock on `path`
+    is held throughout; `locked`: the caller holds it already (a run that takes it before loading its model).
+    `encoder`: LLaVA's tower already loaded (a generate run's), for 'llava'.
     """
     check_embed_options(options)
     path = Path(path)

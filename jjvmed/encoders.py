@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError, first_line
+from .errors import UserError, first_line, log
 from .images import Collate
 
 FAMILIES = ("llava", "hf", "open_clip", "timm")
@@ -325,17 +325,40 @@ def load_hf(source: str):
     from transformers.utils import logging as hf_logging
 
     before = hf_logging.get_verbosity()
-    # A whole CLIP or SigLIP checkpoint holds a text tower this model leaves out, which transformers reports
-    # key by key; what goes wrong otherwise is in the error itself.
+    # transformers reports the weights it could not place key by key (a whole CLIP or SigLIP checkpoint's text
+    # tower, which this model leaves out, is hundreds of them) and loads on; check_loading_info says it in one line
+    # instead, and refuses what would leave part of the model random.
     hf_logging.set_verbosity_error()
     try:
-        model = cls.from_pretrained(source, config=config)
-    except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
+        model, info = cls.from_pretrained(source, config=config, output_loading_info=True)
+    except Exception as e:  # a missing or foreign checkpoint: the library's first line says which
         raise UserError(f"--encoder {spec}: cannot load the model "
                         f"({first_line(e).replace(' For details look at the above report!', '')})") from None
     finally:
         hf_logging.set_verbosity(before)
+    check_loading_info(info, spec, whole_image_text=kind in ("clip", "siglip"))
     return model, HFPreprocess(processor), {"name": kind}
+
+
+SHOWN_KEYS = 3  # weight names quoted in a loading report's one line
+
+
+def check_loading_info(info: dict, spec: str, whole_image_text: bool) -> None:
+    """Refuse a checkpoint that lacks weights the model needs (they would stay random: vectors partly of noise);
+    name the checkpoint's weights the model does not use, unless it is a whole image-text model (the text tower's
+    are expected)."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    for keys, what in ((missing, "are missing from its checkpoint"),
+                       (mismatched, "have another shape in its checkpoint")):
+        if keys:
+            raise UserError(f"--encoder {spec}: {len(keys)} weights of the model {what} (first: "
+                            f"{', '.join(keys[:SHOWN_KEYS])}): its vectors would come partly from random weights; "
+                            "give a complete checkpoint of this model")
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused and not whole_image_text:
+        log(f"--encoder {spec}: {len(unused)} weights of its checkpoint are not part of the image model and are left "
+            f"out (first: {', '.join(unused[:SHOWN_KEYS])})")
 
 
 class HFPreprocess:

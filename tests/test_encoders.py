@@ -629,3 +629,83 @@ def test_a_whole_clip_checkpoint_embeds_with_its_own_vision_tower_and_projection
     emb = load_embeddings(out)
     assert emb.vectors[0].shape[1] == 16
     assert np.allclose(emb.vectors[0][emb.ids.index("img_1")], expected, atol=1e-5)
+
+
+def test_a_checkpoint_missing_weights_of_the_vision_model_is_refused_in_one_line(images, tmp_path, capsys):
+    """A model.safetensors without one of DINOv2's layers used to load silently, that layer left random."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_hf_dinov2(tmp_path / "dino")
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layer.1." not in k}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    out = tmp_path / "e.npz"
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:{folder}") == 2
+    err = capsys.readouterr().err
+    missing = sum("layer.1." in k for k in weights)
+    assert f"{missing} weights of the model are missing from its checkpoint" in err and "encoder.layer.1." in err, err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "error:" in line] == \
+        [err.splitlines()[-1]], err  # one line (transformers' progress bar aside)
+    assert not out.exists()
+
+
+def test_an_ensemble_trial_on_a_finished_file_of_one_encoder_is_refused_and_leaves_the_file_whole(specs, images,
+                                                                                                  tmp_path, capsys):
+    """`embed --encoder A` over every image, then `--encoder A --encoder B --limit 2` on the same file: it used
+    to exit 0 with the file cut to 2 rows, the other vectors moved into <file>.parts/ where a later --overwrite
+    deleted them."""
+    clip, dino = specs["hf-clip"], specs["hf-dinov2"]
+    out = tmp_path / "train.npz"
+    flags = ["--image_dir", str(images), "--embeddings", str(out), "--num_workers", "0"]
+    assert cli("embed", *flags, "--encoder", clip) == 0
+    before = load_embeddings(out)
+    capsys.readouterr()
+    assert cli("embed", *flags, "--encoder", clip, "--encoder", dino, "--limit", "2") == 2
+    err = capsys.readouterr().err
+    assert "5 other images" in err and "another --embeddings" in err and "--overwrite" not in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    after = load_embeddings(out)
+    assert after.ids == before.ids and len(after.encoders) == 1 and np.array_equal(after.vectors[0], before.vectors[0])
+    assert not (tmp_path / "train.npz.parts").exists()
+    assert cli("embed", *flags, "--encoder", clip) == 0
+    assert "7 images reused, 0 embedded" in capsys.readouterr().err
+    trial = tmp_path / "trial.npz"
+    assert cli("embed", *flags[:2], "--embeddings", str(trial), "--encoder", clip, "--encoder", dino, "--limit", "2",
+               "--num_workers", "0") == 0
+    assert len(load_embeddings(trial).ids) == 2
+
+
+def test_a_knn_trial_of_an_ensemble_index_on_a_finished_file_of_one_encoder_is_refused_before_any_work(
+        specs, images, tiny_model, tmp_path, capsys):
+    """The same guard in a generate_concepts.py knn run whose index uses two encoders, pointed with --limit at a
+    file one encoder made of every image."""
+    from conftest import run_in_process
+
+    clip, dino = specs["hf-clip"], specs["hf-dinov2"]
+    train = tmp_path / "train.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", clip, "--encoder",
+               dino, "--num_workers", "0") == 0
+    concepts = tmp_path / "concepts.csv"
+    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
+    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
+               str(tmp_path / "index"), "--probe_epochs", "0") == 0
+    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings", str(train), "--valid_concepts",
+               str(concepts), "--concept_settings", str(tmp_path / "settings.json")) == 0
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    for member in settings["methods"]["knn"]["members"]:  # tuning on 7 random images may drop one encoder
+        member["knn"] = 0.5
+    (tmp_path / "settings.json").write_text(json.dumps(settings))
+    single = tmp_path / "single.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(single), "--encoder", clip,
+               "--num_workers", "0") == 0
+    before = load_embeddings(single)
+    out = tmp_path / "knn.csv"
+    done = run_in_process("generate_concepts.py", "--image_dir", str(images), "--output_csv", str(out), "--method",
+                          "knn", "--concept_index", str(tmp_path / "index"), "--concept_settings",
+                          str(tmp_path / "settings.json"), "--base_model_path", str(tiny_model), "--embeddings",
+                          str(single), "--limit", "2", "--num_workers", "0")
+    assert done.returncode == 2, done.stderr
+    assert "5 other images" in done.stderr and "another --embeddings" in done.stderr, done.stderr
+    assert not out.exists() and load_embeddings(single).ids == before.ids
+    assert len(load_embeddings(single).encoders) == 1 and not (tmp_path / "single.npz.parts").exists()
