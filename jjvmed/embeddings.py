@@ -198,7 +198,21 @@ def made_with(spec: str, pooling: str, base_model_path: str | None, dtype: str |
 
 
 def key_text(key: dict | None) -> str:
-    return json.dumps(key, sort_keys=True)
+    """What two settings are compared by: a local model folder by where it resolves here (`./clip` and
+    `/data/clip` are one folder), any other name as written (a folder absent here, a hub ID)."""
+    if not key:
+        return json.dumps(key)
+    resolved = dict(key)
+    if isinstance(key.get("base_model_path"), str):
+        resolved["base_model_path"] = local_folder(key["base_model_path"])
+    family, _, source = str(key.get("encoder", "")).partition(":")
+    if source:
+        resolved["encoder"] = f"{family}:{local_folder(source)}"
+    return json.dumps(resolved, sort_keys=True)
+
+
+def local_folder(name: str) -> str:
+    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def settings_text(key: dict | None) -> str:

@@ -523,6 +523,17 @@ def test_an_ensemble_run_counts_per_encoder_what_it_reused_and_what_it_embedded(
     assert [e["source"] for e in load_embeddings(out).encoders] == [clip, dino]
 
 
+def test_an_encoder_folder_named_another_way_reuses_its_vectors(specs, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "e.npz"
+    clip = specs["hf-clip"]
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", clip) == 0
+    folder = Path(clip.partition(":")[2])
+    monkeypatch.chdir(folder.parent)
+    capsys.readouterr()
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:./{folder.name}") == 0
+    assert "7 images reused, 0 embedded" in capsys.readouterr().err
+
+
 def test_a_limit_trial_on_an_unfinished_ensemble_keeps_the_other_vectors_for_the_full_run(specs, images, tmp_path,
                                                                                           capsys):
     """A two-encoder embed stopped during its second encoder, then a trial with --limit: the first encoder's
