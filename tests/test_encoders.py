@@ -348,6 +348,21 @@ def test_files_of_different_images_or_the_same_encoder_twice_are_refused_before_
         assert not (tmp_path / "index").exists()
 
 
+def fit_ensemble_index(specs: dict[str, str], images: Path, folder: Path, probe_epochs: int) -> Path:
+    """train.npz (the tiny CLIP and DINOv2 vectors of `images`), index/ fit on it and settings.json tuned on it,
+    all in `folder`; returns train.npz."""
+    train = folder / "train.npz"
+    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", specs["hf-clip"],
+               "--encoder", specs["hf-dinov2"], "--num_workers", "0") == 0
+    concepts = folder / "concepts.csv"
+    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
+    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
+               str(folder / "index"), "--probe_epochs", str(probe_epochs)) == 0
+    assert cli("tune", "--concept_index", str(folder / "index"), "--embeddings", str(train), "--valid_concepts",
+               str(concepts), "--concept_settings", str(folder / "settings.json")) == 0
+    return train
+
+
 def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that_one_file(specs, images, tmp_path,
                                                                                           capsys):
     """What generate_concepts.py does with an ensemble index: index.embed_options_for gives the encoders, one
@@ -357,15 +372,7 @@ def test_a_run_embeds_with_every_encoder_its_settings_use_and_predicts_from_that
     from jjvmed.images import list_images
     from jjvmed.index import embed_options_for, load_index
 
-    train = tmp_path / "train.npz"
-    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", specs["hf-clip"],
-               "--encoder", specs["hf-dinov2"]) == 0
-    concepts = tmp_path / "concepts.csv"
-    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
-    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
-               str(tmp_path / "index"), "--probe_epochs", "2") == 0
-    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings", str(train), "--valid_concepts",
-               str(concepts), "--concept_settings", str(tmp_path / "settings.json")) == 0
+    train = fit_ensemble_index(specs, images, tmp_path, probe_epochs=2)
     index = load_index(tmp_path / "index")
     settings = load_settings(tmp_path / "settings.json", "fused", index)
     options = embed_options_for(index, settings, num_workers=0)
@@ -693,16 +700,8 @@ def test_a_knn_trial_of_an_ensemble_index_on_a_finished_file_of_one_encoder_is_r
     file one encoder made of every image."""
     from conftest import run_in_process
 
-    clip, dino = specs["hf-clip"], specs["hf-dinov2"]
-    train = tmp_path / "train.npz"
-    assert cli("embed", "--image_dir", str(images), "--embeddings", str(train), "--encoder", clip, "--encoder",
-               dino, "--num_workers", "0") == 0
-    concepts = tmp_path / "concepts.csv"
-    concepts.write_text("ID,CUIs\n" + "".join(f"img_{n},C000000{n % 3}\n" for n in range(1, 7)) + "img_copy,C0000001\n")
-    assert cli("fit", "--embeddings", str(train), "--train_concepts", str(concepts), "--concept_index",
-               str(tmp_path / "index"), "--probe_epochs", "0") == 0
-    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings", str(train), "--valid_concepts",
-               str(concepts), "--concept_settings", str(tmp_path / "settings.json")) == 0
+    clip = specs["hf-clip"]
+    fit_ensemble_index(specs, images, tmp_path, probe_epochs=0)
     settings = json.loads((tmp_path / "settings.json").read_text())
     for member in settings["methods"]["knn"]["members"]:  # tuning on 7 random images may drop one encoder
         member["knn"] = 0.5
