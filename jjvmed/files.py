@@ -157,6 +157,16 @@ def same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def is_utf8(text: str) -> bool:
+    """False for text holding bytes that are not UTF-8: a file name from an old archive, which Python holds as
+    lone surrogates, or a journal line made of one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def file_identity(path: str | Path) -> list[int]:
     """What a resume compares without reading the file: size, modification time and status-change time (ns).
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .files import file_digest
+from .files import file_digest, is_utf8
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -83,15 +83,6 @@ def scan_folder(image_dir: str | Path) -> FolderScan:
                 raise UserError(f"two images have the ID {stem!r}: {other} and {entry.name}")
             found[stem] = entry.path
     return FolderScan(sorted(found.items(), key=lambda item: id_sort_key(item[0])), skipped)
-
-
-def is_utf8(name: str) -> bool:
-    """False for a name whose bytes are not UTF-8 (Python holds those bytes as lone surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def list_images(image_dir: str | Path) -> list[tuple[str, str]]:

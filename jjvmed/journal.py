@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, log
-from .files import file_digest, file_identity, write_bytes_atomic
+from .files import file_digest, file_identity, is_utf8, write_bytes_atomic
 from .records import Record
 
 JOURNAL_VERSION = 3  # 3: records keep the status-change time and the content digest; 2 kept size and mtime only
@@ -97,14 +97,6 @@ def parse_candidates(candidates, scores) -> tuple[tuple[str, ...], dict[str, tup
                 or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
             return None
     return tuple(candidates), {k: tuple(v) for k, v in scores.items()}
-
-
-def is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def holds_nothing(data: bytes) -> bool:
