@@ -103,7 +103,8 @@ def check_method_options(args: argparse.Namespace, parser: common.Parser) -> Non
 def load_retrieval(args: argparse.Namespace, cfg: common.RunConfig):
     """The caption index and how the run's images are embedded for it, read and checked before any model loads."""
     from jjvmed.embeddings import default_embeddings_path
-    from jjvmed.index import embed_options_for, load_index, resolve_device
+    from jjvmed.index import embed_options_for, load_index
+    from jjvmed.model import resolve_device
     from jjvmed.retrieval import DEFAULT_NEIGHBOURS, Retrieval, check_caption_index
 
     index = load_index(args.concept_index)
@@ -121,7 +122,7 @@ def load_retrieval(args: argparse.Namespace, cfg: common.RunConfig):
     neighbours = args.neighbours or DEFAULT_NEIGHBOURS[args.method]
     if neighbours > len(index.ids):
         raise UserError(f"--neighbours {neighbours}: the index has {len(index.ids)} training images")
-    return Retrieval(index, args.concept_index, neighbours, embeddings, options, resolve_device(args.device),
+    return Retrieval(index, neighbours, embeddings, options, resolve_device(args.device),
                      read_only=sharded or not args.image_dir)
 
 

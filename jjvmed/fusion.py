@@ -68,10 +68,7 @@ def image_scores(index: ConceptIndex, emb: Embeddings, ids: list[str], generated
     scores: list[MemberScores | None] = [None] * len(index.members)
     for m in members:
         member = index.members[m]
-        vectors = emb.member(member.encoder, "the concept index")
-        if vectors.size and vectors.shape[1] != member.vectors.shape[1]:
-            raise UserError(f"the embeddings of {member.label} have {vectors.shape[1]} dimensions, the index "
-                            f"{member.vectors.shape[1]}")
+        vectors = member.queries(emb, "the concept index")
         queries = np.zeros((len(ids), member.vectors.shape[1]), np.float32)
         if rows:
             queries[embedded] = vectors[rows]

@@ -24,7 +24,6 @@ from . import files
 from .embeddings import Embeddings, EmbedOptions
 from .encoders import check_recorded, encoder_label
 from .errors import UserError, first_line, log
-from .model import resolve_device  # noqa: F401 - generate_captions.py imports it from here
 from .probe import Probe, ProbeOptions, train_probe
 from .submission import concept_pairs, is_header, read_rows
 
@@ -59,6 +58,14 @@ class Member:
     @property
     def label(self) -> str:
         return encoder_label(self.encoder)
+
+    def queries(self, emb: Embeddings, what: str) -> np.ndarray:
+        """`emb`'s vectors of this member's encoder, refused in one line if their size is not the index's."""
+        vectors = emb.member(self.encoder, what)
+        if vectors.size and vectors.shape[1] != self.vectors.shape[1]:
+            raise UserError(f"the embeddings of {self.label} have {vectors.shape[1]} dimensions, the index "
+                            f"{self.vectors.shape[1]}")
+        return vectors
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_device_and_dtype(device: str, dtype: str):
-    """(device_map for from_pretrained, torch dtype, the device that inputs go to)."""
+    """(device_map for from_pretrained, torch dtype)."""
     import torch
 
     cuda = torch.cuda.is_available()

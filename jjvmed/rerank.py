@@ -55,7 +55,6 @@ def check_source(source: str) -> None:
     installed; a folder exists with its config, of a model with both towers; a hub ID is in the local cache
     when the hub is off (HF_HUB_OFFLINE)."""
     import importlib.util
-    import json
 
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -146,6 +145,7 @@ def load_hf(where: str, source: str):
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
 
     from .encoders import HFPreprocess
+    from .model import IMAGE_BACKEND
 
     try:
         config = AutoConfig.from_pretrained(where)
@@ -157,7 +157,7 @@ def load_hf(where: str, source: str):
     try:
         model = AutoModel.from_pretrained(where)
         tokenizer = AutoTokenizer.from_pretrained(where)
-        processor = AutoImageProcessor.from_pretrained(where, backend="pil")
+        processor = AutoImageProcessor.from_pretrained(where, backend=IMAGE_BACKEND)
     except Exception as e:  # a missing, partial or foreign checkpoint: the library's first line says which
         raise UserError(f"--rerank_model {source}: cannot load the model ({first_line(e)})") from None
     length = config.text_config.max_position_embeddings

@@ -54,14 +54,7 @@ def stacked(parts: list[np.ndarray]) -> np.ndarray:
 
 def query_vectors(index: ConceptIndex, emb: Embeddings, what: str) -> np.ndarray:
     """The embeddings' vectors of every encoder of the index, side by side, in the index's order."""
-    parts = []
-    for member in index.members:
-        vectors = emb.member(member.encoder, what)
-        if vectors.size and vectors.shape[1] != member.vectors.shape[1]:
-            raise UserError(f"the embeddings of {member.label} have {vectors.shape[1]} dimensions, the index "
-                            f"{member.vectors.shape[1]}")
-        parts.append(vectors)
-    return stacked(parts)
+    return stacked([member.queries(emb, what) for member in index.members])
 
 
 def neighbour_rows(index: ConceptIndex, emb: Embeddings, ids: list[str], k: int, device: str = "cpu"
@@ -110,8 +103,7 @@ EMBED_FIRST = ("embed the images once first (concept_index.py embed --image_dir 
 @dataclass(frozen=True)
 class Retrieval:
     """What a caption run retrieves with: the caption index, how many neighbours, the run's image vectors."""
-    index: ConceptIndex
-    index_dir: str
+    index: ConceptIndex  # checked to hold captions (check_caption_index) when it was loaded
     neighbours: int
     embeddings: Path  # the run's vectors (embeddings.ensure_embeddings keeps them up to date)
     options: EmbedOptions  # how they are embedded: the index's encoders and pooling
@@ -128,8 +120,7 @@ class Retrieval:
         return [] if self.read_only else [str(self.embeddings)]
 
     def check(self) -> None:
-        """Before any model loads: an index with captions; a file that is only read has its encoders."""
-        check_caption_index(self.index, self.index_dir)
+        """Before any model loads: a file that is only read has the index's encoders."""
         if self.read_only and self.embeddings.exists():
             query_vectors(self.index, load_embeddings(self.embeddings), "the caption index")
 

@@ -10,6 +10,7 @@ command line over this module; fine-tuning's validation and the vision-concept t
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import sys
@@ -230,8 +231,10 @@ def bleurt_classes() -> tuple:
     return BleurtForSequenceClassification, BleurtSPTokenizer, BleurtTokenizerFast
 
 
+@functools.lru_cache(maxsize=1)
 def load_bleurt(model: str):
-    """(model, tokenizer) from a local BLEURT folder, e.g. lucadiliello/BLEURT-20-D12."""
+    """(model, tokenizer) from a local BLEURT folder, e.g. lucadiliello/BLEURT-20-D12. Kept for the next call:
+    tune_captions scores every contender with the same model."""
     import torch
 
     folder = Path(model)

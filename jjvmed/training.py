@@ -143,7 +143,7 @@ def check_training_images(examples: list[Example], rank: int, world: int) -> dic
     parts = gather_everywhere((digest, unreadable_images([e.image_path for e in examples], rank, world)))
     if len({d for d, _ in parts}) > 1:
         raise UserError("the processes read different training data (files changed while starting?); "
-                               "run the command again")
+                        "run the command again")
     return {path: error for _, found in parts for path, error in found.items()}
 
 
@@ -189,7 +189,7 @@ class TrainDataset:
                 continue
             return {**item, "example_index": i, "decode_failures": failures}
         raise UserError(f"none of the {len(self.examples)} training images decodes; first error: "
-                               f"{failures[0][1]}")
+                        f"{failures[0][1]}")
 
 
 class Collator:
