@@ -204,15 +204,11 @@ def key_text(key: dict | None) -> str:
         return json.dumps(key)
     resolved = dict(key)
     if isinstance(key.get("base_model_path"), str):
-        resolved["base_model_path"] = local_folder(key["base_model_path"])
+        resolved["base_model_path"] = files.resolved_folder(key["base_model_path"])
     family, _, source = str(key.get("encoder", "")).partition(":")
     if source:
-        resolved["encoder"] = f"{family}:{local_folder(source)}"
+        resolved["encoder"] = f"{family}:{files.resolved_folder(source)}"
     return json.dumps(resolved, sort_keys=True)
-
-
-def local_folder(name: str) -> str:
-    return os.path.realpath(name) if os.path.isdir(name) else name
 
 
 def settings_text(key: dict | None) -> str:

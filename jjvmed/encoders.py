@@ -114,10 +114,10 @@ def load_encoder(spec: str, pooling: str = "default", device: str = "auto", dtyp
         return load_vision_encoder(source or base_model_path or DEFAULT_BASE_MODEL, device, dtype, pooling)
     import torch
 
-    from .model import resolve_device_and_dtype
+    from .model import resolve_device_and_dtype, target_device
 
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
-    target = device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"
+    target = target_device(device_map)
     model, preprocess, info = LOADERS[family](source)
     info = {"source": spec, **info, "weights": weights_fingerprint(model)}
     model = model.to(target, torch_dtype).eval()
@@ -466,12 +466,11 @@ def vision_encoder_from(model, processor, pooling: str = "mean") -> Encoder:
 def load_vision_encoder(base_model_path: str, device: str = "auto", dtype: str = "auto",
                         pooling: str = "mean") -> Encoder:
     """Load the base model (model.load_base_model) and keep only its vision tower (no adapter needed)."""
-    import torch
 
-    from .model import load_base_model, load_processor, resolve_device_and_dtype
+    from .model import load_base_model, load_processor, resolve_device_and_dtype, target_device
 
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
-    target = device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"
+    target = target_device(device_map)
     # Only the tower (0.3 B parameters) goes to the GPU; the language model (16 GB for the 8B one) is
     # read into host memory and freed at once, so a small card is enough.
     device_map = {"model.vision_tower": target, "model.multi_modal_projector": "cpu", "model.language_model": "cpu",

@@ -157,6 +157,12 @@ def same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def resolved_folder(name: str) -> str:
+    """A model named by a local folder: where it resolves (`./clip`, `/data/clip` and a link to it are one
+    folder); any other name (a hub ID, a folder absent here) as written."""
+    return os.path.realpath(name) if os.path.isdir(name) else name
+
+
 def is_utf8(text: str) -> bool:
     """False for text holding bytes that are not UTF-8: a file name from an old archive, which Python holds as
     lone surrogates, or a journal line made of one."""

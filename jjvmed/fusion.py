@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .embeddings import Embeddings
-from .encoders import encoder_label
+from .encoders import PACKAGES, encoder_label, parse_spec
 from .errors import UserError, first_line
 from .images import id_sort_key
 from .index import ConceptIndex, nearest, used_members
@@ -105,9 +105,6 @@ class Fusion:
     """Weights of every encoder's kNN and probe (one Part per index member) and of the generated CUIs."""
     parts: tuple[Part, ...]
     generated: float = 0.0
-
-    def used(self) -> list[int]:
-        return [m for m, p in enumerate(self.parts) if p.knn or p.probe]
 
 
 def dense_scores(s: ImageScores, fusion: Fusion, rows: slice) -> np.ndarray:
@@ -250,16 +247,14 @@ def check_model_matches(base_model_path: str, index: ConceptIndex, method_settin
     other encoders: their package is installed and a local folder still exists."""
     import importlib.util
 
-    from .encoders import PACKAGES, parse_spec
-
     for m in used_members(index, method_settings):
         made = index.members[m].encoder
         family, source = parse_spec(made.get("source") or "llava")
         if family == "llava":
             check_llava_config(base_model_path, index.members[m])
             continue
-        module = "open_clip" if family == "open_clip" else "timm" if family == "timm" else "transformers"
-        if importlib.util.find_spec(module) is None:
+        # the optional packages (timm, open_clip) import as their family's name; transformers is required
+        if family in PACKAGES and importlib.util.find_spec(family) is None:
             raise UserError(f"the concept index uses encoder {encoder_label(made)}, which needs the package "
                             f"{PACKAGES[family]} (not installed)")
         if source.startswith(("/", ".", "~")) and not Path(source).expanduser().exists():

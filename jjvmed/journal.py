@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError, log
-from .files import file_digest, file_identity, is_utf8, write_bytes_atomic
+from .files import file_digest, file_identity, is_utf8, resolved_folder, write_bytes_atomic
 from .records import Record
 
 JOURNAL_VERSION = 3  # 3: records keep the status-change time and the content digest; 2 kept size and mtime only
@@ -159,8 +159,7 @@ def settings_differences(old: dict, new: dict) -> list[str]:
 
 
 def same_local_folder(a: object, b: object) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.isdir(a) and os.path.isdir(b) and \
-        os.path.realpath(a) == os.path.realpath(b)
+    return isinstance(a, str) and isinstance(b, str) and resolved_folder(a) == resolved_folder(b)
 
 
 JSON_TYPES = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "true/false",

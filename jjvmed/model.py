@@ -57,6 +57,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def target_device(device_map) -> str:
+    """The one device a model placed whole goes to: the device map's, or the current GPU for 'auto'."""
+    import torch
+
+    return device_map.get("") if isinstance(device_map, dict) else f"cuda:{torch.cuda.current_device()}"
+
+
 def resolve_device_and_dtype(device: str, dtype: str):
     """(device_map for from_pretrained, torch dtype)."""
     import torch

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RESIZE_MODES = ("shortest", "squash", "longest")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
-
 
 @dataclass(frozen=True)
 class Preprocessing:

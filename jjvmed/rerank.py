@@ -97,15 +97,14 @@ def load_reranker(source: str, device: str = "auto", dtype: str = "auto") -> Rer
     import torch
 
     from .encoders import weights_fingerprint
-    from .model import resolve_device_and_dtype
+    from .model import resolve_device_and_dtype, target_device
 
     family, where = parse_source(source)
     model, preprocess, tokenize, name, tokens = (load_open_clip if family == "open_clip" else load_hf)(where, source)
     # The weights as stored (before any move or cast), and the tokenizer's vocabulary: either changes the scores.
     key = f"{family}:{name}@{weights_fingerprint(model)}" + (f"+{tokens}" if tokens else "")
     device_map, torch_dtype = resolve_device_and_dtype(device, dtype)
-    target = torch.device(device_map.get("") if isinstance(device_map, dict)
-                          else f"cuda:{torch.cuda.current_device()}")
+    target = torch.device(target_device(device_map))
     model = model.to(target, torch_dtype).eval()
 
     def unit(x):
