@@ -214,7 +214,7 @@ def check_positive(**values: int | None) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def config_from_args(args: argparse.Namespace, task: str, output_csv: str | None = None) -> RunConfig:
+def config_from_args(args: argparse.Namespace, task: str) -> RunConfig:
     """Validate the options every run has and build its configuration (nothing loaded yet)."""
     check_positive(checkpoint_interval=args.checkpoint_interval, limit=args.limit)
     if args.image_dir is not None and not Path(args.image_dir).is_dir():
@@ -222,7 +222,7 @@ def config_from_args(args: argparse.Namespace, task: str, output_csv: str | None
     shard = shard_from(args.num_shards, args.shard_index, args.merge_shards)
     if shard and args.resume_from_checkpoint not in (None, "auto"):
         raise UserError("with shards, resume with --resume_from_checkpoint auto (each shard has its journal)")
-    return RunConfig(task=task, output_csv=output_csv or args.output_csv, image_dir=args.image_dir,
+    return RunConfig(task=task, output_csv=args.output_csv, image_dir=args.image_dir,
                      ids_csv=args.ids_csv, limit=args.limit, zip_path=args.zip, checkpoint_dir=args.checkpoint_dir,
                      checkpoint_interval=args.checkpoint_interval, resume=args.resume_from_checkpoint,
                      force_resume=args.force_resume, overwrite=args.overwrite, shard=shard, merge=args.merge_shards)

@@ -406,12 +406,9 @@ def ensure_embeddings(items: list[tuple[str, str]], path: str | Path, options: E
         descriptions = [d or {} for d in described]
         stored_failed = {**{i: e for i, e in plan.other_failed.items() if i not in identities}, **failed}
         save_embeddings(path, Embeddings(rows, matrices, descriptions, stored_failed, meta, identities))
-        errors_csv = path.with_name(f"{path.stem}.errors.csv")
-        if failed:
-            files.write_csv_atomic(errors_csv, ["ID", "Error"], ([i, e] for i, e in failed.items()))
+        errors_csv = files.write_errors(path, list(failed.items()))
+        if errors_csv:
             log(f"{len(failed)} images could not be embedded (listed in {errors_csv})")
-        else:
-            errors_csv.unlink(missing_ok=True)
         keep_incomplete(parts, incomplete, others, descriptions, meta, others_identity)
     embedded = set().union(*embedded_by) - set(failed)
     reused = len(items) - len(embedded) - len(failed)

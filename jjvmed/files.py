@@ -157,6 +157,21 @@ def same_file(fd: int, path: Path) -> bool:
         return False
 
 
+def errors_path(output: str | Path) -> Path:
+    """`<stem>.errors.csv` beside an output (a CSV, an embeddings file): the images that failed."""
+    out = Path(output)
+    return out.with_name(f"{out.stem}.errors.csv")
+
+
+def write_errors(output: str | Path, failures: list[tuple[str, str]]) -> Path | None:
+    """List failed images beside the output; remove a stale list when nothing failed."""
+    path = errors_path(output)
+    if not failures:
+        path.unlink(missing_ok=True)
+        return None
+    return write_csv_atomic(path, ["ID", "Error"], ([i, e] for i, e in failures))
+
+
 def resolved_folder(name: str) -> str:
     """A model named by a local folder: where it resolves (`./clip`, `/data/clip` and a link to it are one
     folder); any other name (a hub ID, a folder absent here) as written."""

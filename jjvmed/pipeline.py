@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import UserError, first_line, log
-from .files import check_writable, lock_exclusive, write_csv_atomic
+from .files import check_writable, lock_exclusive, write_errors
 from .images import list_images, scan_folder
 from .journal import default_journal_path
 from .records import Record
@@ -209,20 +209,6 @@ def os_failure(error: OSError) -> UserError:
     if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return UserError(f"cannot write {error.filename}: {error.strerror}; fix the permissions, {resume}")
     return UserError(f"{error.strerror or first_line(error)} ({error.filename or 'no file name'}); {resume}")
-
-
-def errors_path(output_csv: str | Path) -> Path:
-    out = Path(output_csv)
-    return out.with_name(f"{out.stem}.errors.csv")
-
-
-def write_errors(output_csv: str | Path, failures: list[tuple[str, str]]) -> Path | None:
-    """List failed images beside the output; remove a stale list when nothing failed."""
-    path = errors_path(output_csv)
-    if not failures:
-        path.unlink(missing_ok=True)
-        return None
-    return write_csv_atomic(path, ["ID", "Error"], ([i, e] for i, e in failures))
 
 
 def check_submission(cfg: RunConfig, path: str | Path, ids: list[str]) -> bool:

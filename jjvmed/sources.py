@@ -451,15 +451,13 @@ class AnswersFileSource:
         return []
 
     def check(self) -> None:
-        from .images import list_images, scan_folder
+        from .images import list_images
 
         self.rows = read_id_table(self.path, self.column)
         self.selected = list(self.rows)
         if self.image_dir is None:
             return
-        folder = [i for i, _ in scan_folder(self.image_dir).items]
-        if not folder:
-            list_images(self.image_dir)  # raises the "no images" error with its hints
+        folder = [i for i, _ in list_images(self.image_dir)]  # none: the "no images" error with its hints
         lacking = [i for i in folder if i not in self.rows]
         if lacking:
             raise UserError(f"{self.path} has no row for {len(lacking)} of the {len(folder)} images in --image_dir "

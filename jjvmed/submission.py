@@ -446,7 +446,7 @@ def check_row_2026(task: str, line: int, fields: list[str], raw: str | None, raw
     row's own line unless a row above spans several lines.
     """
     image_id = fields[0]
-    columns = "ID,CUIs" if task == "concepts" else "ID,Caption"
+    columns = ",".join(HEADERS[task])
     if len(fields) != 2:
         count = plural(len(fields), "field")
         if len(fields) == 1:

@@ -361,16 +361,15 @@ def tune(index: ConceptIndex, valid: Embeddings, gt: dict[str, tuple[str, ...]],
         for rule in rules:
             if estimates[rule] > estimates[best_rule] + 1e-9:
                 best_rule = rule
+        fitted = {}
         for rule in rules:
             decision = fit_rule(rule, r, t, everything)
-            rule_rows.append((f"{method}: {rule}", Candidate(name, cand.fusion, decision,
-                                                              float(f1_per_image(r, t, decision).mean()),
-                                                              estimates[rule])))
-        decision = fit_rule(best_rule, r, t, everything)
+            fitted[rule] = Candidate(name, cand.fusion, decision, float(f1_per_image(r, t, decision).mean()),
+                                     estimates[rule])
+            rule_rows.append((f"{method}: {rule}", fitted[rule]))
         gain = estimates[best_rule] - estimates["threshold"]
         note = "" if best_rule == "threshold" else f"{best_rule} ({gain:+.4f} F1 on held-out halves)"
-        chosen[method] = Candidate(name, cand.fusion, decision, float(f1_per_image(r, t, decision).mean()),
-                                   estimates[best_rule], note)
+        chosen[method] = replace(fitted[best_rule], note=note)
     # A single method with a better decision rule can beat the fused source held-out: fused is then that method.
     best = max(chosen.values(), key=lambda c: c.held_out)
     if best.held_out > chosen["fused"].held_out + 1e-12:
