@@ -343,26 +343,17 @@ def run_tune_captions(args: argparse.Namespace) -> int:
     return 0
 
 
-def resume_hint_once_chunks_exist(embeddings: str) -> None:
-    """Ctrl-C or SIGTERM during embed: advise a resume only once a chunk is saved (before, there is nothing to
-    resume, and the same command simply runs again)."""
-    import signal
-
-    from jjvmed.embeddings import parts_dir
-
-    manifest = parts_dir(Path(embeddings)) / "manifest.json"
-
-    def on_signal(signum, frame):
-        errors.exit_at_once(signum, frame, hint=errors.RESUME_HINT if manifest.exists() else "")
-
-    for s in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(s, on_signal)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "embed":
-        resume_hint_once_chunks_exist(args.embeddings)
+        from jjvmed.embeddings import parts_dir
+        from jjvmed.signals import StopSignals
+
+        # Ctrl-C or SIGTERM during embed advises a resume only once a chunk is saved (before, there is nothing
+        # to resume, and the same command simply runs again).
+        manifest = parts_dir(Path(args.embeddings)) / "manifest.json"
+        with StopSignals("", hint=lambda: errors.RESUME_HINT if manifest.exists() else ""):
+            return run_embed(args)
     return {"embed": run_embed, "fit": run_fit, "tune": run_tune, "predict": run_predict,
             "tune_captions": run_tune_captions}[args.command](args)
 
