@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import re
+import time
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -109,16 +110,16 @@ def fit_index(train: Embeddings, concepts: dict[str, list[str]] | None, output_d
     label_idx = np.array([column[c] for i in ids for c in concepts.get(i, [])], np.int64)
     label_ptr = np.concatenate([[0], np.cumsum([len(concepts.get(i, [])) for i in ids])]).astype(np.int64)
     kept_captions = [captions[i] for i in ids] if captions is not None else None
-    index = ConceptIndex(cuis, ids, label_ptr, label_idx, [], {}, kept_captions)
+    index = ConceptIndex(cuis, ids, label_ptr, label_idx, [], {}, kept_captions)  # its members come below
+    train_probes = bool(probe_options and probe_options.epochs > 0 and cuis)
+    labels = index.label_matrix() if train_probes else None  # the images x CUIs matrix every probe learns
     members = []
     for encoder, all_vectors in zip(train.encoders, train.vectors, strict=True):
         vectors = np.ascontiguousarray(all_vectors[keep])
         probe = None
-        if probe_options and probe_options.epochs > 0 and cuis:
-            import time
-
+        if train_probes:
             start = time.perf_counter()
-            probe = train_probe(vectors, index.label_matrix(), probe_options)
+            probe = train_probe(vectors, labels, probe_options)
             info = probe.info
             f1s = ", ".join(f"{x:.4f}" for x in info["held_out_f1"])
             steps = info["steps"] // info["passes"]
