@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from .errors import RESUME_HINT, exit_at_once, log
 
@@ -46,6 +47,15 @@ class StopSignals:
         self.signum = signum
         again = "" if self.distributed else " (again to stop now)"
         log(f"\n{signal.Signals(signum).name}: stopping {self.at}{again}")
+
+    @contextmanager
+    def armed_for(self) -> Iterator[None]:
+        """The loop's block: a first signal now asks it to stop at its next safe point (not at once)."""
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers

@@ -188,21 +188,18 @@ class GenerateSource:
         start = time.perf_counter()
         with cpu_split(device.type, g.num_workers) as workers:
             loader = make_loader(todo, processor, prompt, batch_size, workers, pin_memory=device.type == "cuda")
-            with tqdm(total=len(todo), unit="img", desc=g.task, dynamic_ncols=True, file=sys.stderr) as bar:
-                stop.armed = True
-                try:
-                    for records in generate_batches(model, processor, guarded(loader), g.gen_kwargs,
-                                                    "inductor" if g.compile else None, batch_size):
-                        journal.append(records, loader.digests)
-                        for r in records:
-                            if not r.ok:
-                                bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
-                        done += len(records)
-                        bar.update(len(records))
-                        if stop.signum is not None:
-                            break
-                finally:
-                    stop.armed = False
+            with tqdm(total=len(todo), unit="img", desc=g.task, dynamic_ncols=True, file=sys.stderr) as bar, \
+                    stop.armed_for():
+                for records in generate_batches(model, processor, guarded(loader), g.gen_kwargs,
+                                                "inductor" if g.compile else None, batch_size):
+                    journal.append(records, loader.digests)
+                    for r in records:
+                        if not r.ok:
+                            bar.write(f"warning: {r.id}: {r.error}", file=sys.stderr)
+                    done += len(records)
+                    bar.update(len(records))
+                    if stop.signum is not None:
+                        break
         detail = f"batch size {batch_size}" + (" (auto)" if g.batch_size is None else "") + \
             (", compiled" if g.compile else "")
         return done, detail, time.perf_counter() - start, phases
@@ -242,16 +239,13 @@ class GenerateSource:
         start = time.perf_counter()
         if todo:
             workers = min(4, self.generation.num_workers if self.generation.num_workers is not None else 2)
-            with tqdm(total=len(todo), unit="img", desc="rerank", dynamic_ncols=True, file=sys.stderr) as bar:
-                stop.armed = True
-                try:
-                    for records, digests in rerank_batches(reranker, todo, journal.records, workers):
-                        journal.append(records, digests)
-                        bar.update(len(records))
-                        if stop.signum is not None:
-                            break
-                finally:
-                    stop.armed = False
+            with tqdm(total=len(todo), unit="img", desc="rerank", dynamic_ncols=True, file=sys.stderr) as bar, \
+                    stop.armed_for():
+                for records, digests in rerank_batches(reranker, todo, journal.records, workers):
+                    journal.append(records, digests)
+                    bar.update(len(records))
+                    if stop.signum is not None:
+                        break
         seconds = time.perf_counter() - start if todo else 0.0  # nothing scored: no reranking step to time
         return f"best of {self.candidates()} by {reranker.key} (scored now: {len(todo)})", seconds
 
