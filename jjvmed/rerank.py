@@ -85,9 +85,7 @@ def check_source(source: str) -> None:
             kind = json.loads(config.read_text()).get("model_type")
         except (OSError, ValueError):
             kind = None
-        if kind not in HF_KINDS:
-            raise UserError(f"--rerank_model {source} is a {kind or 'unknown'} model; best of N needs an image-text "
-                            f"model with both towers ({', '.join(HF_KINDS)}, or open_clip)")
+        check_kind(kind, source)
         if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
             raise UserError(f"--rerank_model {source}: {folder} has no tokenizer files (one of "
                             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer with the model")
@@ -139,6 +137,12 @@ def text_features(model, family: str, tokens: dict):
     return pooled(model.get_text_features(**tokens))
 
 
+def check_kind(kind: str | None, source: str) -> None:
+    if kind not in HF_KINDS:
+        raise UserError(f"--rerank_model {source} is a {kind or 'unknown'} model; best of N needs an image-text "
+                        f"model with both towers ({', '.join(HF_KINDS)}, or open_clip)")
+
+
 def load_hf(where: str, source: str):
     """A Hugging Face CLIP or SigLIP model with its tokenizer and image processor (transformers' PIL backend)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
@@ -150,9 +154,7 @@ def load_hf(where: str, source: str):
         config = AutoConfig.from_pretrained(where)
     except (OSError, ValueError) as e:
         raise UserError(f"--rerank_model {source}: cannot load its config ({first_line(e)})") from None
-    if config.model_type not in HF_KINDS:
-        raise UserError(f"--rerank_model {source} is a {config.model_type} model; best of N needs an image-text "
-                        f"model with both towers ({', '.join(HF_KINDS)}, or open_clip)")
+    check_kind(config.model_type, source)
     try:
         model = AutoModel.from_pretrained(where)
         tokenizer = AutoTokenizer.from_pretrained(where)
