@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
 def speed(args: argparse.Namespace) -> None:
-    import test_encoders as tiny
+    import tiny_encoders as tiny
     import torch
     from PIL import Image
 

@@ -120,7 +120,7 @@ def draw_images(folder: Path, n: int) -> None:
 
 
 def generation(args: argparse.Namespace) -> None:
-    from test_rerank import save_hf_clip
+    from tiny_encoders import save_hf_clip
     from tiny_llava import build_tiny_llava
 
     import concept_index

@@ -1,8 +1,7 @@
 """Any image encoder through `concept_index.py embed --encoder SPEC`, and ensembles of them.
 
-Every encoder here is a tiny random model of its family, built offline with the family's real classes and
-saved to a folder the way its library saves one (Hugging Face save_pretrained, timm's save_for_hf, open_clip's
-open_clip_config.json + weights), then loaded by the same code a real checkpoint goes through.
+Every encoder here is a tiny random model of its family (tests/tiny_encoders.py), saved to a folder the way
+its library saves one, then loaded by the same code a real checkpoint goes through.
 """
 
 from __future__ import annotations
@@ -14,22 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import read_csv
+from tiny_encoders import ENCODERS, SIZE, save_hf_clip, save_hf_clip_vision, save_hf_dinov2
 
 import concept_index
 from jjvmed import errors
 from jjvmed.embeddings import Embeddings, load_embeddings, save_embeddings
 
-SIZE = 32  # pixels: every tiny encoder takes 32 x 32 images
-
 
 def cli(*argv: str) -> int:
     return errors.run_cli(concept_index.main, list(argv))
-
-
-def import_family(name: str):
-    from jjvmed.encoders import import_optional
-
-    return import_optional(name)
 
 
 def draw_images(folder: Path) -> list[str]:
@@ -47,76 +39,6 @@ def draw_images(folder: Path) -> list[str]:
         ids.append(f"img_{n + 1}")
     (folder / "img_copy.png").write_bytes((folder / "img_1.png").read_bytes())
     return ids + ["img_copy"]
-
-
-def save_hf_clip(folder: Path) -> Path:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=SIZE, patch_size=8, projection_dim=16)
-    CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-def save_hf_siglip(folder: Path) -> Path:
-    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
-
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
-                                image_size=SIZE, patch_size=8)
-    SiglipVisionModel(config).save_pretrained(folder)
-    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-def save_hf_dinov2(folder: Path) -> Path:
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=SIZE,
-                          patch_size=8)
-    Dinov2Model(config).save_pretrained(folder)
-    BitImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE},
-                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
-    return folder
-
-
-def save_open_clip(folder: Path, vision_cfg: dict) -> Path:
-    """A whole open_clip CLIP (image and text towers) from a model config dict, saved as open_clip saves one."""
-    import torch
-    from safetensors.torch import save_file
-
-    open_clip = import_family("open_clip")
-    model_cfg = {"embed_dim": 16, "vision_cfg": vision_cfg,
-                 "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**model_cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                                   "std": [0.26862954, 0.26130258, 0.27577711]}}))
-    return folder
-
-
-def save_timm(folder: Path, name: str) -> Path:
-    import torch
-
-    timm = import_family("timm")
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=5)
-    timm.models.save_for_hf(model, folder, safe_serialization=True)
-    return folder
-
-
-ENCODERS = {
-    "hf-clip": lambda d: f"hf:{save_hf_clip(d)}",
-    "hf-siglip": lambda d: f"hf:{save_hf_siglip(d)}",
-    "hf-dinov2": lambda d: f"hf:{save_hf_dinov2(d)}",
-    "open_clip-vit": lambda d: f"open_clip:{save_open_clip(d, {'image_size': SIZE, 'layers': 2, 'width': 32, 'patch_size': 8, 'head_width': 16})}",  # noqa: E501
-    "open_clip-timm": lambda d: f"open_clip:{save_open_clip(d, {'timm_model_name': 'test_vit', 'timm_model_pretrained': False, 'timm_pool': '', 'timm_proj': 'linear', 'image_size': SIZE})}",  # noqa: E501
-    "timm-convnext": lambda d: f"timm:{save_timm(d, 'test_convnext')}",
-    "timm-efficientnet": lambda d: f"timm:{save_timm(d, 'test_efficientnet')}",
-}
 
 
 def needs(package: str):
@@ -575,13 +497,13 @@ def test_a_limit_trial_on_an_unfinished_ensemble_keeps_the_other_vectors_for_the
 def test_new_weights_in_an_encoder_folder_are_noticed_though_every_image_is_unchanged(images, tmp_path, capsys):
     """The vectors of a model folder whose files were replaced are not reused as they were: the model is
     loaded once to compare, and every image embedded again with the new weights."""
-    folder = save_hf_clip(tmp_path / "clip")
+    folder = save_hf_clip_vision(tmp_path / "clip")
     spec = f"hf:{folder}"
     out, fresh = tmp_path / "e.npz", tmp_path / "fresh.npz"
     flags = ["--image_dir", str(images), "--encoder", spec, "--num_workers", "0"]
     assert cli("embed", "--embeddings", str(out), *flags) == 0
     before = load_embeddings(out)
-    save_hf_clip(folder)  # other random weights, the same folder
+    save_hf_clip_vision(folder)  # other random weights, the same folder
     capsys.readouterr()
     assert cli("embed", "--embeddings", str(out), *flags) == 0
     err = capsys.readouterr().err
@@ -628,10 +550,9 @@ def test_a_whole_clip_checkpoint_embeds_with_its_own_vision_tower_and_projection
     """A CLIPModel folder (both towers, projection 16 wide) used to fail after a report of every text weight."""
     import torch
     from PIL import Image
-    from test_rerank import save_hf_clip as save_whole_clip
     from transformers import CLIPImageProcessor, CLIPModel
 
-    folder = save_whole_clip(tmp_path / "clip", seed=0)
+    folder = save_hf_clip(tmp_path / "clip", seed=0)
     out = tmp_path / "e.npz"
     capsys.readouterr()
     assert cli("embed", "--image_dir", str(images), "--embeddings", str(out), "--encoder", f"hf:{folder}") == 0

@@ -1,9 +1,9 @@
 """Best of N (generate_captions.py --candidates N --rerank_model M): every candidate kept in the journal, each
 scored against its image by an image-text model, the highest kept; another reranker needs no generation.
 
-The rerankers are tiny random image-text models built offline with the real classes (Hugging Face CLIP and
-SigLIP with both towers, open_clip's CLIP from a config) and saved as their libraries save them. The expected
-choice is computed here, independently, with the same classes.
+The rerankers are tiny random image-text models built offline with the real classes (tests/tiny_encoders.py:
+Hugging Face CLIP and SigLIP with both towers, open_clip's CLIP from a config), saved as their libraries save
+them. The expected choice is computed here, independently, with the same classes.
 """
 
 from __future__ import annotations
@@ -15,83 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REAL_IMAGES, read_csv, run_in_process
+from tiny_encoders import SIZE, save_hf_clip, save_hf_siglip, save_open_clip
 
 from jjvmed.journal import read_journal, record_line
 from jjvmed.prompts import clean_caption
 from jjvmed.records import Record
 
-SIZE = 32  # pixels the tiny rerankers take
 IMAGES = 4
-
-
-def text_tokenizer(length: int):
-    """A small BPE tokenizer (the tiny LLaVA's vocabulary) that ends every text with its end token, as CLIP's
-    does: CLIP pools the text at that token."""
-    from tiny_llava import train_tokenizer
-    from tokenizers import processors
-
-    tok = train_tokenizer(vocab_size=512)
-    bos, eos = tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids("<|end_of_text|>")
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[("<|begin_of_text|>", bos),
-                                                                      ("<|end_of_text|>", eos)])
-    tok.model_max_length = length
-    return tok, bos, eos
-
-
-def save_hf_clip(folder: Path, seed: int) -> Path:
-    import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    tok, bos, eos = text_tokenizer(64)
-    config = CLIPConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
-                                     "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 64,
-                                     "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id},
-                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                                       "num_attention_heads": 2, "image_size": SIZE, "patch_size": 8},
-                        projection_dim=16)
-    torch.manual_seed(seed)
-    CLIPModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-def save_hf_siglip(folder: Path, seed: int) -> Path:
-    import torch
-    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
-
-    tok, _, _ = text_tokenizer(16)
-    config = SiglipConfig(text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 37,
-                                       "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
-                                       "pad_token_id": tok.pad_token_id},
-                          vision_config={"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
-                                         "num_attention_heads": 2, "image_size": SIZE, "patch_size": 8})
-    torch.manual_seed(seed)
-    SiglipModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(folder)
-    return folder
-
-
-def save_open_clip(folder: Path, seed: int) -> Path:
-    """A whole open_clip CLIP from a config (its own tokenizer's vocabulary, a tiny width), saved as open_clip
-    saves one: open_clip_config.json and the weights."""
-    import torch
-    from safetensors.torch import save_file
-
-    from jjvmed.encoders import import_optional
-
-    open_clip = import_optional("open_clip")
-    model_cfg = {"embed_dim": 16,
-                 "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
-                 "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(seed)
-    model = open_clip.CLIP(**model_cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {}}))
-    return folder
 
 
 def hf_scores(folder: Path, image_ids: list[str], candidates: dict[str, list[str]]) -> dict[str, list[float]]:

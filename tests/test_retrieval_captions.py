@@ -148,9 +148,9 @@ def test_knn_under_a_launcher_is_refused_in_one_line_before_anything_loads(data,
 
 def test_knn_with_another_image_encoder_is_one_option_away(data, tiny_model, tmp_path):
     """The same path with a tiny random CLIP vision tower instead of LLaVA's (BiomedCLIP or MedSigLIP for real)."""
-    from test_encoders import save_hf_clip
+    from tiny_encoders import save_hf_clip_vision
 
-    spec = f"hf:{save_hf_clip(tmp_path / 'clip')}"
+    spec = f"hf:{save_hf_clip_vision(tmp_path / 'clip')}"
     assert index_cli("embed", "--image_dir", str(data / "train"), "--embeddings", str(tmp_path / "train.npz"),
                      "--encoder", spec, "--num_workers", "0") == 0
     assert index_cli("fit", "--embeddings", str(tmp_path / "train.npz"), "--train_captions",

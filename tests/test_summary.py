@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 
 from conftest import read_csv, run_in_process
-from test_rerank import IMAGES, best_of_n, save_hf_clip
+from test_rerank import IMAGES, best_of_n
 from test_retrieval_captions import captions_run, data, generating, index_cli, tiny  # noqa: F401 (data: a fixture)
+from tiny_encoders import save_hf_clip
 
 
 def time_line(stderr: str) -> str:
