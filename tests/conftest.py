@@ -20,14 +20,40 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 REAL_IMAGES = ROOT / "tests" / "data" / "real_images"
 ROCOV2 = SHARED_DATA / "rocov2" / "cui_mapping.csv"
 ROCO = SHARED_DATA / "roco_v1"
-MEDICAT = SHARED_DATA / "medicat"
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 needs_rocov2 = pytest.mark.skipif(not ROCOV2.exists(), reason="needs ../shared/data/rocov2 (the ROCOv2 concept list)")
 needs_roco = pytest.mark.skipif(not ROCO.exists(), reason="needs ../shared/data/roco_v1 (ROCO validation captions)")
-needs_medicat = pytest.mark.skipif(not MEDICAT.exists(), reason="needs ../shared/data/medicat (MedICaT figures)")
+
+
+def needs_package(package: str):
+    """Skip where an optional package (timm, open_clip) is not installed."""
+    import importlib.util
+
+    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
+                              reason=f"needs {package} (.ci/run installs it; README: Concepts from the vision tower)")
+
+
+needs_timm, needs_open_clip = needs_package("timm"), needs_package("open_clip")
 
 from tiny_llava import build_tiny_llava  # noqa: E402
+
+HOLD_LOCK = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from jjvmed.files import lock_exclusive
+with lock_exclusive(sys.argv[2]):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding the run lock of `path` until its stdin closes (or it is killed)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
 
 
 @pytest.fixture(scope="session")

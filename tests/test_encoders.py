@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_csv
+from conftest import needs_open_clip, needs_package, needs_timm, read_csv
 from tiny_encoders import ENCODERS, SIZE, save_hf_clip, save_hf_clip_vision, save_hf_dinov2
 
 import concept_index
@@ -41,16 +41,6 @@ def draw_images(folder: Path) -> list[str]:
     return ids + ["img_copy"]
 
 
-def needs(package: str):
-    import importlib.util
-
-    return pytest.mark.skipif(importlib.util.find_spec(package) is None,
-                              reason=f"needs {package} (.ci/run installs it; README: Concepts from the vision tower)")
-
-
-needs_timm, needs_open_clip = needs("timm"), needs("open_clip")
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("images")
@@ -68,7 +58,7 @@ def specs(tmp_path_factory) -> dict[str, str]:
             if importlib.util.find_spec(name.split("-")[0].replace("hf", "transformers"))}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs(n.split("-")[0]) if n[:2] != "hf" else ())
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_package(n.split("-")[0]) if n[:2] != "hf" else ())
                                   for n in ENCODERS])
 def test_each_encoder_family_embeds_through_the_cli_into_a_file_that_names_it(name, specs, images, tmp_path):
     out = tmp_path / "emb.npz"
@@ -247,14 +237,13 @@ def test_embeddings_of_another_encoder_are_refused_in_one_line_before_any_work(e
     assert cli("fit", "--embeddings", str(root / "train_sees-colour.npz"), "--train_concepts",
                str(root / "train_concepts.csv"), "--concept_index", str(tmp_path / "index"), "--probe_epochs", "0") == 0
     capsys.readouterr()
-    # same dimensions, other encoder: tune and predict refuse it, naming both
-    for argv in (["tune", "--concept_index", str(tmp_path / "index"), "--embeddings",
-                  str(root / "valid_sees-shape.npz"), "--valid_concepts", str(root / "valid_concepts.csv"),
-                  "--concept_settings", str(tmp_path / "s.json")],):
-        assert cli(*argv) == 2
-        err = capsys.readouterr().err
-        assert "timm:sees-colour" in err and "timm:sees-shape" in err and len(err.strip().splitlines()) == 1
-        assert not (tmp_path / "s.json").exists()
+    # same dimensions, other encoder: tune refuses it, naming both
+    assert cli("tune", "--concept_index", str(tmp_path / "index"), "--embeddings",
+               str(root / "valid_sees-shape.npz"), "--valid_concepts", str(root / "valid_concepts.csv"),
+               "--concept_settings", str(tmp_path / "s.json")) == 2
+    err = capsys.readouterr().err
+    assert "timm:sees-colour" in err and "timm:sees-shape" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_files_of_different_images_or_the_same_encoder_twice_are_refused_before_any_work(ensemble_data, tmp_path,
@@ -381,7 +370,7 @@ def test_llava_vectors_of_an_older_version_without_a_weights_fingerprint_are_ref
     assert not (tmp_path / "index").exists()
 
 
-def test_the_llava_processor_takes_the_pil_image_backend_wherever_it_runs(tiny_model):
+def test_the_llava_processor_is_pinned_to_the_pil_backend_and_leaves_the_tokenizer_alone(tiny_model):
     """Generation and the llava encoder share load_processor; left to itself, transformers would take its
     torchvision image processor where torchvision is installed and resize differently. (On a machine without
     torchvision both backends resolve to PIL: this checks the pin and that the tokenizer is left alone.)"""

@@ -8,10 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, hold_lock
 
 from jjvmed import files
 from jjvmed.errors import UserError
@@ -72,23 +71,6 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path):
         check_writable("/proc/jj-vmed/c.csv", "output")
     check_writable(tmp_path / "new" / "deeper" / "c.csv", "output")  # folders that do not exist yet: fine
     assert not (tmp_path / "new").exists()
-
-
-HOLD_LOCK = """
-import sys
-sys.path.insert(0, sys.argv[1])
-from jjvmed.files import lock_exclusive
-with lock_exclusive(sys.argv[2]):
-    print("locked", flush=True)
-    sys.stdin.read()
-"""
-
-
-def hold_lock(path: Path) -> subprocess.Popen:
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ROOT), str(path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline() == "locked\n"
-    return holder
 
 
 def test_a_second_process_is_refused_the_lock_naming_the_holder_and_what_to_change(tmp_path):

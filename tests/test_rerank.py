@@ -8,13 +8,12 @@ them. The expected choice is computed here, independently, with the same classes
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_IMAGES, read_csv, run_in_process
+from conftest import REAL_IMAGES, needs_open_clip, read_csv, run_in_process
 from tiny_encoders import SIZE, save_hf_clip, save_hf_siglip, save_open_clip
 
 from jjvmed.journal import read_journal, record_line
@@ -127,7 +126,7 @@ def test_candidates_without_a_reranker_keep_the_best_beam(tiny_model, tmp_path):
     assert read_csv(best) == read_csv(beams)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="needs open_clip_torch (.ci/run installs it)")
+@needs_open_clip
 def test_an_open_clip_reranker_picks_by_its_own_towers(tiny_model, tmp_path):
     import torch
 

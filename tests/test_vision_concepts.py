@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, read_csv, run_in_process
+from conftest import ROOT, hold_lock, read_csv, run_in_process
 
 import concept_index
 import generate_concepts
@@ -232,11 +232,8 @@ def test_a_second_run_on_the_same_embeddings_file_is_refused_at_once(run, tiny_m
     from jjvmed.images import list_images
 
     out = tmp_path / "e.npz"
-    hold = (f"import time\nfrom jjvmed.files import lock_exclusive\nwith lock_exclusive({str(out)!r}):\n"
-            "    print('held', flush=True)\n    time.sleep(60)")
-    holder = subprocess.Popen([sys.executable, "-c", hold], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    holder = hold_lock(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(errors.UserError, match=f"another run \\(PID {holder.pid}\\) is using {out}"):
             ensure_embeddings(list_images(run / "valid")[:2], out, EmbedOptions(str(tiny_model), num_workers=0))
     finally:
