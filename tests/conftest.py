@@ -56,6 +56,13 @@ def hold_lock(path: Path) -> subprocess.Popen:
     return holder
 
 
+def fill_the_disk(fh) -> None:
+    """From now on every byte written through `fh` fails as on a full disk (ENOSPC)."""
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, fh.fileno())
+    os.close(full)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import make_image_files
+from conftest import fill_the_disk, make_image_files
 
 from jjvmed import journal as jl
 from jjvmed.errors import UserError
@@ -205,13 +205,6 @@ def test_an_existing_journal_needs_a_resume_flag_or_overwrite(tmp_path):
 def test_an_explicit_journal_that_does_not_exist_is_an_error(tmp_path):
     with pytest.raises(UserError, match="no such journal"):
         resume(tmp_path / "typo.jsonl", {}, resume=str(tmp_path / "typo.jsonl"))
-
-
-def fill_the_disk(fh) -> None:
-    """From now on every byte written through `fh` fails as on a full disk (ENOSPC)."""
-    full = os.open("/dev/full", os.O_WRONLY)
-    os.dup2(full, fh.fileno())
-    os.close(full)
 
 
 def test_a_full_disk_at_the_first_write_leaves_no_journal(tmp_path, monkeypatch):

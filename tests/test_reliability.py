@@ -15,7 +15,7 @@ import zlib
 from pathlib import Path
 
 import pytest
-from conftest import REAL_IMAGES, ROOT, read_csv, run_in_process, run_script, tiny_args
+from conftest import REAL_IMAGES, ROOT, fill_the_disk, read_csv, run_in_process, run_script, tiny_args
 
 from jjvmed.images import load_image
 
@@ -368,9 +368,7 @@ def test_disk_full_at_the_first_journal_write_leaves_nothing_that_blocks_the_res
     def open_on_a_full_disk(path, mode="r", *a, **k):
         fh = open(path, mode, *a, **k)
         if "r" not in mode:  # the file is created; every byte written to it then fails as on a full disk
-            full = os.open("/dev/full", os.O_WRONLY)
-            os.dup2(full, fh.fileno())
-            os.close(full)
+            fill_the_disk(fh)
         return fh
 
     out = tmp_path / "captions.csv"
