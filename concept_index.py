@@ -262,8 +262,8 @@ def check_has_concepts(index, folder: str) -> None:
 
 def run_tune(args: argparse.Namespace) -> int:
     from jjvmed.embeddings import load_ensemble
-    from jjvmed.index import load_index, read_concept_csv
-    from jjvmed.tables import read_cui_lists
+    from jjvmed.index import load_index
+    from jjvmed.tables import read_concept_csv, read_cui_lists
     from jjvmed.tuning import format_table, tune
 
     files.check_writable(args.concept_settings, "settings file")

@@ -78,8 +78,9 @@ def speed(args: argparse.Namespace) -> None:
 def roco(args: argparse.Namespace) -> None:
     from jjvmed.embeddings import Embeddings
     from jjvmed.fusion import predict_concepts
-    from jjvmed.index import ProbeOptions, fit_index, read_concept_csv
+    from jjvmed.index import ProbeOptions, fit_index
     from jjvmed.scores import concept_scores
+    from jjvmed.tables import read_concept_csv
     from jjvmed.tuning import tune
 
     path = ROOT.parent / "shared" / "data" / "roco_v1" / "validation_concepts.csv"

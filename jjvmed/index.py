@@ -1,6 +1,5 @@
 """The concept index: the training images' CUIs and, per encoder, their vectors (for nearest neighbours)
-and the probe trained on them (probe.py), saved in one folder by `fit_index`; and the reader of the ground-truth
-concepts that tuning scores against.
+and the probe trained on them (probe.py), saved in one folder by `fit_index`.
 
 An index of several encoders (an ensemble) holds one member per encoder, all over the same images and
 CUIs; tuning.py weighs their scores. Fitted with the training captions too (`fit --train_captions`), it
@@ -13,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import time
 import zipfile
 from dataclasses import dataclass, replace
@@ -26,27 +24,10 @@ from .embeddings import Embeddings, EmbedOptions
 from .encoders import check_recorded, encoder_label
 from .errors import UserError, first_line, log
 from .probe import Probe, ProbeOptions, train_probe
-from .submission import concept_pairs, is_header, read_rows
 
 INDEX_FORMAT = "jj-vmed-concept-index/2"
 OLD_INDEX_FORMAT = "jj-vmed-concept-index/1"  # one LLaVA encoder, read as such
 PROBE_FILES = ("probe.safetensors", "probe.json")  # the probes' weights and what they were trained on
-
-
-def read_concept_csv(path: str | Path) -> dict[str, tuple[str, ...]]:
-    """ID -> concepts exactly as the official reader builds them (for ground truth)."""
-    rows = read_rows(path)
-    header = next((fields for _, fields in rows if fields), [])
-    if is_header(header) and [h.strip().casefold() for h in header] != ["id", "cuis"]:
-        raise UserError(f"{path} needs the header ID,CUIs (a concepts file); its first row is: {','.join(header)}")
-    pairs = concept_pairs(rows)
-    if not pairs:
-        raise UserError(f"{path} has no ID,CUIs rows")
-    items = [c for cuis in pairs.values() for c in cuis if c]
-    if items and not any(re.fullmatch(r"[Cc]\d+", c) for c in items):
-        raise UserError(f"{path} holds no CUIs (C followed by digits) in its second column, e.g. {items[0][:40]!r}: "
-                        "give the ID,CUIs file")
-    return pairs
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ from jjvmed.embeddings import embed_items, load_embeddings
 from jjvmed.encoders import vision_encoder_from
 from jjvmed.fusion import Decision, ImageScores, Ranked, predict_concepts
 from jjvmed.images import id_sort_key
-from jjvmed.index import ConceptIndex, Member, load_index, read_concept_csv
+from jjvmed.index import ConceptIndex, Member, load_index
 from jjvmed.probe import ProbeOptions, train_probe
 from jjvmed.scores import ALLOWED_CUIS_2025, concept_scores, image_f1
-from jjvmed.tables import read_cui_lists
+from jjvmed.tables import read_concept_csv, read_cui_lists
 from jjvmed.tuning import (
     THRESHOLDS,
     best_global_threshold,
